@@ -1,0 +1,58 @@
+// Every schema of the gkv operator library, and nothing else. Backends register their kernels in
+// their own files (csrc/ops/*.cpp: CPU, Meta, Autograd; csrc/cuda/*.cu: CUDA).
+// Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq / Hkv, C cache slots, N keys, W window
+// queries, T tokens, K kept slots, d head_dim. A slot whose pos (or death row) is < 0 is empty or
+// padding: it is never attended to and never kept. Section numbers refer to
+// ../shared/reference/gkv-method.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(gkv, m) {
+  // One query token per sequence against slots [0, length) of the cache, GQA (query head h*G+g
+  // reads KV head h), empty slots masked. When score_acc is given, adds into it, per KV head and
+  // slot, the max over the G query heads of their softmax probability (score emission, H2O).
+  // q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32.
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int length, "
+      "float scale, Tensor(a!)? score_acc=None) -> Tensor");
+
+  // The G-KV local score S (section 2.1): the W window queries are those of the last W slots
+  // (query i sees slots <= N-W+i); softmax over visible slots; max over the group; mean over the W
+  // queries. Window slots are not candidates. q_win [B,Hq,W,d], k [B,Hkv,N,d], pos [B,Hkv,N]
+  // int32 -> S [B,Hkv,N-W] fp32.
+  m.def("window_scores(Tensor q_win, Tensor k, Tensor pos, float scale) -> Tensor");
+
+  // The key-redundancy score R (section 2.2): cosine similarity of unit keys, diagonal zeroed,
+  // each key's most recent near-copy (similarity > threshold) exempted, row sums, softmax over
+  // valid slots with temperature = number of valid slots. Empty slots get 0.
+  // k [B,Hkv,N,d], pos [B,Hkv,N] int32 -> R [B,Hkv,N] fp32.
+  m.def("redundancy_scores(Tensor k, Tensor pos, float threshold=0.5) -> Tensor");
+
+  // Per-head selection (section 2.3 step 7): the `keep` best candidates in ascending slot order
+  // (ties: the later slot wins; -inf or NaN candidates only when nothing else is left), followed
+  // by the window slots M..M+window-1. score [B,Hkv,M] fp32 -> idx [B,Hkv,keep+window] int64.
+  m.def("select_keep(Tensor score, int keep, int window) -> Tensor");
+
+  // In-place compaction, per head: slot t takes slot idx[..., t] for t < K. Slots >= K are left
+  // as they were. k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score [B,Hkv,C] fp32,
+  // idx [B,Hkv,K] int64 ascending.
+  m.def(
+      "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, Tensor(d!) score, "
+      "Tensor idx) -> ()");
+
+  // Differentiable out-of-place gather along the token axis (backward = scatter-add).
+  // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d].
+  m.def("gather_tokens(Tensor x, Tensor idx) -> Tensor");
+
+  // Causal attention in which key j is visible to query i iff j <= i < death[b,h,j] (training
+  // under a compressed cache, DESIGN.md "death times"). A row that sees no key gives 0 and
+  // lse = -inf. q [B,Hq,T,d], k/v [B,Hkv,T,d], death [B,Hkv,T] int32
+  // -> out [B,Hq,T,d], lse [B,Hq,T] fp32 (natural log).
+  m.def(
+      "lifetime_attention(Tensor q, Tensor k, Tensor v, Tensor death, float scale) "
+      "-> (Tensor, Tensor)");
+
+  // Gradients of lifetime_attention with respect to q, k and v, given the forward's out and lse.
+  m.def(
+      "lifetime_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor death, "
+      "Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+}

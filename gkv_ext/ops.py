@@ -1,0 +1,122 @@
+"""Typed wrappers of the gkv custom ops (``torch.ops.gkv.*``).
+
+Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv (query head ``h*G + g`` reads KV
+head ``h``), C cache slots, N keys, W window queries, T tokens, K kept slots, d head_dim.
+A slot whose ``pos`` is < 0 is empty or padding: it is never attended to and never kept.
+Every op runs on CPU and CUDA and has a Meta kernel (so it traces under torch.compile).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.gkv
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, length: int,
+                     scale: float, score_acc: Optional[Tensor] = None) -> Tensor:
+    """One query token per sequence against cache slots ``[0, length)``.
+
+    Args:
+        q: ``[B, Hq, d]`` float32, bfloat16 or float16.
+        k_cache, v_cache: ``[B, Hkv, C, d]``, dtype of ``q``.
+        pos: ``[B, Hkv, C]`` int32, original position of each slot (< 0: empty, masked).
+        length: number of live slots, ``0 <= length <= C``.
+        scale: softmax scale, usually ``d ** -0.5``.
+        score_acc: optional ``[B, Hkv, C]`` float32; when given, the op adds into it (in place),
+            for each KV head and slot, the max over the G query heads of their softmax
+            probability (the attention that H2O accumulates).
+
+    Returns:
+        ``[B, Hq, d]`` in the dtype of ``q``; a row with no live slot is 0.
+    """
+    return _ops.decode_attention(q, k_cache, v_cache, pos, length, scale, score_acc)
+
+
+def window_scores(q_win: Tensor, k: Tensor, pos: Tensor, scale: float) -> Tensor:
+    """G-KV local score S of the candidate keys (reference section 2.1).
+
+    The W window queries belong to the last W slots: query i sees slots ``j <= N - W + i`` with
+    ``pos[j] >= 0``. S is the mean over the W queries of the max over the query group of the
+    softmax probability. The window slots themselves are not candidates.
+
+    Args:
+        q_win: ``[B, Hq, W, d]``; k: ``[B, Hkv, N, d]`` (same dtype); pos: ``[B, Hkv, N]`` int32.
+
+    Returns:
+        S ``[B, Hkv, N - W]`` float32.
+    """
+    return _ops.window_scores(q_win, k, pos, scale)
+
+
+def redundancy_scores(k: Tensor, pos: Tensor, threshold: float = 0.5) -> Tensor:
+    """Key-redundancy score R of every slot (reference section 2.2).
+
+    Cosine similarity between unit keys with the diagonal zeroed; for each key j its most recent
+    near-copy (similarity > threshold) is exempted; row sums; softmax over the valid slots with
+    temperature = number of valid slots. Empty slots get 0.
+
+    Args:
+        k: ``[B, Hkv, N, d]``; pos: ``[B, Hkv, N]`` int32.
+
+    Returns:
+        R ``[B, Hkv, N]`` float32.
+    """
+    return _ops.redundancy_scores(k, pos, threshold)
+
+
+def select_keep(score: Tensor, keep: int, window: int) -> Tensor:
+    """Per-head selection: the ``keep`` best of M candidates, in ascending slot order, then the
+    window slots ``M .. M + window - 1``.
+
+    Ties go to the later slot; -inf (or NaN) candidates are taken only when nothing else is left.
+
+    Args:
+        score: ``[B, Hkv, M]`` float32; ``0 <= keep <= M``; ``window >= 0``.
+
+    Returns:
+        idx ``[B, Hkv, keep + window]`` int64.
+    """
+    return _ops.select_keep(score, keep, window)
+
+
+def compact_(k_cache: Tensor, v_cache: Tensor, pos: Tensor, score: Tensor, idx: Tensor) -> None:
+    """In place, per head: slot t takes slot ``idx[..., t]`` for ``t < K``.
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, C, d]`` contiguous; pos: ``[B, Hkv, C]`` int32;
+        score: ``[B, Hkv, C]`` float32; idx: ``[B, Hkv, K]`` int64, strictly ascending, < C.
+    """
+    _ops.compact_(k_cache, v_cache, pos, score, idx)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """Differentiable gather along the token axis: ``out[b, h, t] = x[b, h, idx[b, h, t]]``.
+
+    Args:
+        x: ``[B, H, N, d]``; idx: ``[B, H, K]`` int64 in ``[0, N)``.
+
+    Returns:
+        ``[B, H, K, d]``; the backward scatter-adds into ``x``'s gradient.
+    """
+    return _ops.gather_tokens(x, idx)
+
+
+def lifetime_attention(q: Tensor, k: Tensor, v: Tensor, death: Tensor,
+                       scale: float) -> Tuple[Tensor, Tensor]:
+    """Causal attention under a compressed cache's eviction history.
+
+    Key j is visible to query i iff ``j <= i < death[b, h, j]``, so a training forward sees
+    exactly the context a compressed-cache rollout saw. Mask state is O(T), never T x T.
+    Differentiable in q, k and v.
+
+    Args:
+        q: ``[B, Hq, T, d]``; k, v: ``[B, Hkv, T, d]``; death: ``[B, Hkv, T]`` int32 (the first
+            query position that no longer sees key j; a large value if never evicted, <= j for
+            padding).
+
+    Returns:
+        (out ``[B, Hq, T, d]``, lse ``[B, Hq, T]`` float32 natural-log sum of exp of the scaled
+        logits). A row that sees no key gives out = 0 and lse = -inf.
+    """
+    return _ops.lifetime_attention(q, k, v, death, scale)

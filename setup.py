@@ -1,0 +1,60 @@
+"""Builds gkv_ext._C from csrc/sources.txt (the list CMakeLists.txt also reads).
+
+CUDA kernels are compiled when the installed torch has CUDA and nvcc is found; otherwise the
+extension is CPU-only. GKV_CUDA_ARCHS (e.g. "80;90a") overrides the default target, sm_90a.
+MAX_JOBS (default: all cores) sets ninja's parallelism.
+"""
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def core_sources():
+    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def cuda_available():
+    return torch.version.cuda is not None and (
+        CUDA_HOME is not None or shutil.which("nvcc") is not None)
+
+
+def gencode_flags():
+    archs = os.environ.get("GKV_CUDA_ARCHS", "90a").replace(",", ";").split(";")
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def extension():
+    with_cuda = cuda_available()
+    sources = [s for s in core_sources() if with_cuda or not s.endswith(".cu")]
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "python").glob("*.cpp"))
+    cxx = ["-O3", "-std=c++17"]
+    include_dirs = [str(ROOT / "csrc")]
+    if not with_cuda:
+        print("gkv_ext: building CPU-only (torch has no CUDA or nvcc was not found)")
+        return CppExtension("gkv_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+    print(f"gkv_ext: building with CUDA {torch.version.cuda} for {gencode_flags()}")
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"] + gencode_flags()
+    return CUDAExtension("gkv_ext._C", sources, include_dirs=include_dirs,
+                         define_macros=[("GKV_WITH_CUDA", "1")],
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+
+
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+
+setup(
+    packages=find_packages(include=["gkv_ext", "gkv_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,49 @@
+"""Shared test grids, tolerances and helpers for the op tests.
+
+Every op is checked three ways: its CPU kernel against a dense PyTorch formula written in the
+test, its CUDA kernel against the CPU kernel (over the grids below, skipped without a GPU), and
+torch.library.opcheck on one grid point.
+"""
+import pytest
+import torch
+
+import gkv_ext  # noqa: F401  (registers torch.ops.gkv)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HEAD_DIMS = [8, 64, 128]  # 8 is the real stories260K model's head size
+HEAD_PAIRS = [(8, 8), (12, 2), (28, 4), (32, 8)]  # (Hq, Hkv): G = 1, 6, 7, 4
+GQA_GROUPS = [1, 4, 7, 8]
+LENGTHS = [1, 17, 97, 300]  # not multiples of any tile size
+
+# Tolerances (atol, rtol) of a CUDA kernel against the CPU oracle, by input dtype. Both accumulate
+# in fp32; the low-precision rows allow for one rounding of the output and of intermediate
+# probabilities (bf16 has 8 mantissa bits: 2^-8 ~ 4e-3).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+CUDA = torch.cuda.is_available() and gkv_ext.built_with_cuda
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and a CUDA build of gkv_ext")
+
+
+def tolerance(dtype):
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol, "rtol": rtol}
+
+
+def left_padded_pos(batch, heads, n, pads, device="cpu"):
+    """pos [B, Hkv, N] int32: row b has pads[b] empty slots (-1) on the left, then 0, 1, ..."""
+    pos = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n).clone()
+    for b, p in enumerate(pads):
+        pos[b, :, :p] = -1
+        pos[b, :, p:] -= p
+    return pos
+
+
+def poison_(t):
+    """Fills a buffer with NaN (or a sentinel for integers) so unwritten outputs show up."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-7)

@@ -37,14 +37,14 @@ def extension():
     with_cuda = cuda_available()
     sources = [s for s in core_sources() if with_cuda or not s.endswith(".cu")]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "python").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]
     include_dirs = [str(ROOT / "csrc")]
     if not with_cuda:
         print("gkv_ext: building CPU-only (torch has no CUDA or nvcc was not found)")
         return CppExtension("gkv_ext._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx})
     print(f"gkv_ext: building with CUDA {torch.version.cuda} for {gencode_flags()}")
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"] + gencode_flags()
     return CUDAExtension("gkv_ext._C", sources, include_dirs=include_dirs,
                          define_macros=[("GKV_WITH_CUDA", "1")],

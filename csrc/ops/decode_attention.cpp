@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 
 #include "ops/checks.h"
@@ -71,6 +72,13 @@ at::Tensor softmax_or_zero(const at::Tensor& s) {
   auto e = (s - m.masked_fill(m == -kInf, 0.0)).exp_();
   auto denom = e.sum(-1, /*keepdim=*/true);
   return e.div_(denom.masked_fill_(denom == 0, 1.0));
+}
+
+at::Tensor vector_readable(const at::Tensor& t) {
+  const int64_t vec = 16 / t.element_size();
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(-1) == 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) == 1 || t.stride(i) % vec == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 namespace {

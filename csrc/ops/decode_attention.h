@@ -1,5 +1,5 @@
 // Shared pieces of gkv::decode_attention: the argument check used by its CPU, Meta and CUDA
-// kernels, and the masked softmax of the CPU kernels (window_scores uses it too).
+// kernels, and two helpers that gkv::window_scores uses too.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,5 +18,10 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
 // Softmax over the last dim of fp32 logits in which masked entries are -inf; a row with no
 // finite entry gives all zeros instead of NaN. s [..., N] fp32 -> [..., N] fp32.
 at::Tensor softmax_or_zero(const at::Tensor& s);
+
+// t itself when the CUDA kernels can read it in place with 16-byte vectors along the last dim
+// (last dim contiguous, every row 16-byte aligned: e.g. a slice of a larger cache), else a
+// contiguous copy. t [..., d]
+at::Tensor vector_readable(const at::Tensor& t);
 
 }  // namespace gkv

@@ -90,7 +90,7 @@ __device__ __forceinline__ void load_vec16(const T* ptr, float (&dst)[N]) {
 }
 
 template <typename T, int D, int TG>
-__global__ void __launch_bounds__(kDecodeWarps * 32)
+__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     decode_split_kernel(const DecodeAttentionParams p) {
   using Cfg = DecodeConfig<T, D>;
   constexpr int kVec = Cfg::kVec, kTpk = Cfg::kTpk, kKpw = Cfg::kKpw, kU = Cfg::kUnroll;
@@ -320,7 +320,7 @@ int decode_split_occupancy() {
   return blocks;
 }
 
-// Picks the split of the slots: enough blocks for one full wave on the device, but at least
+// Picks the split of the slots: as many blocks as fit in one wave on the device, but at least
 // max(2 steps, 64) slots per block so that the partials stay small next to the K/V bytes.
 // Sets num_splits and split_len; needs B, Hq, Hkv, length >= 1.
 template <typename T, int D>
@@ -339,7 +339,8 @@ cudaError_t decode_attention_plan(DecodeAttentionParams& p) {
   const int64_t blocks_per_split = int64_t(p.B) * p.Hkv * (G / tg);
   const int64_t target = int64_t(sms) * occupancy;
   const int min_len = Cfg::kKeysPerStep * 2 > 64 ? Cfg::kKeysPerStep * 2 : 64;
-  int64_t splits = (target + blocks_per_split - 1) / blocks_per_split;
+  // Rounded down: a second, nearly empty wave would cost as much as the first.
+  int64_t splits = target / blocks_per_split;
   const int64_t max_splits = (p.length + min_len - 1) / min_len;
   splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
   int64_t len = (p.length + splits - 1) / splits;

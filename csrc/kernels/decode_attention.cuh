@@ -82,13 +82,24 @@ void dispatch_tile_group(int tg, F&& f) {
   }
 }
 
-// Converts 16 bytes holding N elements of T to floats.
+// Converts 16 bytes holding N elements of T to floats. Works on the four 32-bit words, so the
+// caller's 16-byte load stays one vector load (also from shared memory).
 template <typename T, int N>
-__device__ __forceinline__ void unpack_vec16(const uint4& raw, float (&dst)[N]) {
+__device__ __forceinline__ void unpack_vec16(const uint4 raw, float (&dst)[N]) {
   static_assert(N * sizeof(T) == 16, "one 16-byte vector");
-  const T* e = reinterpret_cast<const T*>(&raw);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int i = 0; i < N; ++i) dst[i] = to_float(e[i]);
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      dst[i] = __uint_as_float(w[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      dst[2 * i] = __uint_as_float(w[i] << 16);
+      dst[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      dst[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      dst[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  }
 }
 
 // Loads 16 bytes of T at ptr (16-byte aligned) as floats.

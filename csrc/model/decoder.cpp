@@ -155,11 +155,11 @@ at::Tensor CausalAttention::forward(int64_t /*layer*/, const at::Tensor& q, cons
   if (!attention_mask_) {
     return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, scale, gqa);
   }
+  const int64_t batch = q.size(0), t = q.size(2);
+  const at::Tensor& mask = *attention_mask_;
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == t,
+              "CausalAttention: attention_mask must be [B,T] = [", batch, ",", t, "], got ", mask.sizes());
   if (!visible_.defined()) {
-    const int64_t batch = q.size(0), t = q.size(2);
-    const at::Tensor& mask = *attention_mask_;
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == t,
-                "CausalAttention: attention_mask must be [B,T] = [", batch, ",", t, "], got ", mask.sizes());
     auto opts = at::TensorOptions().dtype(at::kBool).device(q.device());
     at::Tensor causal = at::ones({t, t}, opts).tril();                     // [T,T]
     at::Tensor real_key = mask.to(q.device()).ne(0).view({batch, 1, 1, t});  // [B,1,1,T]
@@ -263,7 +263,8 @@ at::Tensor Decoder::forward(const at::Tensor& tokens, const at::Tensor& position
 void Decoder::to(std::optional<c10::Device> device, std::optional<c10::ScalarType> dtype) {
   const c10::Device dev = device.value_or(this->device());
   const c10::ScalarType type = dtype.value_or(config_.dtype);
-  if (dtype) dtype_name(type);  // throws for a dtype the decoder does not run in
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+              "Decoder::to: unsupported model dtype ", type, " (float32, bfloat16 or float16)");
   for_each_slot(config_, weights_, [&](const std::string&, at::Tensor& t, const std::vector<int64_t>&) {
     t = t.to(dev, type);
   });

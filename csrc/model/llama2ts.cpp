@@ -91,6 +91,45 @@ std::string with_spaces(std::string piece) {  // U+2581 (sentencepiece's space) 
   return piece;
 }
 
+// The header and the vocabulary of a llama2.ts file; leaves `r` at the first tensor.
+ModelConfig read_header_and_vocabulary(Reader& r, const fs::path& path, std::vector<std::string>& pieces,
+                                       std::vector<float>& scores) {
+  if (!is_model_file(path)) r.fail("not a llama2.ts model file (expected version 1 and model type 'llama')");
+  r.skip_to(10);
+  ModelConfig c;
+  c.model_type = "llama";
+  c.hidden_size = r.value<int32_t>("hidden size");
+  c.intermediate_size = r.value<int32_t>("ffn size");
+  c.max_position_embeddings = r.value<int32_t>("max sequence length");
+  c.vocab_size = r.value<int32_t>("vocabulary size");
+  c.num_layers = r.value<int32_t>("layer count");
+  c.num_heads = r.value<int32_t>("head count");
+  c.num_kv_heads = r.value<int32_t>("KV head count");
+  // The stories models share the classifier with the embedding; a separate one is not a layout
+  // DATA.md describes, so it is refused rather than guessed.
+  if (r.value<uint8_t>("shared classifier flag") != 1) r.fail("only a shared classifier (flag 1) is supported");
+  c.tie_word_embeddings = true;
+  if (c.num_heads <= 0 || c.hidden_size % c.num_heads != 0) {
+    r.fail(c10::str("invalid header: hidden size ", c.hidden_size, " is not a multiple of head count ", c.num_heads));
+  }
+  c.head_dim = c.hidden_size / c.num_heads;
+  // llama2.c's fixed hyper-parameters.
+  c.rope_theta = 10000.0;
+  c.rms_eps = 1e-5;
+  c.dtype = at::kFloat;
+  c.bos_token_id = Llama2Tokenizer::kBos;
+  c.eos_token_ids = {Llama2Tokenizer::kEos};
+  try {
+    c.validate();
+  } catch (const std::exception& e) {
+    r.fail(c10::str("invalid header: ", e.what()));
+  }
+  r.skip_to(256);
+
+  for (int64_t i = 0; i < c.vocab_size; ++i) read_piece(r, pieces, scores);
+  return c;
+}
+
 }  // namespace
 
 Llama2Tokenizer::Llama2Tokenizer(std::vector<std::string> pieces, std::vector<float> scores)
@@ -114,12 +153,15 @@ Llama2Tokenizer::Llama2Tokenizer(std::vector<std::string> pieces, std::vector<fl
 }
 
 Llama2Tokenizer Llama2Tokenizer::load(const fs::path& path) {
-  if (is_model_file(path)) return std::move(load_llama2ts(path).tokenizer);
   Reader r(path);
-  r.value<int32_t>("max token length");
   std::vector<std::string> pieces;
   std::vector<float> scores;
-  while (r.remaining() > 0) read_piece(r, pieces, scores);
+  if (is_model_file(path)) {
+    read_header_and_vocabulary(r, path, pieces, scores);
+  } else {
+    r.value<int32_t>("max token length");
+    while (r.remaining() > 0) read_piece(r, pieces, scores);
+  }
   return Llama2Tokenizer(std::move(pieces), std::move(scores));
 }
 
@@ -186,39 +228,9 @@ std::string Llama2Tokenizer::decode(const std::vector<int64_t>& ids) const {
 
 Llama2tsModel load_llama2ts(const fs::path& path) {
   Reader r(path);
-  if (!is_model_file(path)) r.fail("not a llama2.ts model file (expected version 1 and model type 'llama')");
-  r.skip_to(10);
-  ModelConfig c;
-  c.model_type = "llama";
-  c.hidden_size = r.value<int32_t>("hidden size");
-  c.intermediate_size = r.value<int32_t>("ffn size");
-  c.max_position_embeddings = r.value<int32_t>("max sequence length");
-  c.vocab_size = r.value<int32_t>("vocabulary size");
-  c.num_layers = r.value<int32_t>("layer count");
-  c.num_heads = r.value<int32_t>("head count");
-  c.num_kv_heads = r.value<int32_t>("KV head count");
-  // The stories models share the classifier with the embedding; a separate one is not a layout
-  // DATA.md describes, so it is refused rather than guessed.
-  if (r.value<uint8_t>("shared classifier flag") != 1) r.fail("only a shared classifier (flag 1) is supported");
-  c.tie_word_embeddings = true;
-  if (c.num_heads <= 0) r.fail(c10::str("invalid head count ", c.num_heads));
-  c.head_dim = c.hidden_size / c.num_heads;
-  // llama2.c's fixed hyper-parameters.
-  c.rope_theta = 10000.0;
-  c.rms_eps = 1e-5;
-  c.dtype = at::kFloat;
-  c.bos_token_id = Llama2Tokenizer::kBos;
-  c.eos_token_ids = {Llama2Tokenizer::kEos};
-  try {
-    c.validate();
-  } catch (const std::exception& e) {
-    r.fail(c10::str("invalid header: ", e.what()));
-  }
-  r.skip_to(256);
-
   std::vector<std::string> pieces;
   std::vector<float> scores;
-  for (int64_t i = 0; i < c.vocab_size; ++i) read_piece(r, pieces, scores);
+  ModelConfig c = read_header_and_vocabulary(r, path, pieces, scores);
 
   const int64_t L = c.num_layers, D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
   const int64_t q_rows = c.num_heads * c.head_dim, kv_rows = c.num_kv_heads * c.head_dim;

@@ -343,6 +343,7 @@ void write_directory_atomically(const fs::path& dir,
     fs::rename(tmp, target);
   } catch (...) {
     fs::remove_all(tmp, ignored);
+    if (fs::exists(old) && !fs::exists(target)) fs::rename(old, target, ignored);
     throw;
   }
   fs::remove_all(old, ignored);

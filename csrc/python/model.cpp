@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <nlohmann/json.hpp>
+#include <variant>
 
 #include "model/decoder.h"
 #include "model/llama2ts.h"
@@ -84,8 +85,15 @@ void bind_model(py::module& m) {
       .def("__call__", &forward, py::arg("tokens"), py::arg("positions") = py::none(),
            py::arg("attention_mask") = py::none())
       .def("to",
-           [](Decoder& d, std::optional<at::Device> device, std::optional<at::ScalarType> dtype) -> Decoder& {
-             d.to(device, dtype);
+           [](Decoder& d, std::optional<std::variant<std::string, at::Device>> device,
+              std::optional<at::ScalarType> dtype) -> Decoder& {
+             std::optional<at::Device> dev;
+             if (device) {
+               dev = std::holds_alternative<at::Device>(*device)
+                         ? std::get<at::Device>(*device)
+                         : at::Device(std::get<std::string>(*device));  // "cpu", "cuda:1"
+             }
+             d.to(dev, dtype);
              return d;
            },
            py::arg("device") = py::none(), py::arg("dtype") = py::none(),

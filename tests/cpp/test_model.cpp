@@ -48,7 +48,7 @@ struct CountingAttention final : Attention {
 
 }  // namespace
 
-TEST_CASE("parse_config names the missing or ill-typed key") {
+TEST_CASE("parse_config names the missing or ill-typed key", "[model]") {
   auto j = small_config();
   j.erase("hidden_size");
   REQUIRE_THROWS_WITH(parse_config(j), gkv_test::contains("key 'hidden_size' is missing"));
@@ -63,7 +63,7 @@ TEST_CASE("parse_config names the missing or ill-typed key") {
   REQUIRE(parse_config(config_to_json(c)).head_dim == 8);
 }
 
-TEST_CASE("safetensors round trip, and a truncated file is one clear error") {
+TEST_CASE("safetensors round trip, and a truncated file is one clear error", "[model]") {
   fs::path dir = temp_dir("st");
   NamedTensors tensors = {{"a", at::randn({3, 5})},
                           {"b", at::arange(7, at::kLong)},
@@ -79,7 +79,7 @@ TEST_CASE("safetensors round trip, and a truncated file is one clear error") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("decoder forward: shapes, layer order, left padding, save/load") {
+TEST_CASE("decoder forward: shapes, layer order, left padding, save/load", "[model]") {
   Decoder model = random_decoder();
   auto tokens = at::randint(0, 50, {2, 9}, at::kLong);
   auto positions = at::arange(9, at::kLong).expand({2, 9});
@@ -107,7 +107,7 @@ TEST_CASE("decoder forward: shapes, layer order, left padding, save/load") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("stories260K tokenizer round trip (skipped without ../shared)") {
+TEST_CASE("stories260K tokenizer round trip (skipped without ../shared)", "[model]") {
   fs::path tok = fs::path(__FILE__).parent_path() / "../../../shared/models/stories260k/tok512.bin";
   if (!fs::exists(tok)) {
     WARN("stories260K tokenizer not found at " << tok << "; skipped");

@@ -120,6 +120,15 @@ def test_left_padded_batch_matches_transformers_and_unpadded_rows(name, tmp_path
         assert_close(ours[b, p:], model.forward(tokens[b:b + 1, p:])[0])
 
 
+@pytest.mark.parametrize("name", ["llama3-rope-bias", "qwen3-gqa"])
+def test_explicit_positions_match_transformers_position_ids(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(path)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(6))
+    positions = torch.stack([torch.arange(7) + 50, torch.arange(7) + 131])  # later in a sequence
+    assert_close(model.forward(tokens, positions), hf_logits(hf, tokens, positions=positions))
+
+
 def test_llama3_rope_scaling_changes_the_frequencies(tmp_path):
     _, path = make_hf("llama3-rope-bias", tmp_path)
     scaled = Model.load(str(path))
@@ -178,6 +187,20 @@ def test_save_load_round_trip_and_transformers_loads_it(name, max_shard_bytes, t
     # Saving over an existing checkpoint replaces it.
     model.save(str(out))
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+
+
+def test_bf16_checkpoint_saves_in_bf16(tmp_path):
+    from safetensors.torch import load_file
+    _, path = make_hf("qwen3-gqa", tmp_path)
+    model = Model.load(path).to(dtype=torch.bfloat16)
+    out = tmp_path / "bf16"
+    model.save(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    stored = load_file(out / "model.safetensors")
+    ours = model.state_dict()
+    assert stored.keys() == ours.keys()
+    assert all(stored[k].dtype == torch.bfloat16 and torch.equal(stored[k], ours[k]) for k in ours)
+    assert Model.load(out).dtype == torch.bfloat16
 
 
 # --- corrupt safetensors files ------------------------------------------------------------------

@@ -20,10 +20,12 @@ import torch
 import gkv_ext  # noqa: F401  (loads the extension)
 from gkv_ext._C import Model, ModelConfig, Tokenizer
 
+from conftest import shared_dir
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
-STORIES = ROOT.parent / "shared" / "models" / "stories260k"
+STORIES = shared_dir() / "models" / "stories260k"
 STORIES_BIN = STORIES / "tinystories_260k_v1.bin"
 STORIES_TOK = STORIES / "tok512.bin"
 requires_stories = pytest.mark.skipif(

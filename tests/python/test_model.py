@@ -12,7 +12,6 @@
 """
 import json
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from conftest import shared_dir
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
 STORIES = shared_dir() / "models" / "stories260k"
 STORIES_BIN = STORIES / "tinystories_260k_v1.bin"
 STORIES_TOK = STORIES / "tok512.bin"

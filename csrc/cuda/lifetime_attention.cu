@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 
 #include "cuda/dispatch.h"
@@ -27,6 +28,13 @@ lk::Shape shape_of(const char* op, const at::Tensor& q, const at::Tensor& k) {
           static_cast<int>(q.size(2))};
 }
 
+// Contiguous and 16-byte aligned (the kernels copy rows with 16-byte cp.async); a contiguous view
+// at an odd storage offset is copied.
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 at::Tensor stats_workspace(const lk::Shape& s, const at::Tensor& like) {
   return at::empty({lk::stats_elems(s), 2}, like.options().dtype(at::kInt));
 }
@@ -40,8 +48,7 @@ std::tuple<at::Tensor, at::Tensor> lifetime_attention_cuda(const at::Tensor& q,
   check_lifetime_attention(op, q, k, v, death, /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   const lk::Shape s = shape_of(op, q, k);
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor dc = death.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v), dc = death.contiguous();
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -71,9 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifetime_attention_backward_cuda(
                                     /*allow_double=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   const lk::Shape s = shape_of(op, q, k);
-  const at::Tensor gc = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous();
-  const at::Tensor vc = v.contiguous(), dc = death.contiguous(), oc = out.contiguous();
-  const at::Tensor lc = lse.contiguous();
+  const at::Tensor gc = dense(grad_out), qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor oc = out.contiguous(), dc = death.contiguous(), lc = lse.contiguous();
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));

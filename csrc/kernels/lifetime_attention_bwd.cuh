@@ -157,7 +157,8 @@ struct DkvTC {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int BN = 16 * kWarps;  // keys per block (= key_tile: one stats entry)
-  static constexpr int BM = D > 64 ? 32 : 64;  // streamed queries; smaller at D = 128 for registers
+  // Streamed queries: 32 at D = 128 to fit the registers (and at D = 16, where ptxas spills at 64).
+  static constexpr int BM = D == 32 || D == 64 ? 64 : 32;
   static constexpr int LD = D + 8;
   static constexpr size_t kSmem =
       (2 * BN + 4 * BM) * LD * sizeof(T) + 4 * BM * sizeof(float);

@@ -32,6 +32,12 @@ def random_death(batch, hkv, t, gen, pad=0):
     return death.to(torch.int32)
 
 
+def window_death(batch, hkv, t, window, device="cpu"):
+    """death [B, Hkv, T] int32 of a sliding window: key j is seen by queries [j, j + window)."""
+    death = (torch.arange(t, device=device) + window).clamp(max=NEVER).to(torch.int32)
+    return death.expand(batch, hkv, t).clone()
+
+
 def make_inputs(batch, hkv, g, t, d, dtype=torch.float32, seed=0, pad=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hkv * g, t, d, generator=gen)
@@ -105,6 +111,21 @@ def test_all_causal_equals_sdpa(g):
                                          is_causal=True, scale=scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("window", [1, 40, 150])
+def test_cpu_sliding_window_matches_dense(window):
+    q, k, v, _, scale = make_inputs(1, 2, 2, 300, 8, seed=window)
+    death = window_death(1, 2, 300, window)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    out, lse = op(q, k, v, death, scale)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = dense_reference(qd, kd, vd, death, scale)
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=1e-5, rtol=1e-4)
+    assert_lse_equal(lse, ref_lse.detach(), atol=1e-5, rtol=1e-5)
+    ref = torch.autograd.grad(ref_out, (qd, kd, vd), grad.double())
+    for got, want in zip(op_backward(grad, q, k, v, death, out, lse, scale), ref):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_autograd_matches_dense_and_death_gets_no_grad():
@@ -268,6 +289,40 @@ def test_cuda_matches_cpu(dtype, t, g, d):
     for got, want in zip(grads_c, ref_grads):
         assert got.dtype == dtype and torch.isfinite(got).all()
         torch.testing.assert_close(got.cpu(), want, **grad_tolerance(dtype, want))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("window", [1, 100, 300, NEVER])
+def test_cuda_sliding_window_matches_cpu(dtype, d, window):
+    """Regular deaths reach the kernels' tile paths that random ones do not: key tiles skipped
+    (nobody in the query tile sees them), fully visible tiles (no per-element mask), and the
+    dK/dV kernel's query range ending at the tile's last death."""
+    q, k, v, _, scale = make_inputs(2, 2, 4, 1000, d, dtype=dtype, seed=window % 1000 + d)
+    death = window_death(2, 2, 1000, window)
+    death[1, 1, 500:700] = torch.arange(500, 700, dtype=torch.int32) - 1  # a run of padding
+    out, lse = op(q, k, v, death, scale)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref_grads = op_backward(grad, q, k, v, death, out, lse, scale)
+    qc, kc, vc, dc, gc = (x.cuda() for x in (q, k, v, death, grad))
+    out_c, lse_c = op(qc, kc, vc, dc, scale)
+    torch.testing.assert_close(out_c.cpu(), out, **tolerance(dtype))
+    assert_lse_equal(lse_c.cpu(), lse, **tolerance(dtype))
+    grads_c = op_backward(gc, qc, kc, vc, dc, out.cuda(), lse.cuda(), scale)
+    for got, want in zip(grads_c, ref_grads):
+        torch.testing.assert_close(got.cpu(), want, **grad_tolerance(dtype, want))
+
+
+@requires_cuda
+def test_cuda_unaligned_inputs():
+    """A contiguous view at an odd storage offset (the kernels copy 16-byte rows)."""
+    q, k, v, death, scale = make_inputs(1, 2, 2, 97, 64, dtype=torch.bfloat16, seed=14,
+                                        device="cuda")
+    shifted = [torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")[1:].view_as(x).copy_(x)
+               for x in (q, k, v)]
+    for got, want in zip(op(*shifted, death, scale), op(q, k, v, death, scale)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @requires_cuda

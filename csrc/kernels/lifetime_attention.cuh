@@ -3,7 +3,7 @@
 // streams the key tiles [0, diagonal] through shared memory (double-buffered cp.async) with an
 // online softmax; visibility comes from death on the fly, key tiles nobody in the query tile
 // sees are skipped, fully visible ones skip the per-element mask.
-// Two paths: tensor cores (bf16/fp16, head_dim a multiple of 16: mma.sync m16n8k16, fp32
+// Two paths: tensor cores (bf16/fp16, head_dim a multiple of 32: mma.sync m16n8k16, fp32
 // accumulators, 16 query rows per warp) and a plain FFMA path (fp32 at full precision, and the
 // tiny head dims; 4 threads per query row). No torch headers.
 #pragma once
@@ -21,9 +21,10 @@ struct Shape {
   int B, Hq, Hkv, T;
 };
 
-// The tensor-core path is taken for bf16/fp16 with head_dim a multiple of 16.
+// The tensor-core path is taken for bf16/fp16 with head_dim 32, 64 or 128 (the tiny head dims
+// are cheap enough on the FFMA path).
 template <typename T, int D>
-constexpr bool use_tensor_cores = !std::is_same_v<T, float> && D % 16 == 0;
+constexpr bool use_tensor_cores = !std::is_same_v<T, float> && D % 32 == 0;
 
 // Key tile of each path; the death statistics are computed at this granularity.
 template <typename T, int D>
@@ -36,12 +37,18 @@ inline int64_t stats_elems(const Shape& s) {
 
 // ------------------------------------------------------------------------- tensor-core forward
 
+// Warps per tensor-core block. Each warp owns 16 rows, so 8 warps make the stationary tile 128
+// rows: every key/value byte a block streams from L2 then serves 128 queries (64 would make
+// the forward L2-bandwidth-bound at long T). Small head dims keep 4 (smaller, more blocks).
+template <int D>
+constexpr int tc_warps = D >= 64 ? 8 : 4;
+
 template <typename T, int D>
 struct FwdTC {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = tc_warps<D>;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int BM = 16 * kWarps;  // queries per block
-  static constexpr int BN = 64;           // keys per tile
+  static constexpr int BN = key_tile<T, D>;  // keys per tile
   static constexpr int LD = D + 8;        // padded row: conflict-free ldmatrix
   static constexpr size_t kSmem = (BM + 4 * BN) * LD * sizeof(T) + 2 * BN * sizeof(int32_t);
 };

@@ -4,7 +4,7 @@
 //   dK/dV: per key tile, stream the query tiles of all G heads of the group that can see it
 //          (queries [j0, max death)) and accumulate P^T dO and dS^T Q in registers.
 // Both recompute P from the forward's lse. Same two paths as the forward (tensor cores for
-// bf16/fp16 with head_dim a multiple of 16, FFMA otherwise). No torch headers.
+// bf16/fp16 with head_dim a multiple of 32, FFMA otherwise). No torch headers.
 #pragma once
 
 #include "kernels/lifetime_attention.cuh"
@@ -15,7 +15,7 @@ namespace gkv::kernels::lifetime {
 
 template <typename T, int D>
 struct DqTC {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = tc_warps<D>;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int BM = 16 * kWarps;
   static constexpr int BN = key_tile<T, D>;
@@ -154,15 +154,14 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
 
 template <typename T, int D>
 struct DkvTC {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = tc_warps<D>;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int BN = 16 * kWarps;  // keys per block (= key_tile: one stats entry)
-  // Streamed queries: 32 at D = 128 to fit the registers (and at D = 16, where ptxas spills at 64).
-  static constexpr int BM = D == 32 || D == 64 ? 64 : 32;
+  static constexpr int BN = 16 * kWarps;  // keys per block: a whole number of stats tiles
+  static constexpr int BM = D > 64 ? 32 : 64;  // streamed queries; 32 at D = 128 for registers
   static constexpr int LD = D + 8;
   static constexpr size_t kSmem =
       (2 * BN + 4 * BM) * LD * sizeof(T) + 4 * BM * sizeof(float);
-  static_assert(BN == key_tile<T, D>, "one key tile per block");
+  static_assert(BN % key_tile<T, D> == 0, "whole stats tiles per block");
 };
 
 // q/dout [B,Hq,T,D], k/v/dk/dv [B,Hkv,T,D], death [B,Hkv,T], lse/delta [B,Hq,T]
@@ -188,7 +187,17 @@ __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
   const int n_tile = blockIdx.x, n0 = n_tile * BN;
   const int bh_idx = blockIdx.y, b = bh_idx / s.Hkv, h = bh_idx % s.Hkv, G = s.Hq / s.Hkv;
   const int64_t bh = bh_idx;
-  const int2 st = stats[bh * cdiv(s.T, BN) + n_tile];
+  // Death statistics of the block's keys, from its key_tile-sized stats entries; entries past
+  // the last one hold keys past T, which count as death 0 (never visible).
+  constexpr int kPer = BN / key_tile<T, D>;
+  const int n_stats = cdiv(s.T, key_tile<T, D>);
+  int2 st = make_int2(INT32_MAX, INT32_MIN);
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int e = n_tile * kPer + u;
+    const int2 x = e < n_stats ? stats[bh * n_stats + e] : make_int2(0, INT32_MIN);
+    st = make_int2(min(st.x, x.x), max(st.y, x.y));
+  }
   // Queries that can see a key of this tile: [n0, min(T, max death)).
   const int i_end = min(s.T, st.y);
   const int q_lo = n0 / BM, nq = i_end > n0 ? cdiv(i_end, BM) - q_lo : 0;

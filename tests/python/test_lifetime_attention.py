@@ -293,7 +293,7 @@ def test_cuda_matches_cpu(dtype, t, g, d):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("d", HEAD_DIMS + [16, 32])  # 16: FFMA path, 32: smallest tensor-core one
 @pytest.mark.parametrize("window", [1, 100, 300, NEVER])
 def test_cuda_sliding_window_matches_cpu(dtype, d, window):
     """Regular deaths reach the kernels' tile paths that random ones do not: key tiles skipped

@@ -77,7 +77,7 @@ def assert_lse_equal(got, ref, **tol):
 @pytest.mark.parametrize("g", GQA_GROUPS)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 def test_cpu_forward_matches_dense(t, g, d):
-    q, k, v, death, scale = make_inputs(2, 2, g, t, d, seed=t * 100 + g * 10 + d, pad=3)
+    q, k, v, death, scale = make_inputs(1, 2, g, t, d, seed=t * 100 + g * 10 + d, pad=3)
     out, lse = op(q, k, v, death, scale)
     ref_out, ref_lse = dense_reference(q, k, v, death, scale)
     assert out.dtype == q.dtype and lse.dtype == torch.float32

@@ -53,6 +53,8 @@ struct FwdTC {
   static constexpr size_t kSmem = (BM + 4 * BN) * LD * sizeof(T) + 2 * BN * sizeof(int32_t);
 };
 
+// One block per (query tile of BM rows, b * Hq + query head).
+// q/out [B,Hq,T,D], k/v [B,Hkv,T,D], death [B,Hkv,T], stats [B*Hkv, T/BN] -> lse [B,Hq,T]
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
     fwd_tc_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -231,6 +233,8 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// One block per (query tile of R rows, b * Hq + query head).
+// q/out [B,Hq,T,D], k/v [B,Hkv,T,D], death [B,Hkv,T], stats [B*Hkv, T/BN] -> lse [B,Hq,T]
 template <typename T, int D>
 __global__ void __launch_bounds__(Simt<D>::kThreads)
     fwd_simt_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

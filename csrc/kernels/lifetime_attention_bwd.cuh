@@ -23,6 +23,7 @@ struct DqTC {
   static constexpr size_t kSmem = (2 * BM + 4 * BN) * LD * sizeof(T) + 2 * BN * sizeof(int32_t);
 };
 
+// One block per (query tile of BM rows, b * Hq + query head).
 // q/dout/dq [B,Hq,T,D], k/v [B,Hkv,T,D], death [B,Hkv,T], lse/delta [B,Hq,T]
 template <typename T, int D>
 __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
@@ -164,6 +165,7 @@ struct DkvTC {
   static_assert(BN % key_tile<T, D> == 0, "whole stats tiles per block");
 };
 
+// One block per (key tile of BN keys, b * Hkv + KV head).
 // q/dout [B,Hq,T,D], k/v/dk/dv [B,Hkv,T,D], death [B,Hkv,T], lse/delta [B,Hq,T]
 template <typename T, int D>
 __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
@@ -310,6 +312,8 @@ __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
 
 // ------------------------------------------------------------------------------------ FFMA dQ
 
+// One block per (query tile of R rows, b * Hq + query head).
+// q/dout/dq [B,Hq,T,D], k/v [B,Hkv,T,D], death [B,Hkv,T], lse/delta [B,Hq,T]
 template <typename T, int D>
 __global__ void __launch_bounds__(Simt<D>::kThreads)
     dq_simt_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -369,6 +373,8 @@ __global__ void __launch_bounds__(Simt<D>::kThreads)
 
 // --------------------------------------------------------------------------------- FFMA dK/dV
 
+// One block per (key tile of R keys, b * Hkv + KV head).
+// q/dout [B,Hq,T,D], k/v/dk/dv [B,Hkv,T,D], death [B,Hkv,T], lse/delta [B,Hq,T]
 template <typename T, int D>
 __global__ void __launch_bounds__(Simt<D>::kThreads)
     dkv_simt_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

@@ -236,6 +236,10 @@ def test_bad_dtypes():
         op(q, k, v, death.long(), scale)
     with pytest.raises(RuntimeError, match="k must have the dtype of q"):
         op(q, k.half(), v, death, scale)
+    # float64 q alone is a mixed-dtype call; all-float64 is accepted by the CPU oracle only (for
+    # gradcheck) and rejected on CUDA (test_bad_inputs_cuda).
+    with pytest.raises(RuntimeError, match="v must have the dtype of q"):
+        op(q.double(), k.double(), v, death, scale)
     with pytest.raises(RuntimeError, match="q must be float32, bfloat16 or float16"):
         op(q.int(), k.int(), v.int(), death, scale)
     out, lse = op(q, k, v, death, scale)

@@ -55,21 +55,20 @@ void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
   checks::same_device(op, {{&x, "x"}, {&idx, "idx"}});
 }
 
-namespace {
-
-// idx values in [0, n); one host read of (min, max).
-void check_idx_range_cpu(const char* op, const at::Tensor& idx, int64_t n, const char* n_name) {
+void check_idx_range(const char* op, const at::Tensor& idx, int64_t n, const char* n_name) {
   if (idx.numel() == 0) return;
   const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < n, "gkv::", op, ": idx must be in [0, ", n_name, " = ", n,
               "), got values in [", lo, ", ", hi, "]");
 }
 
+namespace {
+
 // Gathers into fresh tensors first, then copies back, so any idx (not only ascending) is right.
 void compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Tensor& score,
                  const at::Tensor& idx) {
   check_compact(k_cache, v_cache, pos, score, idx);
-  check_idx_range_cpu("compact_", idx, k_cache.size(2), "C");
+  check_idx_range("compact_", idx, k_cache.size(2), "C");
   const int64_t K = idx.size(2);
   const auto rows = idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), K, k_cache.size(3)});
   k_cache.narrow(2, 0, K).copy_(k_cache.gather(2, rows));
@@ -85,7 +84,7 @@ void compact_meta(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
 
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
   check_gather_tokens(x, idx);
-  check_idx_range_cpu("gather_tokens", idx, x.size(2), "N");
+  check_idx_range("gather_tokens", idx, x.size(2), "N");
   return x.gather(2, idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), idx.size(2), x.size(3)}));
 }
 

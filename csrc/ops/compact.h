@@ -15,4 +15,7 @@ void check_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 // x [B,H,N,d] floating (float64 too: gradcheck), idx [B,H,K] int64.
 void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx);
 
+// idx values in [0, n) (`n_name` names n in the message); reads min and max back to the host.
+void check_idx_range(const char* op, const at::Tensor& idx, int64_t n, const char* n_name);
+
 }  // namespace gkv

@@ -1,8 +1,9 @@
 // Key-redundancy score R (reference section 2.2) for gkv::redundancy_scores. Three kernels:
-//   1. inv_norm: per slot 1 / (||k|| + 1e-6) in fp32, or -1 for an empty slot (pos < 0) and for
-//      the padding slots [N, Np) of the tile grid, so one array carries norm and validity.
-//   2. gram: one pass over the Gram matrix in 64 x 64 tiles. A block owns 64 rows and walks all
-//      column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the sum of
+//   1. inv_norm: per slot 1 / (||k|| + 1e-6) in fp32, or NaN for an empty slot (pos < 0) and for
+//      the padding slots [N, Np) of the tile grid, so one array carries norm and validity (a NaN
+//      makes every c with that slot NaN, which fails every "> threshold" test).
+//   2. gram: one pass over the Gram matrix. A block owns 64 (FFMA) or 128 (mma) rows and walks
+//      all 64-column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the sum of
 //      c_ij over valid j and the largest valid j with c_ij > threshold (with that c). Since c is
 //      symmetric, that row maximum is the column exemption m*(j) of the method, found by a
 //      parallel max-reduction, not a sequential scan. bf16/fp16 keys with d % 16 == 0 use tensor
@@ -47,7 +48,7 @@ __global__ void inv_norm_kernel(const T* __restrict__ k, const int* __restrict__
     }
   }
   ss = warp_sum(ss);
-  if (lane == 0) inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : -1.f;
+  if (lane == 0) inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : __int_as_float(0x7fc00000);
 }
 
 // Running per-row state of the Gram pass.
@@ -60,7 +61,7 @@ struct RowState {
 // Folds c_ij into row i's state; columns arrive in ascending j within a thread.
 __device__ __forceinline__ void visit(RowState& s, float dot, float inv_i, float inv_j, int i,
                                       int j, float threshold) {
-  if (inv_j < 0.f) return;  // empty slot or past N
+  if (!(inv_j >= 0.f)) return;  // empty slot or past N (NaN)
   const float c = i == j ? 0.f : dot * inv_i * inv_j;
   s.sum += c;
   if (c > threshold) {
@@ -174,14 +175,17 @@ __global__ void __launch_bounds__(kFfmaThreads)
 
 // ---- Tensor-core path (bf16 / fp16 keys, d % 16 == 0) -----------------------------------------
 
-constexpr int kMmaThreads = 128;  // 4 warps x 16 rows
+constexpr int kMmaWarps = 8;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaRows = 16 * kMmaWarps;  // rows per block: each 64-column tile serves 128 rows
 
 template <int D>
 constexpr int mma_pitch() { return D + 8; }  // 16-byte row padding: conflict-free ldmatrix
 
+// Two 64-key buffers (the 128 A rows pass through them first) and two 64-float inv tiles.
 template <int D>
 constexpr size_t mma_smem_bytes() {
-  return 3 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float);
+  return 2 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float);
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
@@ -222,13 +226,14 @@ __device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4
   }
 }
 
-// 64 keys from row0 on into dst [64][pitch] (zeros past N), and their 64 inv values.
+// n_keys keys from row0 on into dst [n_keys][pitch] (zeros past N); with dst_inv, also the 64
+// inv values from row0 on (inside the padded [0, Np) range).
 template <typename T, int D>
-__device__ __forceinline__ void load_tile_async(const T* kr, const float* inv_r, int row0, int N,
-                                                T* dst, float* dst_inv) {
+__device__ __forceinline__ void load_tile_async(const T* kr, int row0, int n_keys, int N, T* dst,
+                                                const float* inv_r, float* dst_inv) {
   constexpr int kChunks = D * 2 / 16;  // 16-byte chunks per key
   constexpr int kPer = 16 / 2;         // elements per chunk
-  for (int e = threadIdx.x; e < kRedTile * kChunks; e += kMmaThreads) {
+  for (int e = threadIdx.x; e < n_keys * kChunks; e += kMmaThreads) {
     const int key = e / kChunks, c = e - key * kChunks;
     const int j = row0 + key;
     const bool in = j < N;
@@ -239,10 +244,45 @@ __device__ __forceinline__ void load_tile_async(const T* kr, const float* inv_r,
   }
 }
 
-// Block (head r, row tile of 64): warp w owns rows 16w..16w+15, keeps their A fragments in
-// registers, and walks the column tiles, double-buffered through cp.async. Accumulator layout of
-// m16n8k16: lane (g = lane/4, t = lane%4) holds rows g and g+8, columns 2t and 2t+1 of each n8
-// chunk; the 4 lanes of one g reduce together.
+// Folds one accumulator of the mma path into its row state. The row sum is kept unscaled by
+// inv_i (w_j = inv_j, 0 for an empty slot; scaled once at the end); the threshold test uses the
+// full c, NaN for an empty slot. Diag: the tile may hold i == j, whose c is 0.
+template <bool Diag>
+__device__ __forceinline__ void fold(RowState& s, float dot, float inv_i, float inv_j, float w_j,
+                                     int i, int j, float threshold) {
+  float c = dot * inv_j * inv_i;
+  if (Diag && i == j) {
+    c = 0.f;
+    w_j = 0.f;
+  }
+  s.sum = fmaf(dot, w_j, s.sum);
+  if (c > threshold) {
+    s.last = j;
+    s.last_c = c;
+  }
+}
+
+template <bool Diag>
+__device__ __forceinline__ void fold_tile(const float (&acc)[8][4], const float* iv, int j0, int t,
+                                          int row_lo, float inv_lo, float inv_hi,
+                                          float threshold, RowState& lo, RowState& hi) {
+#pragma unroll
+  for (int nc = 0; nc < 8; ++nc) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int cl = nc * 8 + 2 * t + q;
+      const float inv_j = iv[cl];
+      const float w_j = fmaxf(inv_j, 0.f);  // NaN -> 0
+      fold<Diag>(lo, acc[nc][q], inv_lo, inv_j, w_j, row_lo, j0 + cl, threshold);
+      fold<Diag>(hi, acc[nc][2 + q], inv_hi, inv_j, w_j, row_lo + 8, j0 + cl, threshold);
+    }
+  }
+}
+
+// Block (head r, 128 rows): warp w owns rows 16w..16w+15 and keeps their A fragments in
+// registers (loaded once through the B buffers), then walks the column tiles, double-buffered
+// through cp.async. Accumulator layout of m16n8k16: lane (g = lane/4, t = lane%4) holds rows g
+// and g+8, columns 2t and 2t+1 of each n8 chunk; the 4 lanes of one g reduce together.
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads)
     gram_mma_kernel(const T* __restrict__ k, const float* __restrict__ inv, int N, int Np,
@@ -250,37 +290,38 @@ __global__ void __launch_bounds__(kMmaThreads)
                     float* __restrict__ last_c) {
   constexpr int P = mma_pitch<D>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sA = reinterpret_cast<T*>(smem_raw);                   // [64][P]
-  T* sB = sA + kRedTile * P;                                // [2][64][P]
+  T* sB = reinterpret_cast<T*>(smem_raw);                         // [2][64][P]
   float* sInv = reinterpret_cast<float*>(sB + 2 * kRedTile * P);  // [2][64]
   const int64_t r = blockIdx.x;
-  const int i0 = blockIdx.y * kRedTile;
+  const int i0 = blockIdx.y * kMmaRows;
   const T* kr = k + r * N * D;
   const float* inv_r = inv + r * Np;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  load_tile_async<T, D>(kr, inv_r, i0, N, sA, nullptr);
-  load_tile_async<T, D>(kr, inv_r, 0, N, sB, sInv);
+  load_tile_async<T, D>(kr, i0, kMmaRows, N, sB, nullptr, nullptr);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-
   uint32_t a[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(a[kk], sA + (warp * 16 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
+    ldmatrix_x4(a[kk], sB + (warp * 16 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
   }
-  const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
-  const float inv_lo = inv_r[row_lo], inv_hi = inv_r[row_hi];
-  RowState lo, hi;
+  __syncthreads();  // the buffers now take column tiles
+  load_tile_async<T, D>(kr, 0, kRedTile, N, sB, inv_r, sInv);
+  cp_async_commit();
 
+  const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
+  const float inv_lo = row_lo < N ? inv_r[row_lo] : 0.f;
+  const float inv_hi = row_hi < N ? inv_r[row_hi] : 0.f;
+  RowState lo, hi;
   const int tiles = Np / kRedTile;
   for (int tile = 0; tile < tiles; ++tile) {
     const int buf = tile & 1;
     if (tile + 1 < tiles) {
-      load_tile_async<T, D>(kr, inv_r, (tile + 1) * kRedTile, N, sB + (buf ^ 1) * kRedTile * P,
-                            sInv + (buf ^ 1) * kRedTile);
+      load_tile_async<T, D>(kr, (tile + 1) * kRedTile, kRedTile, N, sB + (buf ^ 1) * kRedTile * P,
+                            inv_r, sInv + (buf ^ 1) * kRedTile);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -299,22 +340,19 @@ __global__ void __launch_bounds__(kMmaThreads)
         mma_16816<T>(acc[2 * np + 1], a[kk], bf[2], bf[3]);
       }
     }
-    const float* iv = sInv + buf * kRedTile;
     const int j0 = tile * kRedTile;
-#pragma unroll
-    for (int nc = 0; nc < 8; ++nc) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int cl = nc * 8 + 2 * t + q;
-        const float inv_j = iv[cl];
-        visit(lo, acc[nc][q], inv_lo, inv_j, row_lo, j0 + cl, threshold);
-        visit(hi, acc[nc][2 + q], inv_hi, inv_j, row_hi, j0 + cl, threshold);
-      }
+    const float* iv = sInv + buf * kRedTile;
+    if (j0 + kRedTile > i0 && j0 < i0 + kMmaRows) {  // the diagonal crosses this tile
+      fold_tile<true>(acc, iv, j0, t, row_lo, inv_lo, inv_hi, threshold, lo, hi);
+    } else {
+      fold_tile<false>(acc, iv, j0, t, row_lo, inv_lo, inv_hi, threshold, lo, hi);
     }
     __syncthreads();  // buffer `buf` is refilled at the next iteration
   }
   reduce_lanes<4>(lo);
   reduce_lanes<4>(hi);
+  lo.sum *= inv_lo;
+  hi.sum *= inv_hi;
   if (t == 0 && row_lo < N) store_row(lo, r * N + row_lo, rowsum, last, last_c);
   if (t == 0 && row_hi < N) store_row(hi, r * N + row_hi, rowsum, last, last_c);
 }
@@ -390,20 +428,18 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
   const int Np = static_cast<int>(redundancy_padded_len(N));
   const int64_t warps = rows * Np;
   inv_norm_kernel<T, D><<<ceil_div(warps * 32, 256), 256, 0, stream>>>(k, pos, rows, N, Np, inv);
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(Np / kRedTile));
   cudaError_t err;
   if constexpr (std::is_same_v<T, float> || D % 16 != 0) {
     constexpr size_t smem = ffma_smem_bytes<D>();
     err = cudaFuncSetAttribute(gram_ffma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
     if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(N, kRedTile)));
     gram_ffma_kernel<T, D><<<grid, kFfmaThreads, smem, stream>>>(k, inv, N, Np, threshold,
                                                                  rowsum, last, last_c);
   } else {
-    constexpr size_t smem = mma_smem_bytes<D>();
-    err = cudaFuncSetAttribute(gram_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+    constexpr size_t smem = mma_smem_bytes<D>();  // < 48 KB: no opt-in needed
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(N, kMmaRows)));
     gram_mma_kernel<T, D><<<grid, kMmaThreads, smem, stream>>>(k, inv, N, Np, threshold, rowsum,
                                                                last, last_c);
   }

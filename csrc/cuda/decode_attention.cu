@@ -1,1 +1,85 @@
-// Work in progress (issue 2): kernels of this op family land here.
+// CUDA adapter of gkv::decode_attention: checks (shared with the CPU kernel), layout, dtype and
+// head_dim dispatch, scratch allocation, launch on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "cuda/dispatch.h"
+#include "kernels/decode_attention.cuh"
+#include "ops/decode_attention.h"
+
+namespace gkv {
+namespace {
+
+constexpr const char* kOp = "decode_attention";
+
+// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32
+// -> out [B,Hq,d]
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& pos,
+                                 int64_t length, double scale,
+                                 const std::optional<at::Tensor>& score_acc) {
+  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), Hkv = k_cache.size(1);
+  const int64_t C = k_cache.size(2);
+  auto out = at::empty(q.sizes(), q.options());
+  if (length == 0 || out.numel() == 0) return out.zero_();
+  TORCH_CHECK(C <= INT_MAX && B * Hq <= INT_MAX && B * Hkv * length <= INT64_MAX / 2,
+              "gkv::", kOp, ": sizes too large (C = ", C, ", B * Hq = ", B * Hq, ")");
+  const auto qc = vector_readable(q.contiguous());
+  const auto k = vector_readable(k_cache);
+  const auto v = vector_readable(v_cache);
+
+  kernels::DecodeAttentionParams p{};
+  p.q = qc.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.pos = pos.data_ptr<int32_t>();
+  for (int i = 0; i < 3; ++i) {
+    p.k_stride[i] = k.stride(i);
+    p.v_stride[i] = v.stride(i);
+    p.pos_stride[i] = pos.stride(i);
+  }
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.C = static_cast<int>(C);
+  p.length = static_cast<int>(length);
+  p.scale = static_cast<float>(scale);
+  p.out = out.data_ptr();
+  p.score_acc = score_acc.has_value() ? score_acc->data_ptr<float>() : nullptr;
+
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = q.options().dtype(at::kFloat);
+  GKV_DISPATCH_FLOATING(kOp, q.scalar_type(), [&] {
+    GKV_DISPATCH_HEAD_DIM(kOp, d, [&] {
+      GKV_CUDA_CHECK(kOp, (kernels::decode_attention_plan<scalar_t, kHeadDim>(p)));
+      // Scratch: per-split partials, and the logits and lse that score emission needs.
+      auto part_m = at::empty({B, Hq, p.num_splits}, f32);
+      auto part_l = at::empty({B, Hq, p.num_splits}, f32);
+      auto part_acc = at::empty({B, Hq, p.num_splits, d}, f32);
+      at::Tensor logits, lse;
+      p.part_m = part_m.data_ptr<float>();
+      p.part_l = part_l.data_ptr<float>();
+      p.part_acc = part_acc.data_ptr<float>();
+      if (p.score_acc != nullptr) {
+        logits = at::empty({B, Hq, length}, f32);
+        lse = at::empty({B, Hq}, f32);
+        p.logits = logits.data_ptr<float>();
+        p.lse = lse.data_ptr<float>();
+      }
+      GKV_CUDA_CHECK(kOp, (kernels::decode_attention_launch<scalar_t, kHeadDim>(p, stream)));
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gkv, CUDA, m) { m.impl("decode_attention", &decode_attention_cuda); }
+
+}  // namespace gkv

@@ -1,0 +1,344 @@
+// The G-KV local score S of the candidate keys (gkv::window_scores), in two passes over K.
+//
+// Logit tiles: a block holds, in shared memory as fp32, a tile of kWsRows query rows (the G heads
+// of a run of window queries: row r is query i0 + r / G of head h*G + r % G) and a tile of
+// kWsKeys keys, and each of its 256 threads computes a 4 x 4 block of the logits (rows ty + 16a,
+// keys tx + 16u) from 16-byte shared-memory reads. Logits are in log2 units (q is pre-scaled by
+// scale * log2 e).
+//   1. stats: grid (B*Hkv*query chunks, key splits): per query row, the max and sum of exp2 over
+//      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0).
+//   2. lse:   one thread per query row merges the splits into its log-sum-exp.
+//   3. score: grid (B*Hkv*candidate tiles): recomputes the logits of kWsKeys candidates against
+//      every window query, p = exp2(logit - lse), max over the group, mean over the window.
+// Empty slots are never loaded (their keys may hold NaN); a query that sees nothing has
+// lse = -inf and contributes 0.
+#pragma once
+
+#include "kernels/common.cuh"
+#include "kernels/decode_attention.cuh"  // load_vec16
+
+namespace gkv::kernels {
+
+struct WindowScoresParams {
+  const void* q;           // [B, Hq, W, d] contiguous
+  const void* k;           // [B, Hkv, N, d], d contiguous, other strides in k_stride
+  const int32_t* pos;      // [B, Hkv, N], strides in pos_stride
+  int64_t k_stride[3];     // elements, for dims B, Hkv, N (16-byte multiples)
+  int64_t pos_stride[3];
+  int B, Hq, Hkv, W, N;
+  float scale;
+  float* out;              // [B, Hkv, N - W] contiguous
+  int win_tile;            // window queries per row tile: G * win_tile <= kWsRows
+  int num_splits;          // key splits of the stats pass
+  int split_len;           // keys per split, a multiple of kWsKeys
+  float* part_m;           // [B, Hq, W, num_splits] max logit (log2 units)
+  float* part_l;           // [B, Hq, W, num_splits] sum of exp2(logit - max)
+  float* lse;              // [B, Hq, W] log2-unit log-sum-exp, -inf when nothing is visible
+};
+
+constexpr int kWsKeys = 64;    // keys per tile
+constexpr int kWsRows = 64;    // query rows per tile; G <= kWsRows
+constexpr int kWsThreads = 256;
+constexpr int kWsWarps = kWsThreads / 32;
+
+// Shared memory: K tile and Q tile (rows padded by 4 floats: conflict-free 16-byte reads), the
+// logit/probability tile, the per-row lse and the per-key pos.
+template <int D>
+struct WsSmem {
+  static constexpr int kLd = D + 4;
+  static constexpr int kSLd = kWsKeys + 1;
+  static constexpr int kKs = 0;
+  static constexpr int kQs = kKs + kWsKeys * kLd;
+  static constexpr int kSs = kQs + kWsRows * kLd;
+  static constexpr int kLse = kSs + kWsRows * kSLd;
+  static constexpr int kPos = kLse + kWsRows;
+  static constexpr size_t kBytes = size_t(kPos + kWsKeys) * sizeof(float);
+};
+
+// Keys j0 .. j0+nk-1 of (b, h) into the K tile as fp32 (live ones only; the rest are 0) and
+// their pos (-1 past nk).
+template <typename T, int D>
+__device__ void ws_load_keys(const WindowScoresParams& p, int b, int h, int j0, int nk,
+                             float* ks, int* spos) {
+  constexpr int kVec = 16 / sizeof(T), kPerKey = D / kVec, kLd = WsSmem<D>::kLd;
+  const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
+  for (int c = threadIdx.x; c < kWsKeys; c += blockDim.x)
+    spos[c] = c < nk ? pb[(j0 + c) * p.pos_stride[2]] : -1;
+  __syncthreads();
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  for (int idx = threadIdx.x; idx < kWsKeys * kPerKey; idx += blockDim.x) {
+    const int c = idx / kPerKey, vv = idx % kPerKey;
+    float f[kVec];
+    if (spos[c] >= 0) {
+      load_vec16(kb + (j0 + c) * p.k_stride[2] + vv * kVec, f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+    }
+    float* dst = ks + c * kLd + vv * kVec;
+#pragma unroll
+    for (int e = 0; e < kVec; e += 4)
+      *reinterpret_cast<float4*>(dst + e) = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+  }
+}
+
+// Window queries i0 .. i0+nw-1 of the G heads of KV head h into the Q tile (row r = il*G + g),
+// scaled into log2 units; rows past G*nw are 0. With lse != nullptr, also each row's lse.
+template <typename T, int D>
+__device__ void ws_load_queries(const WindowScoresParams& p, int b, int h, int i0, int nw,
+                                float* qs, float* slse) {
+  constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec, kLd = WsSmem<D>::kLd;
+  const int G = p.Hq / p.Hkv;
+  const int rows = G * nw;
+  const float qscale = p.scale * kLog2e;
+  for (int idx = threadIdx.x; idx < kWsRows * kPerRow; idx += blockDim.x) {
+    const int r = idx / kPerRow, vv = idx % kPerRow;
+    float f[kVec];
+    if (r < rows) {
+      const int64_t row = (int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G;
+      load_vec16(static_cast<const T*>(p.q) + row * D + vv * kVec, f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+    }
+    float* dst = qs + r * kLd + vv * kVec;
+#pragma unroll
+    for (int e = 0; e < kVec; e += 4)
+      *reinterpret_cast<float4*>(dst + e) =
+          make_float4(f[e] * qscale, f[e + 1] * qscale, f[e + 2] * qscale, f[e + 3] * qscale);
+  }
+  if (slse != nullptr) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x)
+      slse[r] = p.lse[(int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G];
+  }
+}
+
+// acc[a][u] = logit of row ty + 16a and key tx + 16u.
+template <int D>
+__device__ __forceinline__ void ws_tile_logits(const float* qs, const float* ks, int tx, int ty,
+                                               float (&acc)[4][4]) {
+  constexpr int kLd = WsSmem<D>::kLd;
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[a][u] = 0.f;
+  }
+#pragma unroll 4
+  for (int e = 0; e < D; e += 4) {
+    float4 qv[4], kv[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) qv[a] = *reinterpret_cast<const float4*>(qs + (ty + 16 * a) * kLd + e);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) kv[u] = *reinterpret_cast<const float4*>(ks + (tx + 16 * u) * kLd + e);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        float t = acc[a][u];
+        t = fmaf(qv[a].x, kv[u].x, t);
+        t = fmaf(qv[a].y, kv[u].y, t);
+        t = fmaf(qv[a].z, kv[u].z, t);
+        t = fmaf(qv[a].w, kv[u].w, t);
+        acc[a][u] = t;
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowScoresParams p) {
+  extern __shared__ float4 ws_smem4[];
+  float* smem = reinterpret_cast<float*>(ws_smem4);
+  using S = WsSmem<D>;
+  float* ks = smem + S::kKs;
+  float* qs = smem + S::kQs;
+  float* ss = smem + S::kSs;
+  int* spos = reinterpret_cast<int*>(smem + S::kPos);
+  const int G = p.Hq / p.Hkv;
+  const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
+  const int qc = blockIdx.x % qchunks;
+  const int bh = blockIdx.x / qchunks;
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  const int split = blockIdx.y;
+  const int i0 = qc * p.win_tile;
+  const int nw = min(p.win_tile, p.W - i0);
+  const int rows = G * nw;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int begin = split * p.split_len;
+  // The last slot that a query of this chunk sees is N-W+i0+nw-1.
+  const int end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
+
+  ws_load_queries<T, D>(p, b, h, i0, nw, qs, nullptr);
+  constexpr int kRowsPerWarp = kWsRows / kWsWarps;
+  float rm[kRowsPerWarp], rl[kRowsPerWarp];  // row warp + kWsWarps*t, same in every lane
+#pragma unroll
+  for (int t = 0; t < kRowsPerWarp; ++t) {
+    rm[t] = -INFINITY;
+    rl[t] = 0.f;
+  }
+  for (int j0 = begin; j0 < end; j0 += kWsKeys) {
+    __syncthreads();  // the previous tile is consumed
+    ws_load_keys<T, D>(p, b, h, j0, min(kWsKeys, end - j0), ks, spos);
+    __syncthreads();
+    float acc[4][4];
+    ws_tile_logits<D>(qs, ks, tx, ty, acc);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int r = ty + 16 * a;
+      const int last = p.N - p.W + i0 + r / G;  // the last slot query row r sees
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = tx + 16 * u;
+        const bool visible = r < rows && spos[c] >= 0 && j0 + c <= last;
+        ss[r * S::kSLd + c] = visible ? acc[a][u] : -INFINITY;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kRowsPerWarp; ++t) {
+      const int r = warp + kWsWarps * t;
+      if (r >= rows) break;  // warp-uniform
+      const float x0 = ss[r * S::kSLd + lane], x1 = ss[r * S::kSLd + lane + 32];
+      const float mx = fmaxf(rm[t], warp_max(fmaxf(x0, x1)));
+      if (mx != -INFINITY) {
+        const float sum = warp_sum(exp2f(x0 - mx) + exp2f(x1 - mx));
+        rl[t] = rl[t] * exp2f(rm[t] - mx) + sum;
+        rm[t] = mx;
+      }
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int t = 0; t < kRowsPerWarp; ++t) {
+      const int r = warp + kWsWarps * t;
+      if (r >= rows) break;
+      const int64_t row = (int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G;
+      p.part_m[row * p.num_splits + split] = rm[t];
+      p.part_l[row * p.num_splits + split] = rl[t];
+    }
+  }
+}
+
+// One thread per query row (b, hq, i): merges the key splits into the lse. static: a header.
+static __global__ void window_lse_kernel(const WindowScoresParams p) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= int64_t(p.B) * p.Hq * p.W) return;
+  const float* pm = p.part_m + row * p.num_splits;
+  const float* pl = p.part_l + row * p.num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, pm[s]);
+  const float ms = mx == -INFINITY ? 0.f : mx;
+  float lsum = 0.f;
+  for (int s = 0; s < p.num_splits; ++s) lsum += pl[s] * exp2f(pm[s] - ms);
+  p.lse[row] = lsum > 0.f ? ms + log2f(lsum) : -INFINITY;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowScoresParams p) {
+  extern __shared__ float4 ws_smem4[];
+  float* smem = reinterpret_cast<float*>(ws_smem4);
+  using S = WsSmem<D>;
+  float* ks = smem + S::kKs;
+  float* qs = smem + S::kQs;
+  float* ss = smem + S::kSs;
+  float* slse = smem + S::kLse;
+  int* spos = reinterpret_cast<int*>(smem + S::kPos);
+  const int G = p.Hq / p.Hkv;
+  const int M = p.N - p.W;  // candidates
+  const int tiles = (M + kWsKeys - 1) / kWsKeys;
+  const int tile = blockIdx.x % tiles;
+  const int bh = blockIdx.x / tiles;
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  const int j0 = tile * kWsKeys;
+  const int nk = min(kWsKeys, M - j0);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  // Reduction role: thread (key c, part) sums max_g p over window queries il = part mod 4.
+  constexpr int kParts = kWsThreads / kWsKeys;
+  const int c_red = threadIdx.x % kWsKeys, part = threadIdx.x / kWsKeys;
+
+  ws_load_keys<T, D>(p, b, h, j0, nk, ks, spos);  // every window query sees every candidate
+  float score = 0.f;
+  for (int i0 = 0; i0 < p.W; i0 += p.win_tile) {
+    const int nw = min(p.win_tile, p.W - i0);
+    const int rows = G * nw;
+    __syncthreads();  // the previous query tile and probabilities are consumed
+    ws_load_queries<T, D>(p, b, h, i0, nw, qs, slse);
+    __syncthreads();
+    float acc[4][4];
+    ws_tile_logits<D>(qs, ks, tx, ty, acc);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int r = ty + 16 * a;
+      const float lse = r < rows ? slse[r] : -INFINITY;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = tx + 16 * u;
+        const bool visible = lse != -INFINITY && spos[c] >= 0;
+        ss[r * S::kSLd + c] = visible ? exp2f(acc[a][u] - lse) : 0.f;
+      }
+    }
+    __syncthreads();
+    for (int il = part; il < nw; il += kParts) {
+      float best = 0.f;
+      for (int g = 0; g < G; ++g) best = fmaxf(best, ss[(il * G + g) * S::kSLd + c_red]);
+      score += best;
+    }
+  }
+  __syncthreads();
+  ss[part * S::kSLd + c_red] = score;
+  __syncthreads();
+  if (threadIdx.x < nk) {
+    float total = 0.f;
+#pragma unroll
+    for (int t = 0; t < kParts; ++t) total += ss[t * S::kSLd + threadIdx.x];
+    p.out[int64_t(bh) * M + j0 + threadIdx.x] = total / p.W;
+  }
+}
+
+// Sets win_tile, num_splits and split_len; needs G <= kWsRows.
+inline cudaError_t window_scores_plan(WindowScoresParams& p) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int G = p.Hq / p.Hkv;
+  p.win_tile = kWsRows / G < p.W ? kWsRows / G : p.W;
+  const int64_t qchunks = (p.W + p.win_tile - 1) / p.win_tile;
+  const int64_t blocks_per_split = int64_t(p.B) * p.Hkv * qchunks;
+  // About two blocks per SM for the stats pass, at least 4 key tiles per split.
+  int64_t splits = (2 * int64_t(sms) + blocks_per_split - 1) / blocks_per_split;
+  const int64_t max_splits = (p.N + 4 * kWsKeys - 1) / (4 * kWsKeys);
+  splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
+  int64_t len = (p.N + splits - 1) / splits;
+  len = (len + kWsKeys - 1) / kWsKeys * kWsKeys;
+  p.split_len = static_cast<int>(len);
+  p.num_splits = static_cast<int>((p.N + len - 1) / len);
+  return cudaSuccess;
+}
+
+// Runs the three passes; p comes from window_scores_plan with part_m, part_l, lse and out set;
+// N - W >= 1.
+template <typename T, int D>
+cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t stream) {
+  constexpr size_t kSmem = WsSmem<D>::kBytes;
+  cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(window_score_kernel<T, D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  const unsigned qchunks = static_cast<unsigned>((p.W + p.win_tile - 1) / p.win_tile);
+  window_stats_kernel<T, D><<<dim3(p.B * p.Hkv * qchunks, p.num_splits), kWsThreads, kSmem,
+                              stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  const int64_t rows = int64_t(p.B) * p.Hq * p.W;
+  window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  const int64_t tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
+  window_score_kernel<T, D><<<static_cast<unsigned>(p.B * p.Hkv * tiles), kWsThreads, kSmem,
+                              stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace gkv::kernels

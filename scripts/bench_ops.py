@@ -209,6 +209,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU-friendly)")
     parser.add_argument("--out", default="docs/benchmarks_ops", help="JSON/PNG path prefix")
+    parser.add_argument("--only", default="decode,lifetime,compression",
+                        help="comma-separated sections to run")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda else "cpu")
@@ -222,19 +224,28 @@ def main():
             [1, 8, 32, 64], [2048, 4096, 8192, 16384, 32768], [4096, 8192, 16384], 20, 8, 2176)
     bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
     print(f"device: {name}, torch {torch.__version__}; measured copy bandwidth {bw:.0f} GB/s")
-    results = {"device": name, "torch": torch.__version__, "copy_GBps": bw,
-               "decode_attention": bench_decode(device, dtype, batches, lengths, reps, bw),
-               "lifetime_attention": bench_lifetime(device, dtype, t_lengths, max(3, reps // 4)),
-               "compression": bench_compression(device, dtype, comp_n, comp_batch, reps)}
+    sections = {
+        "decode_attention": ("decode", lambda: bench_decode(device, dtype, batches, lengths, reps, bw)),
+        "lifetime_attention": ("lifetime",
+                               lambda: bench_lifetime(device, dtype, t_lengths, max(3, reps // 4))),
+        "compression": ("compression",
+                        lambda: bench_compression(device, dtype, comp_n, comp_batch, reps)),
+    }
+    chosen = set(args.only.split(","))
+    results = {"device": name, "torch": torch.__version__, "copy_GBps": bw}
+    results.update({key: run() for key, (flag, run) in sections.items() if flag in chosen})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    plot(results["decode_attention"], out.with_suffix(".png"))
+    if "decode_attention" in results:
+        plot(results["decode_attention"], out.with_suffix(".png"))
     print(f"\ndevice: {name}; copy bandwidth {bw:.0f} GB/s; times in ms (median)")
-    print(table("decode_attention (bf16, Hq=28, Hkv=4, d=128)", results["decode_attention"]))
-    print(table("lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",
-                results["lifetime_attention"]))
-    print(table("compression of one layer (bf16, d=128)", results["compression"]))
+    titles = {"decode_attention": "decode_attention (bf16, Hq=28, Hkv=4, d=128)",
+              "lifetime_attention": "lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",
+              "compression": "compression of one layer (bf16, d=128)"}
+    for key, title in titles.items():
+        if key in results:
+            print(table(title, results[key]))
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 

@@ -14,5 +14,5 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 
 echo "build: $(( $(date +%s) - start )) s"
 scripts/test.sh "$@" 2>&1 | tee "$OUT/test.log" | tail -40
 if [ -z "${GKV_SKIP_BENCH:-}" ]; then
-  python3 scripts/bench_ops.py --out "$OUT/benchmarks_ops" 2>&1 | grep -v '%|' | tee "$OUT/bench.log"
+  python3 scripts/bench_ops.py --out "$OUT/benchmarks_ops" ${GKV_BENCH_ARGS:-} 2>&1 | grep -v '%|' | tee "$OUT/bench.log"
 fi

@@ -7,5 +7,8 @@ cd "$(dirname "$0")/.."
 jobs=${MAX_JOBS:-$(nproc)}
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >build.log 2>&1 || { cat build.log; exit 1; }
 cmake --build build -j "$jobs" >>build.log 2>&1 || { tail -50 build.log; exit 1; }
-(cd build && ctest --output-on-failure)
-python -m pytest -q tests/python "$@"
+# Both suites run even when the first fails, so one run reports every failure.
+status=0
+(cd build && ctest --output-on-failure) || status=1
+python -m pytest -q tests/python "$@" || status=1
+exit $status

@@ -3,13 +3,14 @@
 // Three launches on one stream:
 //   1. split:   grid (B*Hkv*chunks, splits). A block takes one KV head, TG of its G query heads
 //               (a "chunk"; TG = G whenever G <= 8, so K and V are read once for the whole GQA
-//               group) and one range of slots. 4 warps stream the range with 16-byte loads; a
-//               group of D/kVec lanes shares one key. fp32 online softmax in log2 units; the block
-//               writes its partial (max, sum, acc) per query head.
+//               group) and one range of slots. 4 warps stream the range with 16-byte cp.async
+//               copies through a 3-stage per-thread ring in shared memory; a group of D/kVec
+//               lanes shares one key. fp32 online softmax in log2 units; the block writes its
+//               partial (max, sum, acc) per query head.
 //   2. combine: grid B*Hq. Merges the partials into out, and into lse when emitting.
 //   3. emit:    only with score_acc. The split kernel also stored every logit (fp32 scratch), so
 //               this pass adds max_g exp2(logit - lse) into score_acc without re-reading K.
-// Slots >= length are never loaded; empty slots (pos < 0) are masked before they reach a sum, so
+// Slots >= length are never read; empty slots (pos < 0) are masked before they reach a sum, so
 // garbage or NaN in either cannot leak.
 #pragma once
 
@@ -50,9 +51,11 @@ struct DecodeConfig {
   static constexpr int kVec = 16 / sizeof(T);          // elements per 16-byte load
   static constexpr int kTpk = D / kVec;                // lanes sharing one key
   static constexpr int kKpw = 32 / kTpk;               // keys per warp per load
-  // Keys per lane per step: enough 16-byte loads in flight to cover memory latency, few enough
-  // registers for 2+ blocks per SM.
-  static constexpr int kUnroll = sizeof(T) == 4 ? 4 : 2;
+  // Keys per lane per step, and steps of cp.async loads in flight: each warp keeps
+  // (kStages - 1) * kKpw * kUnroll keys of K and V (4 KB for 16-bit d = 128) on their way to
+  // shared memory while it computes, within 48 KB of static shared memory per block.
+  static constexpr int kUnroll = 2;
+  static constexpr int kStages = 3;
   static constexpr int kKeysPerStep = kDecodeWarps * kKpw * kUnroll;  // per block
   static_assert(D % kVec == 0 && kTpk >= 1 && kTpk <= 32, "head_dim must be 8..128 elements");
 };
@@ -79,21 +82,45 @@ void dispatch_tile_group(int tg, F&& f) {
   }
 }
 
-// Loads 16 bytes of T at ptr (16-byte aligned) as floats.
+// Converts 16 bytes holding N elements of T to floats.
 template <typename T, int N>
-__device__ __forceinline__ void load_vec16(const T* ptr, float (&dst)[N]) {
+__device__ __forceinline__ void unpack_vec16(const uint4& raw, float (&dst)[N]) {
   static_assert(N * sizeof(T) == 16, "one 16-byte vector");
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < N; ++i) dst[i] = to_float(e[i]);
 }
 
+// Loads 16 bytes of T at ptr (16-byte aligned) as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_vec16(const T* ptr, float (&dst)[N]) {
+  unpack_vec16<T>(__ldg(reinterpret_cast<const uint4*>(ptr)), dst);
+}
+
+// Asynchronous global -> shared copies of 16 or 4 bytes; with valid = false nothing is read and
+// the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 template <typename T, int D, int TG>
-__global__ void __launch_bounds__(kDecodeWarps * 32)
+__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     decode_split_kernel(const DecodeAttentionParams p) {
   using Cfg = DecodeConfig<T, D>;
   constexpr int kVec = Cfg::kVec, kTpk = Cfg::kTpk, kKpw = Cfg::kKpw, kU = Cfg::kUnroll;
+  constexpr int kStages = Cfg::kStages;
   constexpr float kNegInf = -INFINITY;
   const int G = p.Hq / p.Hkv;
   const int chunks = G / TG;
@@ -132,36 +159,57 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
   float* lg = p.logits != nullptr ? p.logits + (int64_t(b) * p.Hq + hq0) * p.length : nullptr;
 
-  for (int j0 = begin + warp * kKpw * kU; j0 < end; j0 += kDecodeWarps * kKpw * kU) {
-    // K and V loads depend only on j < end (not on pos), so they issue together with the pos
-    // loads; dead slots are masked after the fact and their values never touch the sums.
+  // Each thread streams its own slices (its kU keys, its 16 bytes of each) through a private
+  // ring of kStages shared-memory slots, so the pipeline needs no barrier: a thread only ever
+  // reads what its own cp.async wrote. Slots past `end` are zero-filled and never used.
+  __shared__ uint4 ring_k[kStages][kU][kDecodeWarps * 32];
+  __shared__ uint4 ring_v[kStages][kU][kDecodeWarps * 32];
+  __shared__ int32_t ring_pos[kStages][kU][kDecodeWarps * 32];
+  constexpr int kWarpStep = kKpw * kU;                  // keys of one warp per step
+  constexpr int kBlockStep = kDecodeWarps * kWarpStep;  // keys of the block per step
+  auto step_start = [&](int t) { return begin + t * kBlockStep + warp * kWarpStep; };
+  auto issue = [&](int t) {
+    const int j0 = step_start(t);
+    if (j0 < end) {
+      const int slot = t % kStages;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int j = j0 + u * kKpw + kl;
+        const bool ok = j < end;
+        cp_async16(&ring_k[slot][u][threadIdx.x], ok ? kb + j * p.k_stride[2] : kb, ok);
+        cp_async16(&ring_v[slot][u][threadIdx.x], ok ? vb + j * p.v_stride[2] : vb, ok);
+        cp_async4(&ring_pos[slot][u][threadIdx.x], ok ? pb + j * p.pos_stride[2] : pb, ok);
+      }
+    }
+    cp_async_commit();  // possibly empty: keeps one group per step for the wait below
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+
+  for (int t = 0; step_start(t) < end; ++t) {
+    issue(t + kStages - 1);  // refills the slot that step t - 1 consumed
+    cp_async_wait<kStages - 1>();  // step t has landed
+    const int slot = t % kStages;
+    const int j0 = step_start(t);
+    // Empty slots (pos < 0) were loaded too and are masked here: their K and V never reach a sum.
     bool in_range[kU], live[kU];
-    int32_t slot_pos[kU];
     float kf[kU][kVec], vf[kU][kVec];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
-      const int j = j0 + u * kKpw + kl;
-      in_range[u] = j < end;
-      slot_pos[u] = in_range[u] ? pb[j * p.pos_stride[2]] : -1;
-      if (in_range[u]) {
-        load_vec16(kb + j * p.k_stride[2], kf[u]);
-        load_vec16(vb + j * p.v_stride[2], vf[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) kf[u][e] = vf[u][e] = 0.f;
-      }
+      in_range[u] = j0 + u * kKpw + kl < end;
+      live[u] = in_range[u] && ring_pos[slot][u][threadIdx.x] >= 0;
+      unpack_vec16<T>(ring_k[slot][u][threadIdx.x], kf[u]);
+      unpack_vec16<T>(ring_v[slot][u][threadIdx.x], vf[u]);
     }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) live[u] = slot_pos[u] >= 0;
     float s[kU][TG];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
 #pragma unroll
       for (int g = 0; g < TG; ++g) {
-        float t = 0.f;
+        float dot = 0.f;
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) t = fmaf(qr[g][e], kf[u][e], t);
-        s[u][g] = t;
+        for (int e = 0; e < kVec; ++e) dot = fmaf(qr[g][e], kf[u][e], dot);
+        s[u][g] = dot;
       }
     }
     // The kTpk lanes of a key each hold a partial dot product; butterfly-sum them.
@@ -208,6 +256,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       }
     }
   }
+
+  cp_async_wait<0>();  // the trailing (empty or unused) groups
 
   // Merge the kKpw key lanes of the warp (lanes that differ in the bits above kTpk).
 #pragma unroll
@@ -320,7 +370,7 @@ int decode_split_occupancy() {
   return blocks;
 }
 
-// Picks the split of the slots: enough blocks for one full wave on the device, but at least
+// Picks the split of the slots: as many blocks as fit in one wave on the device, but at least
 // max(2 steps, 64) slots per block so that the partials stay small next to the K/V bytes.
 // Sets num_splits and split_len; needs B, Hq, Hkv, length >= 1.
 template <typename T, int D>
@@ -339,7 +389,8 @@ cudaError_t decode_attention_plan(DecodeAttentionParams& p) {
   const int64_t blocks_per_split = int64_t(p.B) * p.Hkv * (G / tg);
   const int64_t target = int64_t(sms) * occupancy;
   const int min_len = Cfg::kKeysPerStep * 2 > 64 ? Cfg::kKeysPerStep * 2 : 64;
-  int64_t splits = (target + blocks_per_split - 1) / blocks_per_split;
+  // Rounded down: a second, nearly empty wave would cost as much as the first.
+  int64_t splits = target / blocks_per_split;
   const int64_t max_splits = (p.length + min_len - 1) / min_len;
   splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
   int64_t len = (p.length + splits - 1) / splits;

@@ -3,9 +3,9 @@
 //      the padding slots [N, Np) of the tile grid, so one array carries norm and validity (a NaN
 //      makes every c with that slot NaN, which fails every "> threshold" test).
 //   2. gram: one pass over the Gram matrix. A block owns 64 (FFMA) or 128 (mma) rows and walks
-//      all 64-column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the sum of
-//      c_ij over valid j and the largest valid j with c_ij > threshold (with that c). Since c is
-//      symmetric, that row maximum is the column exemption m*(j) of the method, found by a
+//      all 64-column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the
+//      sum of c_ij over valid j and the largest valid j with c_ij > threshold (with that c). As c
+//      is symmetric, that row maximum is the column exemption m*(j) of the method, found by a
 //      parallel max-reduction, not a sequential scan. bf16/fp16 keys with d % 16 == 0 use tensor
 //      cores (mma.sync m16n8k16 on the raw keys, fp32 accumulation: the products of two 16-bit
 //      values are exact, so c agrees with an fp32 computation to rounding); fp32 keys and d = 8
@@ -53,7 +53,7 @@ __global__ void inv_norm_kernel(const T* __restrict__ k, const int* __restrict__
 
 // Running per-row state of the Gram pass.
 struct RowState {
-  float sum = 0.f;     // sum of c_ij over valid j
+  float sum = 0.f;     // sum of c_ij over valid j (the mma path scales by inv_i at the end)
   int last = -1;       // largest valid j with c_ij > threshold, -1 if none
   float last_c = 0.f;  // c at that j
 };

@@ -69,8 +69,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kSelectThreads) hist[b] = 0;
     __syncthreads();
+#pragma unroll 4  // several loads in flight per thread
     for (int i = threadIdx.x; i < M; i += kSelectThreads) {
-      const uint32_t key = score_key(row[i]);
+      const uint32_t key = score_key(__ldg(row + i));
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
     }
     __syncthreads();

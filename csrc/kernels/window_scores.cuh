@@ -306,8 +306,8 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   p.win_tile = kWsRows / G < p.W ? kWsRows / G : p.W;
   const int64_t qchunks = (p.W + p.win_tile - 1) / p.win_tile;
   const int64_t blocks_per_split = int64_t(p.B) * p.Hkv * qchunks;
-  // About two blocks per SM for the stats pass, at least 4 key tiles per split.
-  int64_t splits = (2 * int64_t(sms) + blocks_per_split - 1) / blocks_per_split;
+  // One wave of the stats pass (two blocks per SM fit), at least 4 key tiles per split.
+  int64_t splits = 2 * int64_t(sms) / blocks_per_split;
   const int64_t max_splits = (p.N + 4 * kWsKeys - 1) / (4 * kWsKeys);
   splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
   int64_t len = (p.N + splits - 1) / splits;

@@ -33,8 +33,9 @@ void check_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
     checks::size(op, score, "score", dim, k_cache.sym_size(dim), what[dim]);
     if (dim < 2) checks::size(op, idx, "idx", dim, k_cache.sym_size(dim), what[dim]);
   }
-  TORCH_CHECK(idx.sym_size(2) <= k_cache.sym_size(2), "gkv::compact_: idx.size(2) = K must be <= C = ",
-              k_cache.sym_size(2), ", got ", idx.sym_size(2));
+  TORCH_CHECK(idx.sym_size(2) <= k_cache.sym_size(2),
+              "gkv::compact_: idx.size(2) = K must be <= C = ", k_cache.sym_size(2), ", got ",
+              idx.sym_size(2));
   checks::same_device(op, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&pos, "pos"},
                            {&score, "score"}, {&idx, "idx"}});
   checks::contiguous(op, k_cache, "k_cache");

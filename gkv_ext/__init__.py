@@ -7,7 +7,8 @@ import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _C  # noqa: F401  (registers torch.ops.gkv.*)
 from . import ops
+from ._C import Model, ModelConfig, Tokenizer
 
 built_with_cuda: bool = _C.built_with_cuda
 
-__all__ = ["ops", "built_with_cuda"]
+__all__ = ["ops", "built_with_cuda", "Model", "ModelConfig", "Tokenizer"]

@@ -1,8 +1,11 @@
 // The Python module gkv_ext._C. Loading it registers the gkv ops (torch.ops.gkv.*); it also says
-// whether the CUDA kernels were compiled in.
+// whether the CUDA kernels were compiled in, and holds the model classes.
 #include <torch/extension.h>
 
+void bind_model(pybind11::module& m);  // csrc/python/model.cpp
+
 PYBIND11_MODULE(_C, m) {
+  bind_model(m);
 #ifdef GKV_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

@@ -4,6 +4,8 @@ Every op is checked three ways: its CPU kernel against a dense PyTorch formula w
 test, its CUDA kernel against the CPU kernel (over the grids below, skipped without a GPU), and
 torch.library.opcheck on one grid point.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,3 +49,11 @@ def poison_(t):
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-7)
+
+
+def shared_dir() -> Path:
+    """The real models and data (../shared beside the checkout; ./shared inside it on machines
+    where it is carried along, such as the GPU machine)."""
+    root = Path(__file__).resolve().parents[2]
+    inside = root / "shared"
+    return inside if inside.is_dir() else root.parent / "shared"

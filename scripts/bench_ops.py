@@ -1,0 +1,253 @@
+"""Benchmark of the gkv ops against their peers, measured in the same run.
+
+  python scripts/bench_ops.py                 # full grid (GPU), writes docs/benchmarks_ops.{json,png}
+  python scripts/bench_ops.py --quick         # small sizes, any device (CPU included)
+
+Sections (issue 2):
+  1. decode_attention, bf16, Hq=28, Hkv=4, d=128: time and effective bandwidth (bytes of K and V
+     read / time), with and without score emission, against torch SDPA on the same tensors.
+  2. lifetime_attention forward+backward, bf16, d=128: against SDPA causal (flash backend), with
+     peak memory.
+  3. One layer's compression (redundancy_scores + select_keep + compact_) at N=2176, B*Hkv=32,
+     against the reference's eager PyTorch pipeline (similarity, topk, sort, gather).
+The device copy bandwidth (bytes read + written by a large device-to-device copy) is measured
+first and is the yardstick of the memory-bound rows.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import gkv_ext
+from gkv_ext import ops
+
+INT32_MAX = 2**31 - 1
+
+
+def timed(fn, reps, warmup=3):
+    """Median milliseconds of fn() over reps runs (device events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    cuda = torch.cuda.is_available()
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device, nbytes):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), reps=10)
+    return 2 * nbytes / ms / 1e6  # GB/s, read + write
+
+
+def bench_decode(device, dtype, batches, lengths, reps, bw):
+    rows = []
+    hq, hkv, d = 28, 4, 128
+    for b, c in tqdm([(b, c) for b in batches for c in lengths], desc="decode_attention"):
+        q = torch.randn(b, hq, d, device=device, dtype=dtype)
+        k = torch.randn(b, hkv, c, d, device=device, dtype=dtype)
+        v = torch.randn(b, hkv, c, d, device=device, dtype=dtype)
+        pos = torch.arange(c, device=device, dtype=torch.int32).expand(b, hkv, c).contiguous()
+        acc = torch.zeros(b, hkv, c, device=device, dtype=torch.float32)
+        scale = d ** -0.5
+        plain = timed(lambda: ops.decode_attention(q, k, v, pos, c, scale), reps)
+        emit = timed(lambda: ops.decode_attention(q, k, v, pos, c, scale, acc), reps)
+        q4 = q.unsqueeze(2)
+        sdpa = timed(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale,
+                                                            enable_gqa=True), reps)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        rows.append({"B": b, "C": c, "gkv_ms": plain, "gkv_emit_ms": emit, "sdpa_ms": sdpa,
+                     "gkv_GBps": kv_bytes / plain / 1e6, "emit_GBps": kv_bytes / emit / 1e6,
+                     "sdpa_GBps": kv_bytes / sdpa / 1e6,
+                     "gkv_pct_copy_bw": 100 * kv_bytes / plain / 1e6 / bw,
+                     "emit_overhead_pct": 100 * (emit / plain - 1)})
+        del q, k, v, pos, acc
+    return rows
+
+
+def peak_mb(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_lifetime(device, dtype, lengths, reps, hq=28, hkv=4):
+    rows = []
+    d = 128
+    for t in tqdm(lengths, desc="lifetime_attention"):
+        q = torch.randn(1, hq, t, d, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, hkv, t, d, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, hkv, t, d, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(1, hq, t, d, device=device, dtype=dtype)
+        never = torch.full((1, hkv, t), INT32_MAX, device=device, dtype=torch.int32)
+        # A compressed-cache pattern: half the keys die 1024 positions after they appear.
+        lifetime = torch.where(torch.rand(1, hkv, t, device=device) < 0.5, 1024, INT32_MAX // 2)
+        evicted = (torch.arange(t, device=device) + lifetime).clamp(max=INT32_MAX).to(torch.int32)
+        scale = d ** -0.5
+
+        def ours(death):
+            out, _ = ops.lifetime_attention(q, k, v, death, scale)
+            out.backward(grad)
+
+        def sdpa():
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                     enable_gqa=True)
+            out.backward(grad)
+
+        row = {"T": t, "gkv_causal_ms": timed(lambda: ours(never), reps),
+               "gkv_evicting_ms": timed(lambda: ours(evicted), reps)}
+        try:
+            row["sdpa_flash_ms"] = timed(sdpa, reps)
+            row["sdpa_peak_MB"] = peak_mb(sdpa, device)
+        except RuntimeError as err:  # no flash backend on this device (e.g. CPU)
+            row["sdpa_flash_ms"], row["sdpa_peak_MB"] = float("nan"), float("nan")
+            row["sdpa_note"] = str(err).splitlines()[0][:80]
+        row["gkv_peak_MB"] = peak_mb(lambda: ours(evicted), device)
+        row["ratio_vs_sdpa"] = row["gkv_causal_ms"] / row["sdpa_flash_ms"]
+        rows.append(row)
+        del q, k, v, grad
+    return rows
+
+
+def reference_compression(k, v, pos, score, keep, window, threshold=0.5):
+    """The authors' eager pipeline (reference section 2.2-2.3): dense cosine similarity with the
+    latest-duplicate exemption and softmax, then topk, sort and gather."""
+    kn = k.float() / (k.float().norm(dim=-1, keepdim=True) + 1e-6)
+    sim = kn @ kn.transpose(-1, -2)
+    sim.diagonal(dim1=-2, dim2=-1).zero_()
+    n = sim.shape[-1]
+    rows = torch.arange(n, device=k.device).view(1, 1, n, 1)
+    latest = torch.where(sim > threshold, rows, -1).amax(dim=-2)  # [B,H,N] per column
+    exempt = torch.zeros_like(sim).scatter_(
+        -2, latest.clamp(min=0).unsqueeze(-2), (latest >= 0).float().unsqueeze(-2))
+    redundancy = torch.softmax((sim * (1 - exempt)).sum(-1) / n, dim=-1)
+    combined = score[..., : n - window] - redundancy[..., : n - window]
+    top = combined.topk(keep, dim=-1).indices.sort(dim=-1).values
+    tail = torch.arange(n - window, n, device=k.device).expand(*top.shape[:-1], window)
+    idx = torch.cat([top, tail], dim=-1)
+    gather = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, gather), v.gather(2, gather), pos.gather(2, idx)
+
+
+def bench_compression(device, dtype, n, batch, reps, hkv=4, d=128, window=16, budget=2048):
+    k = torch.randn(batch, hkv, n, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    pos = torch.arange(n, device=device, dtype=torch.int32).expand(batch, hkv, n).contiguous()
+    score = torch.rand(batch, hkv, n, device=device)
+    keep = budget - window
+
+    def ours():
+        kc, vc, pc, sc = k.clone(), v.clone(), pos.clone(), score.clone()
+        r = ops.redundancy_scores(kc, pc)
+        idx = ops.select_keep(sc[..., : n - window] - r[..., : n - window], keep, window)
+        ops.compact_(kc, vc, pc, sc, idx)
+
+    def clones():
+        k.clone(), v.clone(), pos.clone(), score.clone()
+
+    clone_ms = timed(clones, reps)
+    return [{"N": n, "B*Hkv": batch * hkv,
+             "gkv_ms": timed(ours, reps) - clone_ms,
+             "redundancy_ms": timed(lambda: ops.redundancy_scores(k, pos), reps),
+             "select_ms": timed(lambda: ops.select_keep(score[..., : n - window], keep, window), reps),
+             "reference_eager_ms": timed(
+                 lambda: reference_compression(k, v, pos, score, keep, window), reps)}]
+
+
+def table(title, rows):
+    cols = list(rows[0])
+    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = [f"\n### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(decode_rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for b in sorted({r["B"] for r in decode_rows}):
+        rs = [r for r in decode_rows if r["B"] == b]
+        c = [r["C"] for r in rs]
+        line, = ax.plot(c, [r["gkv_GBps"] for r in rs], marker="o", label=f"gkv B={b}")
+        ax.plot(c, [r["sdpa_GBps"] for r in rs], ls="--", color=line.get_color(),
+                label=f"SDPA B={b}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cache slots C")
+    ax.set_ylabel("K+V GB/s")
+    ax.set_title("decode_attention bf16, Hq=28 Hkv=4 d=128")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (CPU-friendly)")
+    parser.add_argument("--out", default="docs/benchmarks_ops", help="JSON/PNG path prefix")
+    parser.add_argument("--only", default="decode,lifetime,compression",
+                        help="comma-separated sections to run")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    if args.quick:
+        batches, lengths, t_lengths, reps, comp_batch, comp_n = [1, 4], [512, 2048], [256], 5, 2, 272
+    else:
+        batches, lengths, t_lengths, reps, comp_batch, comp_n = (
+            [1, 8, 32, 64], [2048, 4096, 8192, 16384, 32768], [4096, 8192, 16384], 20, 8, 2176)
+    bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
+    print(f"device: {name}, torch {torch.__version__}; measured copy bandwidth {bw:.0f} GB/s")
+    sections = {
+        "decode_attention": ("decode", lambda: bench_decode(device, dtype, batches, lengths, reps, bw)),
+        "lifetime_attention": ("lifetime",
+                               lambda: bench_lifetime(device, dtype, t_lengths, max(3, reps // 4))),
+        "compression": ("compression",
+                        lambda: bench_compression(device, dtype, comp_n, comp_batch, reps)),
+    }
+    chosen = set(args.only.split(","))
+    results = {"device": name, "torch": torch.__version__, "copy_GBps": bw}
+    results.update({key: run() for key, (flag, run) in sections.items() if flag in chosen})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    if "decode_attention" in results:
+        plot(results["decode_attention"], out.with_suffix(".png"))
+    print(f"\ndevice: {name}; copy bandwidth {bw:.0f} GB/s; times in ms (median)")
+    titles = {"decode_attention": "decode_attention (bf16, Hq=28, Hkv=4, d=128)",
+              "lifetime_attention": "lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",
+              "compression": "compression of one layer (bf16, d=128)"}
+    for key, title in titles.items():
+        if key in results:
+            print(table(title, results[key]))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build with all cores, run the whole test suite (CUDA tests
+# included), then the op benchmark. Logs and results go under $OUT (or ./out).
+# Usage: scripts/gpu_session.sh [pytest args...]    (GKV_SKIP_BENCH=1 skips the benchmark)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+start=$(date +%s)
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
+  || { tail -60 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+scripts/test.sh "$@" 2>&1 | tee "$OUT/test.log" | tail -40
+if [ -z "${GKV_SKIP_BENCH:-}" ]; then
+  python3 scripts/bench_ops.py --out "$OUT/benchmarks_ops" ${GKV_BENCH_ARGS:-} 2>&1 | grep -v '%|' | tee "$OUT/bench.log"
+fi

@@ -1,0 +1,427 @@
+"""The LibTorch decoder (csrc/model) against transformers 5.17, its checkpoint I/O and stories260K.
+
+- Logits equal LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM on the same random weights
+  (tiny configs, saved by transformers with save_pretrained and loaded by us), over a grid that
+  covers MHA and GQA, tied and untied embeddings, biases, Qwen3's q/k norm and llama3 RoPE scaling,
+  in fp32 and bf16, and on a left-padded batch.
+- Our save() round-trips and loads in transformers; sharded checkpoints both ways.
+- Every corruption of a safetensors file, and every bad config, raises its own error.
+- stories260K (../shared/models/stories260k, skipped when absent) continues the reference prompt
+  with the reference text, and the same weights converted by save() give the same tokens in
+  transformers.
+"""
+import json
+import struct
+
+import pytest
+import torch
+
+import gkv_ext  # noqa: F401  (loads the extension)
+from gkv_ext._C import Model, ModelConfig, Tokenizer
+
+from conftest import shared_dir
+
+transformers = pytest.importorskip("transformers")
+
+STORIES = shared_dir() / "models" / "stories260k"
+STORIES_BIN = STORIES / "tinystories_260k_v1.bin"
+STORIES_TOK = STORIES / "tok512.bin"
+requires_stories = pytest.mark.skipif(
+    not STORIES_BIN.exists() or not STORIES_TOK.exists(),
+    reason=f"stories260K not found at {STORIES} (see ../shared/DATA.md)")
+
+PROMPT = "Once upon a time, there was a little"
+CONTINUATION = "girl named Lily. She loved to play outside in the park."
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=97,
+             max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# name -> (transformers config class name, extra config keys)
+CONFIGS = {
+    "llama-mha-untied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa-tied": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2,
+                                           tie_word_embeddings=True)),
+    "llama3-rope-bias": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, attention_bias=True,
+                                             rope_parameters=LLAMA3_ROPE)),
+    "qwen2-gqa": ("Qwen2Config", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2-tied": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=4,
+                                       tie_word_embeddings=True)),
+    "qwen3-gqa": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32)),
+    "qwen3-tied-bias": ("Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=4,
+                                            head_dim=8, attention_bias=True,
+                                            tie_word_embeddings=True)),
+}
+# Largest |ours - transformers| allowed, as a fraction of max |logit| (about 5 here).
+# fp32: the same ops in the same order (observed difference 0), so 1e-4 is pure headroom.
+# bf16 / fp16: rounding differences between attention kernels carried through two layers; we see
+# up to 0.028 (bf16) and 0.0025 (fp16), about 7 and 5 units of the dtype's epsilon (2^-8, 2^-11),
+# and transformers' own sdpa and eager paths differ from each other by 0.019 (bf16).
+TOLERANCES = {torch.float32: 1e-4 / 5, torch.bfloat16: 10 * 2**-8, torch.float16: 10 * 2**-11}
+
+
+def make_hf(name, tmp_path, dtype=torch.float32):
+    """A transformers model with random weights of a visible size, saved into tmp_path/name."""
+    cls_name, extra = CONFIGS[name]
+    config = getattr(transformers, cls_name)(**SMALL, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # the default init (std 0.02, norms 1) would hide most mistakes
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.15)
+    model = model.to(dtype)
+    path = tmp_path / name
+    model.save_pretrained(path, safe_serialization=True)
+    return model, path
+
+
+def hf_logits(model, tokens, mask=None, positions=None):
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
+
+
+def assert_close(ours, ref, dtype=torch.float32):
+    assert ours.shape == ref.shape
+    err = (ours.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= TOLERANCES[dtype] * scale, f"max error {err} for max |logit| {scale} ({dtype})"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(str(path))
+    assert model.config.model_type == hf.config.model_type
+    assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(1))
+    assert_close(model.forward(tokens), hf_logits(hf, tokens))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa", "qwen3-gqa"])
+def test_left_padded_batch_matches_transformers_and_unpadded_rows(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(str(path))
+    pads = [0, 5, 16]
+    tokens = torch.randint(0, SMALL["vocab_size"], (3, 19), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+        tokens[b, :p] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # count of real tokens before each token
+    ours = model.forward(tokens, attention_mask=mask)
+    assert torch.isfinite(ours).all()
+    ref = hf_logits(hf, tokens, mask, positions)
+    for b, p in enumerate(pads):
+        assert_close(ours[b, p:], ref[b, p:])
+        assert_close(ours[b, p:], model.forward(tokens[b:b + 1, p:])[0])
+
+
+@pytest.mark.parametrize("name", ["llama3-rope-bias", "qwen3-gqa"])
+def test_explicit_positions_match_transformers_position_ids(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(path)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(6))
+    positions = torch.stack([torch.arange(7) + 50, torch.arange(7) + 131])  # later in a sequence
+    assert_close(model.forward(tokens, positions), hf_logits(hf, tokens, positions=positions))
+
+
+def test_llama3_rope_scaling_changes_the_frequencies(tmp_path):
+    _, path = make_hf("llama3-rope-bias", tmp_path)
+    scaled = Model.load(str(path))
+    assert scaled.config.rope_scaling.factor == 8.0
+    assert scaled.config.rope_scaling.original_max_position_embeddings == 16
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (path / "config.json").write_text(json.dumps(config))
+    plain = Model.load(str(path))
+    tokens = torch.arange(40).remainder(SMALL["vocab_size"]).unsqueeze(0)
+    assert not torch.allclose(scaled.forward(tokens), plain.forward(tokens), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa", "qwen3-tied-bias"])
+def test_low_precision_logits_match_transformers(name, dtype, tmp_path):
+    hf, path = make_hf(name, tmp_path, dtype)
+    model = Model.load(path)
+    assert model.dtype == dtype and model.config.dtype == dtype
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 23), generator=torch.Generator().manual_seed(3))
+    assert_close(model.forward(tokens), hf_logits(hf, tokens), dtype)
+
+
+def test_to_casts_and_keeps_tied_weights(tmp_path):
+    hf, path = make_hf("qwen2-tied", tmp_path)
+    model = Model.load(path).to("cpu", dtype=torch.float16)
+    assert model.dtype == torch.float16 and model.config.dtype == torch.float16
+    assert all(t.dtype == torch.float16 for t in model.state_dict().values())
+    assert "lm_head.weight" not in model.state_dict()
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 11), generator=torch.Generator().manual_seed(4))
+    model.to(dtype=torch.float32)
+    assert_close(model.forward(tokens), hf_logits(hf, tokens), torch.float16)  # one fp16 round trip
+    with pytest.raises(RuntimeError, match="unsupported model dtype"):
+        model.to(dtype=torch.int32)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [0, 40_000])
+@pytest.mark.parametrize("name", ["llama3-rope-bias", "qwen2-gqa", "qwen3-tied-bias"])
+def test_save_load_round_trip_and_transformers_loads_it(name, max_shard_bytes, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(str(path))
+    out = tmp_path / "saved"
+    model.save(str(out), max_shard_bytes=max_shard_bytes)
+    sharded = (out / "model.safetensors.index.json").exists()
+    assert sharded == (max_shard_bytes > 0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    again = Model.load(str(out))
+    before, after = model.state_dict(), again.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(5))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded) is type(hf)
+    assert_close(hf_logits(loaded, tokens), hf_logits(hf, tokens))
+    # Saving over an existing checkpoint replaces it.
+    model.save(str(out))
+    assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+
+
+def test_bf16_checkpoint_saves_in_bf16(tmp_path):
+    from safetensors.torch import load_file
+    _, path = make_hf("qwen3-gqa", tmp_path)
+    model = Model.load(path).to(dtype=torch.bfloat16)
+    out = tmp_path / "bf16"
+    model.save(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    stored = load_file(out / "model.safetensors")
+    ours = model.state_dict()
+    assert stored.keys() == ours.keys()
+    assert all(stored[k].dtype == torch.bfloat16 and torch.equal(stored[k], ours[k]) for k in ours)
+    assert Model.load(out).dtype == torch.bfloat16
+
+
+# --- corrupt safetensors files ------------------------------------------------------------------
+
+def read_safetensors(path):
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_safetensors(path, header, data):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def edit_header(path, fn):
+    header, data = read_safetensors(path)
+    fn(header)
+    write_safetensors(path, header, data)
+
+
+def truncate(path, size):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:size(len(raw))])
+
+
+NORM0 = "model.layers.0.input_layernorm.weight"
+NORM1 = "model.layers.1.input_layernorm.weight"
+UP0 = "model.layers.0.mlp.up_proj.weight"
+
+
+def set_offsets(name, offsets):
+    return lambda h: h[name].update(data_offsets=offsets)
+
+
+CORRUPTIONS = {
+    "shorter than the length field": (lambda p: truncate(p, lambda n: 5), "shorter than the 8-byte"),
+    "truncated header": (lambda p: truncate(p, lambda n: 100), r"header length \d+ exceeds"),
+    "truncated data": (lambda p: truncate(p, lambda n: n - 100),
+                       r"outside the data section .*truncated"),
+    "bad JSON": (lambda p: p.write_bytes(p.read_bytes()[:8] + b"x" + p.read_bytes()[9:]),
+                 "header is not valid JSON"),
+    "unknown dtype": (lambda p: edit_header(p, lambda h: h[NORM0].update(dtype="F7")),
+                      f"tensor '{NORM0}': unknown dtype 'F7'"),
+    "span out of range": (lambda p: edit_header(p, set_offsets(NORM0, [10**9, 10**9 + 256])),
+                          f"tensor '{NORM0}': data_offsets .* outside the data section"),
+    "overlapping spans": (lambda p: edit_header(
+        p, lambda h: h[NORM1].update(data_offsets=h[NORM0]["data_offsets"])),
+        "overlapping data_offsets"),
+    "span does not match shape": (lambda p: edit_header(p, lambda h: h[NORM0].update(shape=[63])),
+                                  r"byte span 256 does not match shape x dtype size = 252"),
+    "missing tensor": (lambda p: edit_header(p, lambda h: h.pop(UP0)), f"missing tensor '{UP0}'"),
+    "wrong shape": (lambda p: edit_header(p, lambda h: h[NORM0].update(shape=[32, 2])),
+                    rf"tensor '{NORM0}' has shape \[32, 2\], expected \[64\]"),
+    "header not an object": (lambda p: write_safetensors(p, [1, 2], b""), "not a JSON object"),
+    "bad data_offsets": (lambda p: edit_header(p, set_offsets(NORM0, [4])),
+                         "'data_offsets' must be a list of two integers"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_safetensors_raise_clear_errors(corruption, tmp_path):
+    _, path = make_hf("llama-mha-untied", tmp_path)
+    corrupt, message = CORRUPTIONS[corruption]
+    corrupt(path / "model.safetensors")
+    with pytest.raises(RuntimeError, match=message):
+        Model.load(str(path))
+
+
+def test_sharded_index_errors(tmp_path):
+    _, path = make_hf("qwen2-gqa", tmp_path)
+    out = tmp_path / "sharded"
+    Model.load(str(path)).save(str(out), max_shard_bytes=40_000)
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(RuntimeError, match="invalid shard file name '../elsewhere.safetensors'"):
+        Model.load(str(out))
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    index["weight_map"]["model.norm.weight"] = shard.name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(RuntimeError, match=f"'model.norm.weight' is not in its shard {shard.name}"):
+        Model.load(str(out))
+    index_path.write_text("{")
+    with pytest.raises(RuntimeError, match="index.json: invalid JSON"):
+        Model.load(str(out))
+    index_path.unlink()
+    with pytest.raises(RuntimeError, match="no model.safetensors or model.safetensors.index.json"):
+        Model.load(str(out))
+
+
+# --- bad configs --------------------------------------------------------------------------------
+
+GOOD_CONFIG = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "vocab_size": 97, "rms_norm_eps": 1e-6,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+BAD_CONFIGS = {
+    "missing key": ({"hidden_size": None}, "key 'hidden_size' is missing"),
+    "ill-typed key": ({"num_hidden_layers": "2"}, r"key 'num_hidden_layers' must be an integer, got \"2\""),
+    "ill-typed float": ({"rms_norm_eps": "small"}, "key 'rms_norm_eps' must be a number"),
+    "unsupported model_type": ({"model_type": "gpt2"}, "key 'model_type' is 'gpt2'; supported"),
+    "unsupported rope type": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}},
+                              "key 'rope_parameters.rope_type' is 'yarn'"),
+    "llama3 rope without factor": ({"rope_parameters": {**LLAMA3_ROPE, "factor": None}},
+                                   "key 'rope_parameters.factor' is missing"),
+    "sliding window": ({"use_sliding_window": True}, "key 'use_sliding_window' must be false"),
+    "heads not a multiple": ({"num_key_value_heads": 3}, "must be a multiple of 'num_key_value_heads'"),
+    "odd head_dim": ({"head_dim": 7}, "key 'head_dim' must be even"),
+    "non-positive size": ({"vocab_size": 0}, "key 'vocab_size' must be positive"),
+    "unknown dtype": ({"dtype": "float8"}, "unsupported dtype 'float8'"),
+    "bad eos": ({"eos_token_id": [1, "x"]}, "key 'eos_token_id' must be an integer or a list"),
+    "activation": ({"hidden_act": "gelu"}, "key 'hidden_act' must be 'silu'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configs_raise_clear_errors(case):
+    change, message = BAD_CONFIGS[case]
+    config = {**GOOD_CONFIG, **change}
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(RuntimeError, match=message):
+        ModelConfig.from_json(json.dumps(config))
+
+
+def test_config_parsing_and_legacy_rope_keys():
+    c = ModelConfig.from_json(json.dumps(GOOD_CONFIG))
+    assert (c.model_type, c.num_kv_heads, c.head_dim, c.rope_theta, c.qk_norm) == ("qwen3", 2, 16, 1e6, True)
+    assert c.rope_scaling is None and c.dtype == torch.float32 and c.eos_token_ids == []
+    legacy = {**GOOD_CONFIG, "model_type": "llama", "rope_theta": 5e5, "torch_dtype": "bfloat16",
+              "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"},
+              "eos_token_id": [7, 8], "bos_token_id": 1}
+    del legacy["rope_parameters"]
+    c = ModelConfig.from_json(json.dumps(legacy))
+    assert (c.rope_theta, c.rope_scaling.factor, c.dtype, c.eos_token_ids, c.bos_token_id) == (
+        5e5, 8.0, torch.bfloat16, [7, 8], 1)
+    with pytest.raises(RuntimeError, match="invalid JSON"):
+        ModelConfig.from_json("{")
+
+
+def test_missing_config_file(tmp_path):
+    _, path = make_hf("qwen2-gqa", tmp_path)
+    (path / "config.json").unlink()
+    with pytest.raises(RuntimeError, match="cannot open config file"):
+        Model.load(str(path))
+
+
+def test_forward_argument_errors(tmp_path):
+    _, path = make_hf("qwen2-gqa", tmp_path)
+    model = Model.load(str(path))
+    with pytest.raises(RuntimeError, match=r"tokens must be \[B,T\] int64"):
+        model.forward(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="positions must be int64 with the shape of tokens"):
+        model.forward(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"token ids must lie in \[0, 97\)"):
+        model.forward(torch.full((1, 3), 97))
+
+
+# --- stories260K --------------------------------------------------------------------------------
+
+def greedy(step, tokens, n):
+    """n greedy tokens by repeated full forward passes; step(tokens [1,T]) -> logits [1,T,V]."""
+    for _ in range(n):
+        nxt = step(tokens)[0, -1].argmax()
+        tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
+    return tokens
+
+
+@requires_stories
+def test_stories_tokenizer():
+    tok = Tokenizer.load(str(STORIES_TOK))
+    assert tok.vocab_size == 512
+    from_bin = Tokenizer.load(str(STORIES_BIN))
+    ids = tok.encode(PROMPT)
+    assert ids[0] == Tokenizer.bos_id and ids == from_bin.encode(PROMPT)
+    assert tok.piece(ids[1]).startswith(" ")  # the dummy-prefix space merged into the first word
+    assert tok.decode(ids) == PROMPT
+    assert tok.encode(PROMPT, bos=False, eos=True)[-1] == Tokenizer.eos_id
+    odd = "Zoë saw 🐱 {x}"  # characters outside the vocabulary: byte fallback
+    encoded = tok.encode(odd)
+    assert any(3 <= i < 259 for i in encoded)
+    assert tok.decode(encoded) == odd
+    assert tok.encode("") == [Tokenizer.bos_id]
+    with pytest.raises(RuntimeError, match=r"token id 512 is outside \[0, 512\)"):
+        tok.decode([512])
+
+
+@requires_stories
+def test_stories260k_greedy_continuation_and_transformers_agree(tmp_path):
+    model = Model.load(str(STORIES_BIN))
+    c = model.config
+    assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (
+        64, 5, 8, 4, 8, 512)
+    assert c.tie_word_embeddings
+    tok = Tokenizer.load(str(STORIES_TOK))
+    prompt = torch.tensor([tok.encode(PROMPT)])
+    ours = greedy(model.forward, prompt, 24)
+    text = tok.decode(ours[0, prompt.shape[1]:].tolist())
+    assert text.startswith(CONTINUATION), text
+    assert tok.decode(ours[0].tolist()).startswith(PROMPT + " " + CONTINUATION)
+
+    # The same weights as a transformers checkpoint (our save() is the converter).
+    out = tmp_path / "stories260k-hf"
+    model.save(str(out))
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    theirs = greedy(lambda t: hf_logits(hf, t), prompt, 24)
+    assert torch.equal(ours, theirs)
+    assert_close(model.forward(ours), hf_logits(hf, ours))
+
+
+@requires_stories
+def test_truncated_stories_file(tmp_path):
+    raw = STORIES_BIN.read_bytes()
+    for size, message in [(200, "truncated"), (len(raw) - 4, "tensor section is"),
+                          (3000, "truncated: piece")]:
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(raw[:size])
+        with pytest.raises(RuntimeError, match=message):
+            Model.load(str(bad))
+    notmodel = tmp_path / "x.bin"
+    notmodel.write_bytes(b"\x02" + raw[1:])
+    with pytest.raises(RuntimeError, match="not a llama2.ts model file"):
+        Model.load(str(notmodel))

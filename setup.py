@@ -33,6 +33,14 @@ def gencode_flags():
     return flags
 
 
+# torch's libraries export the statically linked libstdc++ they were built with (std::filesystem,
+# iostream internals). On a machine whose compiler is newer than torch's, calls from our library
+# can bind to torch's older copies and crash (seen with torch 2.11 + g++ 13). Linking our own
+# libstdc++ statically, with its symbols hidden, and binding our own (inline) definitions
+# symbolically, ties every call to the copy we compiled against.
+LINK_ARGS = ["-static-libstdc++", "-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic"]
+
+
 def extension():
     with_cuda = cuda_available()
     sources = [s for s in core_sources() if with_cuda or not s.endswith(".cu")]
@@ -42,13 +50,14 @@ def extension():
     if not with_cuda:
         print("gkv_ext: building CPU-only (torch has no CUDA or nvcc was not found)")
         return CppExtension("gkv_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=LINK_ARGS)
     print(f"gkv_ext: building with CUDA {torch.version.cuda} for {gencode_flags()}")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"] + gencode_flags()
     return CUDAExtension("gkv_ext._C", sources, include_dirs=include_dirs,
                          define_macros=[("GKV_WITH_CUDA", "1")],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                         extra_link_args=LINK_ARGS)
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))

@@ -645,35 +645,75 @@ inline int64_t decode_emit_blocks(const DecodeAttentionParams& p) {
   return int64_t(p.B) * p.Hkv * ((p.length + kEmitSlots - 1) / kEmitSlots);
 }
 
-// Grid B*Hq + decode_emit_blocks(p), kCombineThreads threads, dynamic shared memory of G floats.
-// Block x < B*Hq: query head x; thread e < D owns output element e. Block x >= B*Hq: emission
-// for one (b, KV head) and kEmitSlots slots.
+// Dynamic shared memory of decode_combine_kernel: the split weights of a combine block, the lse
+// of the group's heads in an emit block.
+inline size_t decode_combine_smem(const DecodeAttentionParams& p) {
+  const int G = p.Hq / p.Hkv;
+  const int n = p.score_acc != nullptr && G > p.num_splits ? G : p.num_splits;
+  return sizeof(float) * n;
+}
+
+// Sum of x over the block (kCombineThreads threads), returned to every thread. red: 4+ floats.
+__device__ __forceinline__ float combine_block_sum(float x, float* red) {
+  x = warp_sum(x);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kCombineThreads / 32; ++w) s += red[w];
+  __syncthreads();  // red is reused
+  return s;
+}
+__device__ __forceinline__ float combine_block_max(float x, float* red) {
+  x = warp_max(x);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float m = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kCombineThreads / 32; ++w) m = fmaxf(m, red[w]);
+  __syncthreads();
+  return m;
+}
+
+// Grid B*Hq + decode_emit_blocks(p), kCombineThreads threads, decode_combine_smem(p) bytes of
+// dynamic shared memory. Block x < B*Hq: query head x; the threads first weigh the splits
+// together (a split per thread, so no thread walks them all twice), then thread e < D owns output
+// element e. Block x >= B*Hq: emission for one (b, KV head) and kEmitSlots slots.
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineThreads)
     decode_combine_kernel(const DecodeAttentionParams p) {
   static_assert(D <= kCombineThreads, "one thread per output element");
+  extern __shared__ float combine_smem[];
   const int64_t rows = int64_t(p.B) * p.Hq;
   if (blockIdx.x < rows) {
+    __shared__ float red[kCombineThreads / 32];
+    float* weight = combine_smem;  // [num_splits] exp2(part_m - max)
     const int64_t row = blockIdx.x;  // b * Hq + hq
-    const int e = threadIdx.x;
-    if (e >= D) return;
     const float* pm = p.part_m + row * p.num_splits;
     const float* pl = p.part_l + row * p.num_splits;
     float mx = -INFINITY;
-    for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, pm[s]);
+    for (int s = threadIdx.x; s < p.num_splits; s += kCombineThreads) mx = fmaxf(mx, pm[s]);
+    mx = combine_block_max(mx, red);
     const float ms = mx == -INFINITY ? 0.f : mx;
-    float lsum = 0.f, a = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) {
+    float lsum = 0.f;
+    for (int s = threadIdx.x; s < p.num_splits; s += kCombineThreads) {
       const float c = exp2f(pm[s] - ms);
+      weight[s] = c;
       lsum += pl[s] * c;
-      a += p.part_acc[(row * p.num_splits + s) * D + e] * c;
     }
+    lsum = combine_block_sum(lsum, red);  // its barriers also publish weight[]
+    const int e = threadIdx.x;
+    if (e >= D) return;
+    const float* pa = p.part_acc + row * p.num_splits * D + e;
+    float a = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < p.num_splits; ++s) a += pa[int64_t(s) * D] * weight[s];
     // No live slot: lsum = 0, and the row is 0.
     static_cast<T*>(p.out)[row * D + e] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
     return;
   }
   // Emission: score_acc[b, h, j] += max_g exp2(logit_g - lse_g) over live slots j.
-  extern __shared__ float emit_lse[];  // [G] log2-unit log-sum-exp of the group's heads
+  float* emit_lse = combine_smem;  // [G] log2-unit log-sum-exp of the group's heads
   const int G = p.Hq / p.Hkv;
   const int per_row = (p.length + kEmitSlots - 1) / kEmitSlots;
   const int64_t eb = blockIdx.x - rows;
@@ -813,8 +853,8 @@ cudaError_t decode_attention_launch(const DecodeAttentionParams& p, cudaStream_t
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t blocks = int64_t(p.B) * p.Hq + decode_emit_blocks(p);
-  const size_t lse_bytes = p.score_acc != nullptr ? sizeof(float) * G : 0;
-  decode_combine_kernel<T, D><<<static_cast<unsigned>(blocks), kCombineThreads, lse_bytes, stream>>>(p);
+  decode_combine_kernel<T, D><<<static_cast<unsigned>(blocks), kCombineThreads,
+                                decode_combine_smem(p), stream>>>(p);
   return cudaGetLastError();
 }
 

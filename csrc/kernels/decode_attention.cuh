@@ -1,6 +1,6 @@
 // Flash-decoding with GQA, empty-slot masking and optional score emission (gkv::decode_attention).
 //
-// Three launches on one stream:
+// Two launches on one stream:
 //   1. split:   grid (B*Hkv*chunks, splits). A block takes one KV head, a chunk of its G query
 //               heads and one range of slots, and writes its partial (max, sum, acc) per query
 //               head. Two versions:

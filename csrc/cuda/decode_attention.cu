@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "cuda/dispatch.h"
 #include "kernels/decode_attention.cuh"
@@ -28,7 +29,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t C = k_cache.size(2);
   auto out = at::empty(q.sizes(), q.options());
   if (length == 0 || out.numel() == 0) return out.zero_();
-  TORCH_CHECK(C <= INT_MAX && B * Hq <= INT_MAX && B * Hkv * length <= INT64_MAX / 2,
+  // Grid sizes: B*Hq combine blocks plus B*Hkv*ceil(length / kEmitSlots) emit blocks.
+  TORCH_CHECK(C <= INT_MAX && B * Hq + B * Hkv * (length / kernels::kEmitSlots + 1) <= INT_MAX,
               "gkv::", kOp, ": sizes too large (C = ", C, ", B * Hq = ", B * Hq, ")");
   const auto qc = vector_readable(q.contiguous());
   const auto k = vector_readable(k_cache);
@@ -57,22 +59,20 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   const auto f32 = q.options().dtype(at::kFloat);
   GKV_DISPATCH_FLOATING(kOp, q.scalar_type(), [&] {
     GKV_DISPATCH_HEAD_DIM(kOp, d, [&] {
-      GKV_CUDA_CHECK(kOp, (kernels::decode_attention_plan<scalar_t, kHeadDim>(p)));
-      // Scratch: per-split partials, and the logits and lse that score emission needs.
-      auto part_m = at::empty({B, Hq, p.num_splits}, f32);
-      auto part_l = at::empty({B, Hq, p.num_splits}, f32);
-      auto part_acc = at::empty({B, Hq, p.num_splits, d}, f32);
-      at::Tensor logits, lse;
-      p.part_m = part_m.data_ptr<float>();
-      p.part_l = part_l.data_ptr<float>();
-      p.part_acc = part_acc.data_ptr<float>();
-      if (p.score_acc != nullptr) {
-        logits = at::empty({B, Hq, length}, f32);
-        lse = at::empty({B, Hq}, f32);
-        p.logits = logits.data_ptr<float>();
-        p.lse = lse.data_ptr<float>();
-      }
-      GKV_CUDA_CHECK(kOp, (kernels::decode_attention_launch<scalar_t, kHeadDim>(p, stream)));
+      // The one switch between the split kernels: tensor cores for 16-bit inputs with d >= 16
+      // (d in {16, 32, 64, 128}), the FFMA kernel for fp32 and d = 8.
+      constexpr bool kMma = !std::is_same_v<scalar_t, float> && kHeadDim >= 16;
+      GKV_CUDA_CHECK(kOp, (kernels::decode_attention_plan<scalar_t, kHeadDim, kMma>(p)));
+      // Scratch in one allocation: per-split partials (max [B,Hq,S], sum [B,Hq,S],
+      // acc [B,Hq,S,d]) and, for score emission, the logits [B,Hq,length].
+      const int64_t parts = B * Hq * p.num_splits;
+      const int64_t n_logits = p.score_acc != nullptr ? B * Hq * length : 0;
+      auto scratch = at::empty({parts * (2 + d) + n_logits}, f32);
+      p.part_m = scratch.data_ptr<float>();
+      p.part_l = p.part_m + parts;
+      p.part_acc = p.part_l + parts;
+      p.logits = n_logits > 0 ? p.part_acc + parts * d : nullptr;
+      GKV_CUDA_CHECK(kOp, (kernels::decode_attention_launch<scalar_t, kHeadDim, kMma>(p, stream)));
     });
   });
   return out;

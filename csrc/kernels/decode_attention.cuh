@@ -1,19 +1,29 @@
 // Flash-decoding with GQA, empty-slot masking and optional score emission (gkv::decode_attention).
 //
-// Three launches on one stream:
-//   1. split:   grid (B*Hkv*chunks, splits). A block takes one KV head, TG of its G query heads
-//               (a "chunk"; TG = G whenever G <= 8, so K and V are read once for the whole GQA
-//               group) and one range of slots. 4 warps stream the range with 16-byte cp.async
-//               copies through a 3-stage per-thread ring in shared memory; a group of D/kVec
-//               lanes shares one key. fp32 online softmax in log2 units; the block writes its
-//               partial (max, sum, acc) per query head.
-//   2. combine: grid B*Hq. Merges the partials into out, and into lse when emitting.
-//   3. emit:    only with score_acc. The split kernel also stored every logit (fp32 scratch), so
-//               this pass adds max_g exp2(logit - lse) into score_acc without re-reading K.
+// Two launches on one stream:
+//   1. split:   grid (B*Hkv*chunks, splits). A block takes one KV head, a chunk of its G query
+//               heads and one range of slots, and writes its partial (max, sum, acc) per query
+//               head. Two versions:
+//               - tensor cores (bf16/fp16, d in {16, 32, 64, 128}; decode_split_mma_kernel): the
+//                 chunk is up to 16 query heads, the rows of one m16 tile (padded with zero
+//                 rows), so K and V are read once per group whenever G <= 16. Each of the 4 warps
+//                 streams its own 16-key tiles through a private 3-stage cp.async ring;
+//                 S = Q K^T and O += P V run on mma.sync.m16n8k16 with fp32 accumulators, the
+//                 online softmax on the accumulator fragments.
+//               - FFMA (fp32, and d = 8; decode_split_kernel): the chunk is TG <= 8 heads; a
+//                 group of D/kVec lanes shares one key, 16-byte cp.async through a 3-stage
+//                 per-thread ring.
+//               Both keep the softmax in log2 units (exp2).
+//   2. combine (+ emit): blocks [0, B*Hq) merge the partials of one query head into out. With
+//               score_acc, the split kernel also stored every logit (fp32 scratch), and blocks
+//               past B*Hq, one per (b, KV head, kEmitSlots slots), add max_g exp2(logit - lse)
+//               into score_acc without re-reading K; each gets the lse of its G heads from the
+//               partials itself, so both parts run in the same launch.
 // Slots >= length are never read; empty slots (pos < 0) are masked before they reach a sum, so
 // garbage or NaN in either cannot leak.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 
@@ -39,11 +49,11 @@ struct DecodeAttentionParams {
   float* part_l;            // [B, Hq, num_splits] sum of exp2(logit - max)
   float* part_acc;          // [B, Hq, num_splits, d] sum of exp2(logit - max) * v
   float* logits;            // [B, Hq, length] log2-unit logits, only when emitting
-  float* lse;               // [B, Hq] log2-unit log-sum-exp, only when emitting
 };
 
 constexpr int kDecodeWarps = 4;
-constexpr int kEmitThreads = 256;
+constexpr int kCombineThreads = 128;  // >= every supported D
+constexpr int kEmitSlots = 1024;      // slots per emit block
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T, int D>
@@ -327,43 +337,414 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   }
 }
 
-// One block per (b, query head), max(D, 32) threads: thread e < D owns output element e.
-template <typename T, int D>
-__global__ void decode_combine_kernel(const DecodeAttentionParams p) {
-  const int64_t row = blockIdx.x;  // b * Hq + hq
-  const int e = threadIdx.x;
-  const float* pm = p.part_m + row * p.num_splits;
-  const float* pl = p.part_l + row * p.num_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, pm[s]);
-  const float ms = mx == -INFINITY ? 0.f : mx;
-  float lsum = 0.f, a = 0.f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float c = exp2f(pm[s] - ms);
-    lsum += pl[s] * c;
-    if (e < D) a += p.part_acc[(row * p.num_splits + s) * D + e] * c;
+// ------------------------------------------------------------------ tensor-core split kernel
+//
+// Fragment layouts of mma.m16n8k16 (gr = lane / 4, tq = lane % 4):
+//   A 16x16 (row-major): a[0] = (gr, 2tq..+1), a[1] = (gr+8, 2tq..), a[2] = (gr, 2tq+8..),
+//                        a[3] = (gr+8, 2tq+8..)
+//   B 16x8 (k x n):      b[0] = (k 2tq..2tq+1, n gr), b[1] = (k 2tq+8..+9, n gr)
+//   C 16x8 (fp32):       c[0..1] = (gr, 2tq..2tq+1), c[2..3] = (gr+8, 2tq..2tq+1)
+// so the two C tiles of S over 16 keys, packed to 16 bits, are the A fragment of P.
+
+template <int D>
+struct DecodeMmaConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kRows = 16;      // query heads per block: one m16 tile
+  static constexpr int kKeys = 16;      // keys per warp step: one k16 step of P V
+  static constexpr int kStages = 3;     // ring depth: 2 tiles of K and V in flight per warp
+  static constexpr int kLd = D + 8;     // padded smem row: the 8 rows an ldmatrix reads hit 8
+                                        // different 16-byte bank groups
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row (16-bit elements)
+  static constexpr int kBlockStep = kWarps * kKeys;  // keys of the block per step
+  static constexpr int kTileBytes = kKeys * kLd * 2;
+  static constexpr int kQBytes = kRows * kLd * 2;
+  static constexpr int kRingBytes = kWarps * kStages * 2 * kTileBytes;  // K and V tiles
+  static constexpr int kPosBytes = kWarps * kStages * kKeys * 4;
+  static constexpr int kSmemBytes = kQBytes + kRingBytes + kPosBytes;
+  static_assert(D % 16 == 0 && D >= 16 && D <= 128, "tensor-core path: d in {16, 32, 64, 128}");
+  static_assert(kKeys * kChunks % 32 == 0, "whole warp copies per tile");
+  // The warp's final accumulators [kRows][D] fp32 reuse its own ring.
+  static_assert(kRows * D * 4 <= kStages * 2 * kTileBytes, "merge buffer fits in the ring");
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
   }
-  // No live slot: lsum = 0, and the row is 0.
-  if (e < D) static_cast<T*>(p.out)[row * D + e] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
-  if (p.lse != nullptr && e == 0) p.lse[row] = lsum > 0.f ? ms + log2f(lsum) : -INFINITY;
 }
 
-// One thread per (b, KV head, slot < length): score_acc += max_g exp2(logit_g - lse_g).
-// static: more than one .cu file includes this header.
-static __global__ void decode_emit_kernel(const DecodeAttentionParams p) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= int64_t(p.B) * p.Hkv * p.length) return;
-  const int j = static_cast<int>(idx % p.length);
-  const int64_t bh = idx / p.length;
-  const int b = static_cast<int>(bh / p.Hkv), h = static_cast<int>(bh % p.Hkv);
-  if (p.pos[b * p.pos_stride[0] + h * p.pos_stride[1] + j * p.pos_stride[2]] < 0) return;
-  const int G = p.Hq / p.Hkv;
-  float best = 0.f;
-  for (int g = 0; g < G; ++g) {
-    const int64_t row = int64_t(b) * p.Hq + h * G + g;
-    best = fmaxf(best, exp2f(p.logits[row * p.length + j] - p.lse[row]));
+// c += a * b with fp32 accumulators; T is bf16 or fp16.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  p.score_acc[bh * p.C + j] += best;
+}
+
+// Four 8x8 16-bit matrices from shared memory; lane i gives the row address of matrix i / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
+    decode_split_mma_kernel(const DecodeAttentionParams p) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "16-bit only");
+  using Cfg = DecodeMmaConfig<D>;
+  constexpr int kWarps = Cfg::kWarps, kRows = Cfg::kRows, kKeys = Cfg::kKeys;
+  constexpr int kStages = Cfg::kStages, kLd = Cfg::kLd, kChunks = Cfg::kChunks;
+  constexpr float kNegInf = -INFINITY;
+  const int G = p.Hq / p.Hkv;
+  const int chunks = (G + kRows - 1) / kRows;
+  const int bh = blockIdx.x / chunks;  // chunks of one KV head are adjacent: they share K in L2
+  const int chunk = blockIdx.x % chunks;
+  const int split = blockIdx.y;
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  const int rows = min(kRows, G - chunk * kRows);  // live rows of the m16 tile
+  const int hq0 = h * G + chunk * kRows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gr = lane >> 2, tq = lane & 3;
+
+  extern __shared__ __align__(16) unsigned char decode_smem[];
+  T* sq = reinterpret_cast<T*>(decode_smem);                                    // [kRows][kLd]
+  T* ring = reinterpret_cast<T*>(decode_smem + Cfg::kQBytes) +
+            warp * kStages * 2 * kKeys * kLd;  // this warp's [kStages][K, V][kKeys][kLd]
+  int32_t* ring_pos = reinterpret_cast<int32_t*>(decode_smem + Cfg::kQBytes + Cfg::kRingBytes) +
+                      warp * kStages * kKeys;  // this warp's [kStages][kKeys]
+
+  // Q rows of the chunk, zero rows past `rows`, unscaled: the logits are scaled in fp32 so
+  // that they match the FFMA path and the CPU kernel to fp32 rounding.
+  const T* qg = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + hq0) * D;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kWarps * 32) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const uint4 val = r < rows ? __ldg(reinterpret_cast<const uint4*>(qg + r * D + col))
+                               : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(sq + r * kLd + col) = val;
+  }
+  __syncthreads();
+  uint32_t qa[D / 16][4];  // A fragments of Q, one per k16 step over d
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qa[kk], sq + ((lane & 8) + (lane & 7)) * kLd + kk * 16 + ((lane >> 4) << 3));
+  }
+
+  const float scale_log2 = p.scale * kLog2e;
+  const int begin = split * p.split_len;
+  const int end = min(begin + p.split_len, p.length);
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+  const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
+  float* lg = p.logits != nullptr ? p.logits + (int64_t(b) * p.Hq + hq0) * p.length : nullptr;
+
+  // Warp `warp` takes tiles warp, warp + kWarps, ... of kKeys slots each. Slots past `end` are
+  // zero-filled (K, V and pos), never read from memory and masked below.
+  auto tile_start = [&](int t) { return begin + (t * kWarps + warp) * kKeys; };
+  auto issue = [&](int t) {
+    const int j0 = tile_start(t);
+    if (j0 < end) {
+      T* sk = ring + (t % kStages) * 2 * kKeys * kLd;
+      T* sv = sk + kKeys * kLd;
+#pragma unroll
+      for (int i = 0; i < kKeys * kChunks / 32; ++i) {
+        const int c = lane + i * 32, r = c / kChunks, col = (c % kChunks) * 8;
+        const bool ok = j0 + r < end;
+        cp_async16(sk + r * kLd + col, ok ? kb + (j0 + r) * p.k_stride[2] + col : kb, ok);
+        cp_async16(sv + r * kLd + col, ok ? vb + (j0 + r) * p.v_stride[2] + col : vb, ok);
+      }
+      if (lane < kKeys) {
+        const bool ok = j0 + lane < end;
+        cp_async4(ring_pos + (t % kStages) * kKeys + lane,
+                  ok ? pb + (j0 + lane) * p.pos_stride[2] : pb, ok);
+      }
+    }
+    cp_async_commit();  // possibly empty: keeps one group per step for the wait below
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+
+  // Row state: this lane holds rows gr (index 0) and gr + 8 (index 1). m is the running max of
+  // the row (same on the 4 lanes of a quad), l the lane's share of the row sum.
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+  float o[D / 8][4];  // C fragments of O: n-tile nt covers d = nt*8 .. nt*8+7
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+
+  for (int t = 0; tile_start(t) < end; ++t) {
+    __syncwarp();            // every lane is done reading the stage that issue() refills
+    issue(t + kStages - 1);  // refills the stage that step t - 1 consumed
+    cp_async_wait<kStages - 1>();  // this lane's copies of step t have landed
+    __syncwarp();                  // ... and everyone else's
+    T* sk = ring + (t % kStages) * 2 * kKeys * kLd;
+    T* sv = sk + kKeys * kLd;
+    const int j0 = tile_start(t);
+    const int32_t* sp = ring_pos + (t % kStages) * kKeys;
+    // Bit r: slot j0 + r is in range / live (in range and pos >= 0).
+    const bool my_in = lane < kKeys && j0 + lane < end;
+    const unsigned in_mask = __ballot_sync(0xffffffffu, my_in);
+    const unsigned live_mask = __ballot_sync(0xffffffffu, my_in && sp[lane % kKeys] >= 0);
+    if (in_mask != live_mask) {
+      // Empty slots were loaded and their V may be NaN, and 0 * NaN = NaN inside the mma: zero
+      // those rows. (K needs nothing: a NaN key only spoils its own column of S, masked below.)
+      const unsigned dead = in_mask & ~live_mask;
+#pragma unroll
+      for (int i = 0; i < kKeys * kChunks / 32; ++i) {
+        const int c = lane + i * 32, r = c / kChunks, col = (c % kChunks) * 8;
+        if ((dead >> r) & 1u) *reinterpret_cast<uint4*>(sv + r * kLd + col) = make_uint4(0, 0, 0, 0);
+      }
+      __syncwarp();
+    }
+
+    // S = Q K^T over the 16 keys: two n8 tiles (keys 0-7, 8-15). K is stored [key][d], i.e. the
+    // B operand as [n][k]: matrices 0/1 = keys 0-7 at d 0-7 / 8-15, 2/3 = keys 8-15.
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t kf[4];
+      ldmatrix_x4(kf, sk + (((lane >> 4) << 3) + (lane & 7)) * kLd + kk * 16 + (lane & 8));
+      mma_m16n8k16<T>(s[0], qa[kk], kf[0], kf[1]);
+      mma_m16n8k16<T>(s[1], qa[kk], kf[2], kf[3]);
+    }
+
+    // Scale into log2 units, mask, emit the logits, and update the row max.
+    float tile_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = nt * 8 + 2 * tq + (e & 1);
+        const int row = gr + (e >> 1) * 8;
+        float x = s[nt][e] * scale_log2;
+        if (!((live_mask >> key) & 1u)) x = kNegInf;  // select, so a NaN logit cannot survive
+        if (lg != nullptr && row < rows && ((in_mask >> key) & 1u))
+          lg[int64_t(row) * p.length + j0 + key] = x;
+        s[nt][e] = x;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+      }
+    }
+    float corr[2], ms[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      // The 4 lanes of a quad hold the 16 keys of a row.
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+      const float mx = fmaxf(m[i], tile_max[i]);
+      ms[i] = mx == kNegInf ? 0.f : mx;  // nothing live yet: exp2(-inf - 0) = 0, no inf - inf
+      corr[i] = exp2f(m[i] - ms[i]);     // m = -inf: 0, and l, o are still 0
+      m[i] = mx;
+      l[i] *= corr[i];
+    }
+    // P as the A fragment of the k16 step over these keys: a[0] = (gr, keys 0-7),
+    // a[1] = (gr+8, keys 0-7), a[2] = (gr, keys 8-15), a[3] = (gr+8, keys 8-15).
+    uint32_t pa[4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pr[e] = exp2f(s[nt][e] - ms[e >> 1]);
+        l[e >> 1] += pr[e];
+      }
+      pa[nt * 2] = pack_pair<T>(pr[0], pr[1]);      // row gr, keys nt*8 + 2tq..
+      pa[nt * 2 + 1] = pack_pair<T>(pr[2], pr[3]);  // row gr + 8
+    }
+
+    // O = O * corr + P V. V is stored [key][d], i.e. the B operand as [k][n], read transposed:
+    // matrices 0/1 = keys 0-7 / 8-15 at d c0..c0+7, 2/3 the same at d c0+8..c0+15.
+#pragma unroll
+    for (int nd = 0; nd < D / 16; ++nd) {
+      uint32_t vf[4];
+      ldmatrix_x4_trans(vf, sv + ((lane & 8) + (lane & 7)) * kLd + nd * 16 + ((lane >> 4) << 3));
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float(&c4)[4] = o[nd * 2 + half];
+        c4[0] *= corr[0];
+        c4[1] *= corr[0];
+        c4[2] *= corr[1];
+        c4[3] *= corr[1];
+        mma_m16n8k16<T>(c4, pa, vf[half * 2], vf[half * 2 + 1]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // the trailing (empty or unused) groups
+  __syncwarp();        // and every lane is done with the ring, which now holds the accumulators
+
+  // Row sums: the quad's 4 shares.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  // Merge the warps through shared memory and write this split's partials.
+  __shared__ float sm_m[kWarps][kRows], sm_l[kWarps][kRows];
+  float* sacc = reinterpret_cast<float*>(ring);  // this warp's [kRows][D]
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    *reinterpret_cast<float2*>(sacc + gr * D + col) = make_float2(o[nt][0], o[nt][1]);
+    *reinterpret_cast<float2*>(sacc + (gr + 8) * D + col) = make_float2(o[nt][2], o[nt][3]);
+  }
+  if (tq == 0) {
+    sm_m[warp][gr] = m[0];
+    sm_m[warp][gr + 8] = m[1];
+    sm_l[warp][gr] = l[0];
+    sm_l[warp][gr + 8] = l[1];
+  }
+  __syncthreads();
+  const float* acc_base = reinterpret_cast<const float*>(decode_smem + Cfg::kQBytes);
+  constexpr int kWarpRing = kStages * 2 * kKeys * kLd;  // elements of T per warp ring
+  for (int i = threadIdx.x; i < rows * D; i += kWarps * 32) {
+    const int g = i / D, e = i % D;
+    float mx = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm_m[w][g]);
+    const float mz = mx == kNegInf ? 0.f : mx;
+    float a = 0.f, lsum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float c = exp2f(sm_m[w][g] - mz);
+      a += acc_base[w * (kWarpRing * int(sizeof(T)) / 4) + g * D + e] * c;
+      lsum += sm_l[w][g] * c;
+    }
+    const int64_t row = (int64_t(b) * p.Hq + hq0 + g) * p.num_splits + split;
+    p.part_acc[row * D + e] = a;
+    if (e == 0) {
+      p.part_m[row] = mx;
+      p.part_l[row] = lsum;
+    }
+  }
+}
+
+// Number of emit blocks after the B*Hq combine blocks: 0 without score emission.
+inline int64_t decode_emit_blocks(const DecodeAttentionParams& p) {
+  if (p.score_acc == nullptr) return 0;
+  return int64_t(p.B) * p.Hkv * ((p.length + kEmitSlots - 1) / kEmitSlots);
+}
+
+// Dynamic shared memory of decode_combine_kernel: the split weights of a combine block, the lse
+// of the group's heads in an emit block.
+inline size_t decode_combine_smem(const DecodeAttentionParams& p) {
+  const int G = p.Hq / p.Hkv;
+  const int n = p.score_acc != nullptr && G > p.num_splits ? G : p.num_splits;
+  return sizeof(float) * n;
+}
+
+// Sum of x over the block (kCombineThreads threads), returned to every thread. red: 4+ floats.
+__device__ __forceinline__ float combine_block_sum(float x, float* red) {
+  x = warp_sum(x);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kCombineThreads / 32; ++w) s += red[w];
+  __syncthreads();  // red is reused
+  return s;
+}
+__device__ __forceinline__ float combine_block_max(float x, float* red) {
+  x = warp_max(x);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float m = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kCombineThreads / 32; ++w) m = fmaxf(m, red[w]);
+  __syncthreads();
+  return m;
+}
+
+// Grid B*Hq + decode_emit_blocks(p), kCombineThreads threads, decode_combine_smem(p) bytes of
+// dynamic shared memory. Block x < B*Hq: query head x; the threads first weigh the splits
+// together (a split per thread, so no thread walks them all twice), then thread e < D owns output
+// element e. Block x >= B*Hq: emission for one (b, KV head) and kEmitSlots slots.
+template <typename T, int D>
+__global__ void __launch_bounds__(kCombineThreads)
+    decode_combine_kernel(const DecodeAttentionParams p) {
+  static_assert(D <= kCombineThreads, "one thread per output element");
+  extern __shared__ float combine_smem[];
+  const int64_t rows = int64_t(p.B) * p.Hq;
+  if (blockIdx.x < rows) {
+    __shared__ float red[kCombineThreads / 32];
+    float* weight = combine_smem;  // [num_splits] exp2(part_m - max)
+    const int64_t row = blockIdx.x;  // b * Hq + hq
+    const float* pm = p.part_m + row * p.num_splits;
+    const float* pl = p.part_l + row * p.num_splits;
+    float mx = -INFINITY;
+    for (int s = threadIdx.x; s < p.num_splits; s += kCombineThreads) mx = fmaxf(mx, pm[s]);
+    mx = combine_block_max(mx, red);
+    const float ms = mx == -INFINITY ? 0.f : mx;
+    float lsum = 0.f;
+    for (int s = threadIdx.x; s < p.num_splits; s += kCombineThreads) {
+      const float c = exp2f(pm[s] - ms);
+      weight[s] = c;
+      lsum += pl[s] * c;
+    }
+    lsum = combine_block_sum(lsum, red);  // its barriers also publish weight[]
+    const int e = threadIdx.x;
+    if (e >= D) return;
+    const float* pa = p.part_acc + row * p.num_splits * D + e;
+    float a = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < p.num_splits; ++s) a += pa[int64_t(s) * D] * weight[s];
+    // No live slot: lsum = 0, and the row is 0.
+    static_cast<T*>(p.out)[row * D + e] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+    return;
+  }
+  // Emission: score_acc[b, h, j] += max_g exp2(logit_g - lse_g) over live slots j.
+  float* emit_lse = combine_smem;  // [G] log2-unit log-sum-exp of the group's heads
+  const int G = p.Hq / p.Hkv;
+  const int per_row = (p.length + kEmitSlots - 1) / kEmitSlots;
+  const int64_t eb = blockIdx.x - rows;
+  const int64_t bh = eb / per_row;
+  const int j_begin = static_cast<int>(eb % per_row) * kEmitSlots;
+  const int j_end = min(j_begin + kEmitSlots, p.length);
+  const int b = static_cast<int>(bh / p.Hkv), h = static_cast<int>(bh % p.Hkv);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < G; g += kCombineThreads / 32) {  // a warp per head, lanes over splits
+    const int64_t row = int64_t(b) * p.Hq + h * G + g;
+    const float* pm = p.part_m + row * p.num_splits;
+    const float* pl = p.part_l + row * p.num_splits;
+    float mx = -INFINITY;
+    for (int s = lane; s < p.num_splits; s += 32) mx = fmaxf(mx, pm[s]);
+    mx = warp_max(mx);
+    const float ms = mx == -INFINITY ? 0.f : mx;
+    float lsum = 0.f;
+    for (int s = lane; s < p.num_splits; s += 32) lsum += pl[s] * exp2f(pm[s] - ms);
+    lsum = warp_sum(lsum);
+    // A head with no live slot has no live j below either (live-ness is per KV head).
+    if (lane == 0) emit_lse[g] = lsum > 0.f ? ms + log2f(lsum) : -INFINITY;
+  }
+  __syncthreads();
+  const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
+  const float* lg = p.logits + (int64_t(b) * p.Hq + h * G) * p.length;
+  for (int j = j_begin + threadIdx.x; j < j_end; j += kCombineThreads) {
+    if (pb[j * p.pos_stride[2]] < 0) continue;
+    float best = 0.f;
+    for (int g = 0; g < G; ++g) best = fmaxf(best, exp2f(lg[int64_t(g) * p.length + j] - emit_lse[g]));
+    p.score_acc[bh * p.C + j] += best;
+  }
 }
 
 template <typename T, int D, int TG>
@@ -381,56 +762,99 @@ int decode_split_occupancy() {
   return blocks;
 }
 
+// Raises the dynamic shared-memory limit of the tensor-core kernel (it needs more than the
+// default 48 KB at d = 128; the attribute is per device, so once per device), and returns its
+// blocks per SM (0: it cannot run).
+template <typename T, int D>
+int decode_split_mma_occupancy(int device) {
+  using Cfg = DecodeMmaConfig<D>;
+  static std::atomic<uint64_t> raised{0};  // bit i: done on device i (< 64; others every call)
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if ((raised.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
+    if (cudaFuncSetAttribute(decode_split_mma_kernel<T, D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Cfg::kSmemBytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    raised.fetch_or(bit, std::memory_order_relaxed);
+  }
+  static const int blocks = [] {  // a property of the compiled kernel, so computed once
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_mma_kernel<T, D>,
+                                                      Cfg::kWarps * 32,
+                                                      Cfg::kSmemBytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 0;
+    }
+    return n;
+  }();
+  return blocks;
+}
+
 // Picks the split of the slots: as many blocks as fit in one wave on the device, but at least
 // max(2 steps, 64) slots per block so that the partials stay small next to the K/V bytes.
+// kMma picks the tensor-core split kernel (T 16-bit, D in {16, 32, 64, 128}).
 // Sets num_splits and split_len; needs B, Hq, Hkv, length >= 1.
-template <typename T, int D>
+template <typename T, int D, bool kMma>
 cudaError_t decode_attention_plan(DecodeAttentionParams& p) {
-  using Cfg = DecodeConfig<T, D>;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   const int G = p.Hq / p.Hkv;
-  const int tg = decode_tile_group(G);
-  int occupancy = 1;
-  dispatch_tile_group(tg, [&](auto tile) {
-    occupancy = decode_split_occupancy<T, D, decltype(tile)::value>();
-  });
-  const int64_t blocks_per_split = int64_t(p.B) * p.Hkv * (G / tg);
+  int occupancy = 1, chunks = 1, step = 1;
+  if constexpr (kMma) {
+    occupancy = decode_split_mma_occupancy<T, D>(device);
+    if (occupancy == 0) return cudaErrorInvalidConfiguration;  // shared memory over the limit
+    chunks = (G + DecodeMmaConfig<D>::kRows - 1) / DecodeMmaConfig<D>::kRows;
+    step = DecodeMmaConfig<D>::kBlockStep;
+  } else {
+    const int tg = decode_tile_group(G);
+    dispatch_tile_group(tg, [&](auto tile) {
+      occupancy = decode_split_occupancy<T, D, decltype(tile)::value>();
+    });
+    chunks = G / tg;
+    step = DecodeConfig<T, D>::kKeysPerStep;
+  }
+  const int64_t blocks_per_split = int64_t(p.B) * p.Hkv * chunks;
   const int64_t target = int64_t(sms) * occupancy;
-  const int min_len = Cfg::kKeysPerStep * 2 > 64 ? Cfg::kKeysPerStep * 2 : 64;
+  const int min_len = step * 2 > 64 ? step * 2 : 64;
   // Rounded down: a second, nearly empty wave would cost as much as the first.
   int64_t splits = target / blocks_per_split;
   const int64_t max_splits = (p.length + min_len - 1) / min_len;
   splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
   int64_t len = (p.length + splits - 1) / splits;
-  len = (len + Cfg::kKeysPerStep - 1) / Cfg::kKeysPerStep * Cfg::kKeysPerStep;
+  len = (len + step - 1) / step * step;
   p.split_len = static_cast<int>(len);
   p.num_splits = static_cast<int>((p.length + len - 1) / len);
   return cudaSuccess;
 }
 
-// Runs the split, combine and (when p.score_acc) emit kernels. p comes from decode_attention_plan
-// with every scratch pointer set; length >= 1.
-template <typename T, int D>
+// Runs the split and the combine (+ emit, when p.score_acc) kernels. p comes from
+// decode_attention_plan<T, D, kMma> with every scratch pointer set; length >= 1.
+template <typename T, int D, bool kMma>
 cudaError_t decode_attention_launch(const DecodeAttentionParams& p, cudaStream_t stream) {
   const int G = p.Hq / p.Hkv;
-  const int tg = decode_tile_group(G);
-  dispatch_tile_group(tg, [&](auto tile) {
-    constexpr int TG = decltype(tile)::value;
-    const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * (G / TG)),
+  if constexpr (kMma) {
+    using Cfg = DecodeMmaConfig<D>;
+    const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * ((G + Cfg::kRows - 1) / Cfg::kRows)),
                     static_cast<unsigned>(p.num_splits));
-    decode_split_kernel<T, D, TG><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
-  });
-  cudaError_t err = cudaGetLastError();
+    decode_split_mma_kernel<T, D><<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
+  } else {
+    const int tg = decode_tile_group(G);
+    dispatch_tile_group(tg, [&](auto tile) {
+      constexpr int TG = decltype(tile)::value;
+      const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * (G / TG)),
+                      static_cast<unsigned>(p.num_splits));
+      decode_split_kernel<T, D, TG><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+    });
+  }
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  decode_combine_kernel<T, D><<<p.B * p.Hq, D > 32 ? D : 32, 0, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || p.score_acc == nullptr) return err;
-  const int64_t n = int64_t(p.B) * p.Hkv * p.length;
-  decode_emit_kernel<<<static_cast<unsigned>((n + kEmitThreads - 1) / kEmitThreads),
-                       kEmitThreads, 0, stream>>>(p);
+  const int64_t blocks = int64_t(p.B) * p.Hq + decode_emit_blocks(p);
+  decode_combine_kernel<T, D><<<static_cast<unsigned>(blocks), kCombineThreads,
+                                decode_combine_smem(p), stream>>>(p);
   return cudaGetLastError();
 }
 

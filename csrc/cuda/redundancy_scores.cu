@@ -27,19 +27,19 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& k_in, const at::Tensor& pos_
   const auto pos = pos_in.contiguous();
   auto out = at::empty({B, H, N}, k.options().dtype(at::kFloat));
   const int64_t rows = B * H;
-  const auto f32 = k.options().dtype(at::kFloat);
-  auto inv = at::empty({rows, kernels::redundancy_padded_len(N)}, f32);
-  auto rowsum = at::empty({rows, N}, f32);
-  auto last_c = at::empty({rows, N}, f32);
-  auto last = at::empty({rows, N}, k.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   GKV_DISPATCH_FLOATING(op, k.scalar_type(), [&] {
     GKV_DISPATCH_HEAD_DIM(op, d, [&] {
+      int splits = 1;
+      GKV_CUDA_CHECK(op, (kernels::redundancy_splits<scalar_t, kHeadDim>(
+                             rows, static_cast<int>(N), &splits)));
+      // One allocation for every workspace (fewer host calls on this short op).
+      auto workspace = at::empty({kernels::redundancy_workspace_floats(rows, N, splits)},
+                                 k.options().dtype(at::kFloat));
       GKV_CUDA_CHECK(op, (kernels::redundancy_scores<scalar_t, kHeadDim>(
                              static_cast<const scalar_t*>(k.data_ptr()), pos.data_ptr<int>(), rows,
-                             static_cast<int>(N), static_cast<float>(threshold),
-                             inv.data_ptr<float>(), rowsum.data_ptr<float>(), last.data_ptr<int>(),
-                             last_c.data_ptr<float>(), out.data_ptr<float>(), stream)));
+                             static_cast<int>(N), static_cast<float>(threshold), splits,
+                             workspace.data_ptr<float>(), out.data_ptr<float>(), stream)));
     });
   });
   return out;

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 
 #include "cuda/dispatch.h"
@@ -23,7 +24,9 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& k_in, const at::Tensor& pos_
               "gkv::redundancy_scores: N must be <= ", int64_t(65535) * kernels::kRedTile,
               " and B * Hkv < 2^31 on CUDA, got N = ", N, ", B * Hkv = ", B * H);
   const c10::cuda::CUDAGuard guard(k_in.device());
-  const auto k = k_in.contiguous();
+  auto k = k_in.contiguous();
+  // The kernels read keys in 16-byte chunks: a contiguous view at an odd offset is copied.
+  if (reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 != 0) k = k.clone();
   const auto pos = pos_in.contiguous();
   auto out = at::empty({B, H, N}, k.options().dtype(at::kFloat));
   const int64_t rows = B * H;

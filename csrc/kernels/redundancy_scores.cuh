@@ -18,6 +18,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -30,26 +31,45 @@ constexpr int kRedTile = 64;  // rows and columns of a Gram tile
 // Slots of the inv_norm workspace per head: N rounded up to the tile.
 inline int64_t redundancy_padded_len(int64_t n) { return (n + kRedTile - 1) / kRedTile * kRedTile; }
 
-// k [rows, N, D], pos [rows, N] int32 -> inv [rows, Np] fp32. One warp per slot.
+// Lanes per slot of inv_norm: one 16-byte chunk of the key each (a power of two, <= 32).
+template <typename T, int D>
+constexpr int inv_norm_lanes() {
+  constexpr int chunks = D * int(sizeof(T)) / 16;
+  return chunks < 32 ? chunks : 32;
+}
+
+// k [rows, N, D] (16-byte aligned), pos [rows, N] int32 -> inv [rows, Np] fp32. A group of
+// inv_norm_lanes() lanes per slot, 16-byte loads. No early exit: the whole warp shuffles.
 template <typename T, int D>
 __global__ void inv_norm_kernel(const T* __restrict__ k, const int* __restrict__ pos, int64_t rows,
                                 int N, int Np, float* __restrict__ inv) {
-  const int64_t slot = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (slot >= rows * Np) return;
+  constexpr int kLanes = inv_norm_lanes<T, D>();
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(D % kVec == 0 && kLanes >= 1 && 32 % kLanes == 0, "bad inv_norm lane split");
+  const int64_t slot = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
+  const int sub = threadIdx.x % kLanes;
+  const bool in_range = slot < rows * Np;
   const int64_t r = slot / Np;
   const int j = static_cast<int>(slot - r * Np);
-  const bool valid = j < N && pos[r * N + j] >= 0;
+  const bool valid = in_range && j < N && pos[r * N + j] >= 0;
   float ss = 0.f;
   if (valid) {
-    const T* key = k + (r * N + j) * D;
-    for (int e = lane; e < D; e += 32) {
-      const float x = to_float(key[e]);
-      ss += x * x;
+    const uint4* key = reinterpret_cast<const uint4*>(k + (r * N + j) * D);
+    for (int c = sub; c < D / kVec; c += kLanes) {
+      const uint4 v = key[c];
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) {
+        const float f = to_float(e[x]);
+        ss = fmaf(f, f, ss);
+      }
     }
   }
-  ss = warp_sum(ss);
-  if (lane == 0) inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : __int_as_float(0x7fc00000);
+#pragma unroll
+  for (int off = 1; off < kLanes; off <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (in_range && sub == 0) {
+    inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : __int_as_float(0x7fc00000);
+  }
 }
 
 // Running per-row state of the Gram pass.
@@ -517,17 +537,24 @@ cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
   *splits = 1;
   if constexpr (redundancy_uses_mma<T, D>()) {
     if (rows == 0 || N == 0) return cudaSuccess;
-    int dev = 0, sms = 0, per_sm = 0;
+    int dev = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&dev);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess) {
+    if (err != cudaSuccess) return err;
+    // Blocks per SM depend on the kernel and the architecture only: asked once per process, off
+    // the host path of later calls (a GPU of another architecture in the same process may get a
+    // worse split count, never a wrong result).
+    static std::atomic<int> per_sm_cache{0};
+    int per_sm = per_sm_cache.load(std::memory_order_relaxed);
+    if (per_sm == 0) {
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gram_mma_kernel<T, D>,
                                                           kMmaThreads, mma_smem_bytes<D>());
+      if (err != cudaSuccess) return err;
+      per_sm = per_sm > 0 ? per_sm : 1;
+      per_sm_cache.store(per_sm, std::memory_order_relaxed);
     }
-    if (err != cudaSuccess) return err;
     const int tiles = static_cast<int>(redundancy_padded_len(N) / kRedTile);
-    *splits = redundancy_choose_splits(rows * ceil_div(N, kMmaRows), tiles,
-                                       int64_t(sms) * (per_sm > 0 ? per_sm : 1));
+    *splits = redundancy_choose_splits(rows * ceil_div(N, kMmaRows), tiles, int64_t(sms) * per_sm);
   }
   return cudaSuccess;
 }
@@ -538,7 +565,8 @@ inline int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) 
   return rows * redundancy_padded_len(N) + 3 * int64_t(splits) * rows * N;
 }
 
-// k [rows, N, D] contiguous, pos [rows, N] int32 contiguous -> out [rows, N] fp32.
+// k [rows, N, D] contiguous and 16-byte aligned, pos [rows, N] int32 contiguous -> out [rows, N]
+// fp32.
 // splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats(rows, N, splits)
 // floats. rows <= 2^31 - 1, ceil(N / 64) <= 65535.
 template <typename T, int D>
@@ -555,8 +583,8 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
   float* rowsum = inv + rows * Np;
   float* last_c = rowsum + splits * rows * N;
   int* last = reinterpret_cast<int*>(last_c + splits * rows * N);
-  const int64_t warps = rows * Np;
-  inv_norm_kernel<T, D><<<ceil_div(warps * 32, 256), 256, 0, stream>>>(k, pos, rows, N, Np, inv);
+  const int64_t inv_threads = rows * Np * inv_norm_lanes<T, D>();
+  inv_norm_kernel<T, D><<<ceil_div(inv_threads, 256), 256, 0, stream>>>(k, pos, rows, N, Np, inv);
   cudaError_t err;
   if constexpr (!redundancy_uses_mma<T, D>()) {
     constexpr size_t smem = ffma_smem_bytes<D>();

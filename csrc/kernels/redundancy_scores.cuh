@@ -292,12 +292,14 @@ __device__ __forceinline__ void fold(RowState& s, float dot, float thr_i, float 
   }
 }
 
-// Folds NC n8 chunks of one m16 tile, columns j0 .. j0 + 8 * NC - 1 (iv: their inv values), in
-// ascending column order within the thread.
+// Folds NC n8 chunks of the warp's two m16 tiles, columns j0 .. j0 + 8 * NC - 1 (iv: their inv
+// values), in ascending column order within the thread; each column's inv is read once for the
+// four rows of the thread.
 template <bool Diag, int NC>
-__device__ __forceinline__ void fold_tile(const float (&acc)[NC][4], const float* iv, int j0, int t,
-                                          int row_lo, float thr_lo, float thr_hi, RowState& lo,
-                                          RowState& hi) {
+__device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const float* iv, int j0,
+                                          int t, const int (&row_lo)[2], const float (&thr_lo)[2],
+                                          const float (&thr_hi)[2], RowState (&lo)[2],
+                                          RowState (&hi)[2]) {
 #pragma unroll
   for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
@@ -305,8 +307,11 @@ __device__ __forceinline__ void fold_tile(const float (&acc)[NC][4], const float
       const int cl = nc * 8 + 2 * t + q;
       const float inv_j = iv[cl];
       const float w_j = fmaxf(inv_j, 0.f);  // NaN -> 0
-      fold<Diag>(lo, acc[nc][q], thr_lo, inv_j, w_j, row_lo, j0 + cl);
-      fold<Diag>(hi, acc[nc][2 + q], thr_hi, inv_j, w_j, row_lo + 8, j0 + cl);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        fold<Diag>(lo[m], acc[m][nc][q], thr_lo[m], inv_j, w_j, row_lo[m], j0 + cl);
+        fold<Diag>(hi[m], acc[m][nc][2 + q], thr_hi[m], inv_j, w_j, row_lo[m] + 8, j0 + cl);
+      }
     }
   }
 }
@@ -402,15 +407,10 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
           }
         }
       }
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        if (diag) {
-          fold_tile<true>(acc[m], iv + half * 32, j0 + half * 32, t, row_lo[m], thr_lo[m],
-                          thr_hi[m], lo[m], hi[m]);
-        } else {
-          fold_tile<false>(acc[m], iv + half * 32, j0 + half * 32, t, row_lo[m], thr_lo[m],
-                           thr_hi[m], lo[m], hi[m]);
-        }
+      if (diag) {
+        fold_tile<true>(acc, iv + half * 32, j0 + half * 32, t, row_lo, thr_lo, thr_hi, lo, hi);
+      } else {
+        fold_tile<false>(acc, iv + half * 32, j0 + half * 32, t, row_lo, thr_lo, thr_hi, lo, hi);
       }
     }
     __syncthreads();  // buffer `buf` is refilled at the next iteration

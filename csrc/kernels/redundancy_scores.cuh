@@ -566,9 +566,8 @@ inline int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) 
 }
 
 // k [rows, N, D] contiguous and 16-byte aligned, pos [rows, N] int32 contiguous -> out [rows, N]
-// fp32.
-// splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats(rows, N, splits)
-// floats. rows <= 2^31 - 1, ceil(N / 64) <= 65535.
+// fp32. splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats(rows, N,
+// splits) floats. rows <= 2^31 - 1, ceil(N / 64) <= 65535.
 template <typename T, int D>
 cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, float threshold,
                               int splits, float* workspace, float* out, cudaStream_t stream) {

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 
 #include "cuda/dispatch.h"
@@ -23,23 +24,25 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& k_in, const at::Tensor& pos_
               "gkv::redundancy_scores: N must be <= ", int64_t(65535) * kernels::kRedTile,
               " and B * Hkv < 2^31 on CUDA, got N = ", N, ", B * Hkv = ", B * H);
   const c10::cuda::CUDAGuard guard(k_in.device());
-  const auto k = k_in.contiguous();
+  auto k = k_in.contiguous();
+  // The kernels read keys in 16-byte chunks: a contiguous view at an odd offset is copied.
+  if (reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 != 0) k = k.clone();
   const auto pos = pos_in.contiguous();
   auto out = at::empty({B, H, N}, k.options().dtype(at::kFloat));
   const int64_t rows = B * H;
-  const auto f32 = k.options().dtype(at::kFloat);
-  auto inv = at::empty({rows, kernels::redundancy_padded_len(N)}, f32);
-  auto rowsum = at::empty({rows, N}, f32);
-  auto last_c = at::empty({rows, N}, f32);
-  auto last = at::empty({rows, N}, k.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   GKV_DISPATCH_FLOATING(op, k.scalar_type(), [&] {
     GKV_DISPATCH_HEAD_DIM(op, d, [&] {
+      int splits = 1;
+      GKV_CUDA_CHECK(op, (kernels::redundancy_splits<scalar_t, kHeadDim>(
+                             rows, static_cast<int>(N), &splits)));
+      // One allocation for every workspace (fewer host calls on this short op).
+      auto workspace = at::empty({kernels::redundancy_workspace_floats(rows, N, splits)},
+                                 k.options().dtype(at::kFloat));
       GKV_CUDA_CHECK(op, (kernels::redundancy_scores<scalar_t, kHeadDim>(
                              static_cast<const scalar_t*>(k.data_ptr()), pos.data_ptr<int>(), rows,
-                             static_cast<int>(N), static_cast<float>(threshold),
-                             inv.data_ptr<float>(), rowsum.data_ptr<float>(), last.data_ptr<int>(),
-                             last_c.data_ptr<float>(), out.data_ptr<float>(), stream)));
+                             static_cast<int>(N), static_cast<float>(threshold), splits,
+                             workspace.data_ptr<float>(), out.data_ptr<float>(), stream)));
     });
   });
   return out;

@@ -3,20 +3,22 @@
 //      the padding slots [N, Np) of the tile grid, so one array carries norm and validity (a NaN
 //      makes every c with that slot NaN, which fails every "> threshold" test).
 //   2. gram: one pass over the Gram matrix. A block owns 64 (FFMA) or 128 (mma) rows and walks
-//      all 64-column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the
+//      64-column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the
 //      sum of c_ij over valid j and the largest valid j with c_ij > threshold (with that c). As c
 //      is symmetric, that row maximum is the column exemption m*(j) of the method, found by a
 //      parallel max-reduction, not a sequential scan. bf16/fp16 keys with d % 16 == 0 use tensor
 //      cores (mma.sync m16n8k16 on the raw keys, fp32 accumulation: the products of two 16-bit
-//      values are exact, so c agrees with an fp32 computation to rounding); fp32 keys and d = 8
-//      use FFMA.
-//   3. finalize: per (b, h), scatter-subtract the exempted entries, then the masked softmax with
-//      temperature |V|; 0 at empty slots, all 0 when no slot is valid.
+//      values are exact, so c agrees with an fp32 computation to rounding), with the columns
+//      split over up to kMaxSplits blocks per row tile to fill the GPU; fp32 keys and d = 8 use
+//      FFMA over all columns.
+//   3. finalize: per (b, h), merge the column splits, scatter-subtract the exempted entries, then
+//      the masked softmax with temperature |V|; 0 at empty slots, all 0 when no slot is valid.
 // No torch headers: raw pointers, sizes, a stream, a cudaError_t.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -29,33 +31,52 @@ constexpr int kRedTile = 64;  // rows and columns of a Gram tile
 // Slots of the inv_norm workspace per head: N rounded up to the tile.
 inline int64_t redundancy_padded_len(int64_t n) { return (n + kRedTile - 1) / kRedTile * kRedTile; }
 
-// k [rows, N, D], pos [rows, N] int32 -> inv [rows, Np] fp32. One warp per slot.
+// Lanes per slot of inv_norm: one 16-byte chunk of the key each (a power of two, <= 32).
+template <typename T, int D>
+constexpr int inv_norm_lanes() {
+  constexpr int chunks = D * int(sizeof(T)) / 16;
+  return chunks < 32 ? chunks : 32;
+}
+
+// k [rows, N, D] (16-byte aligned), pos [rows, N] int32 -> inv [rows, Np] fp32. A group of
+// inv_norm_lanes() lanes per slot, 16-byte loads. No early exit: the whole warp shuffles.
 template <typename T, int D>
 __global__ void inv_norm_kernel(const T* __restrict__ k, const int* __restrict__ pos, int64_t rows,
                                 int N, int Np, float* __restrict__ inv) {
-  const int64_t slot = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (slot >= rows * Np) return;
+  constexpr int kLanes = inv_norm_lanes<T, D>();
+  constexpr int kVec = 16 / int(sizeof(T));
+  static_assert(D % kVec == 0 && kLanes >= 1 && 32 % kLanes == 0, "bad inv_norm lane split");
+  const int64_t slot = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
+  const int sub = threadIdx.x % kLanes;
+  const bool in_range = slot < rows * Np;
   const int64_t r = slot / Np;
   const int j = static_cast<int>(slot - r * Np);
-  const bool valid = j < N && pos[r * N + j] >= 0;
+  const bool valid = in_range && j < N && pos[r * N + j] >= 0;
   float ss = 0.f;
   if (valid) {
-    const T* key = k + (r * N + j) * D;
-    for (int e = lane; e < D; e += 32) {
-      const float x = to_float(key[e]);
-      ss += x * x;
+    const uint4* key = reinterpret_cast<const uint4*>(k + (r * N + j) * D);
+    for (int c = sub; c < D / kVec; c += kLanes) {
+      const uint4 v = key[c];
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) {
+        const float f = to_float(e[x]);
+        ss = fmaf(f, f, ss);
+      }
     }
   }
-  ss = warp_sum(ss);
-  if (lane == 0) inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : __int_as_float(0x7fc00000);
+#pragma unroll
+  for (int off = 1; off < kLanes; off <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (in_range && sub == 0) {
+    inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : __int_as_float(0x7fc00000);
+  }
 }
 
 // Running per-row state of the Gram pass.
 struct RowState {
   float sum = 0.f;     // sum of c_ij over valid j (the mma path scales by inv_i at the end)
   int last = -1;       // largest valid j with c_ij > threshold, -1 if none
-  float last_c = 0.f;  // c at that j
+  float last_c = 0.f;  // c at that j (the mma path: c / inv_i until the end)
 };
 
 // Folds c_ij into row i's state; columns arrive in ascending j within a thread.
@@ -175,9 +196,17 @@ __global__ void __launch_bounds__(kFfmaThreads)
 
 // ---- Tensor-core path (bf16 / fp16 keys, d % 16 == 0) -----------------------------------------
 
-constexpr int kMmaWarps = 8;
+constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = kMmaWarps * 32;
-constexpr int kMmaRows = 16 * kMmaWarps;  // rows per block: each 64-column tile serves 128 rows
+// Rows per warp: two m16 tiles, so every B fragment read from shared memory feeds two mma (half
+// the shared-memory traffic of one m16 tile per warp, which capped the tensor cores).
+constexpr int kWarpRows = 32;
+constexpr int kMmaRows = kWarpRows * kMmaWarps;  // rows per block = the two 64-key buffers
+constexpr int kMmaMinBlocks = 3;                 // blocks per SM: caps registers at 168
+// Column splits of the Gram pass: blocks of one row tile that walk disjoint column ranges and
+// write partial row states, merged by finalize. They fill the last wave of a small grid
+// (32 heads x 17 row tiles = 544 blocks is 2.06 waves of 264 on an H100 without them).
+constexpr int kMaxSplits = 8;
 
 template <int D>
 constexpr int mma_pitch() { return D + 8; }  // 16-byte row padding: conflict-free ldmatrix
@@ -244,56 +273,70 @@ __device__ __forceinline__ void load_tile_async(const T* kr, int row0, int n_key
   }
 }
 
-// Folds one accumulator of the mma path into its row state. The row sum is kept unscaled by
-// inv_i (w_j = inv_j, 0 for an empty slot; scaled once at the end); the threshold test uses the
-// full c, NaN for an empty slot. Diag: the tile may hold i == j, whose c is 0.
+// Folds one accumulator of the mma path into its row state. Both the row sum and the candidate
+// c are kept unscaled by inv_i (scaled once at the end): the sum takes dot * w_j (w_j = inv_j,
+// 0 for an empty slot), the threshold test compares dot * inv_j (NaN for an empty slot or past
+// N) with threshold / inv_i. Diag: the tile may hold i == j, whose c is 0.
 template <bool Diag>
-__device__ __forceinline__ void fold(RowState& s, float dot, float inv_i, float inv_j, float w_j,
-                                     int i, int j, float threshold) {
-  float c = dot * inv_j * inv_i;
+__device__ __forceinline__ void fold(RowState& s, float dot, float thr_i, float inv_j, float w_j,
+                                     int i, int j) {
+  float cj = dot * inv_j;
   if (Diag && i == j) {
-    c = 0.f;
+    cj = 0.f;
     w_j = 0.f;
   }
   s.sum = fmaf(dot, w_j, s.sum);
-  if (c > threshold) {
+  if (cj > thr_i) {
     s.last = j;
-    s.last_c = c;
+    s.last_c = cj;
   }
 }
 
-template <bool Diag>
-__device__ __forceinline__ void fold_tile(const float (&acc)[8][4], const float* iv, int j0, int t,
-                                          int row_lo, float inv_lo, float inv_hi,
-                                          float threshold, RowState& lo, RowState& hi) {
+// Folds NC n8 chunks of the warp's two m16 tiles, columns j0 .. j0 + 8 * NC - 1 (iv: their inv
+// values), in ascending column order within the thread; each column's inv is read once for the
+// four rows of the thread.
+template <bool Diag, int NC>
+__device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const float* iv, int j0,
+                                          int t, const int (&row_lo)[2], const float (&thr_lo)[2],
+                                          const float (&thr_hi)[2], RowState (&lo)[2],
+                                          RowState (&hi)[2]) {
 #pragma unroll
-  for (int nc = 0; nc < 8; ++nc) {
+  for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int cl = nc * 8 + 2 * t + q;
       const float inv_j = iv[cl];
       const float w_j = fmaxf(inv_j, 0.f);  // NaN -> 0
-      fold<Diag>(lo, acc[nc][q], inv_lo, inv_j, w_j, row_lo, j0 + cl, threshold);
-      fold<Diag>(hi, acc[nc][2 + q], inv_hi, inv_j, w_j, row_lo + 8, j0 + cl, threshold);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        fold<Diag>(lo[m], acc[m][nc][q], thr_lo[m], inv_j, w_j, row_lo[m], j0 + cl);
+        fold<Diag>(hi[m], acc[m][nc][2 + q], thr_hi[m], inv_j, w_j, row_lo[m] + 8, j0 + cl);
+      }
     }
   }
 }
 
-// Block (head r, 128 rows): warp w owns rows 16w..16w+15 and keeps their A fragments in
-// registers (loaded once through the B buffers), then walks the column tiles, double-buffered
-// through cp.async. Accumulator layout of m16n8k16: lane (g = lane/4, t = lane%4) holds rows g
-// and g+8, columns 2t and 2t+1 of each n8 chunk; the 4 lanes of one g reduce together.
+// Block (head r = blockIdx.x, 128 rows from blockIdx.y, column split blockIdx.z): warp w owns
+// rows 32w..32w+31 as two m16 tiles and keeps their A fragments in registers (loaded once
+// through the B buffers), then walks its split's column tiles, double-buffered through
+// cp.async, in two halves of 32 columns (fewer accumulator registers, same B traffic).
+// Accumulator layout of m16n8k16: lane (g = lane/4, t = lane%4) holds rows g and g+8, columns 2t
+// and 2t+1 of each n8 chunk; the 4 lanes of one g reduce together. The partial row states go
+// to split blockIdx.z of rowsum / last / last_c [splits, rows, N].
 template <typename T, int D>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     gram_mma_kernel(const T* __restrict__ k, const float* __restrict__ inv, int N, int Np,
-                    float threshold, float* __restrict__ rowsum, int* __restrict__ last,
-                    float* __restrict__ last_c) {
+                    float threshold, int tiles_per_split, float* __restrict__ rowsum,
+                    int* __restrict__ last, float* __restrict__ last_c) {
   constexpr int P = mma_pitch<D>();
+  constexpr int kHalfChunks = kRedTile / 16;  // n8 chunks per 32-column half
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sB = reinterpret_cast<T*>(smem_raw);                         // [2][64][P]
   float* sInv = reinterpret_cast<float*>(sB + 2 * kRedTile * P);  // [2][64]
   const int64_t r = blockIdx.x;
   const int i0 = blockIdx.y * kMmaRows;
+  const int tile_begin = blockIdx.z * tiles_per_split;
+  const int tile_end = min(tile_begin + tiles_per_split, Np / kRedTile);
   const T* kr = k + r * N * D;
   const float* inv_r = inv + r * Np;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -303,23 +346,38 @@ __global__ void __launch_bounds__(kMmaThreads)
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t a[D / 16][4];
+  const int wrow0 = i0 + warp * kWarpRows;
+  uint32_t a[2][D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(a[kk], sB + (warp * 16 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
+  for (int m = 0; m < 2; ++m) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      ldmatrix_x4(a[m][kk],
+                  sB + (warp * kWarpRows + m * 16 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
+    }
   }
   __syncthreads();  // the buffers now take column tiles
-  load_tile_async<T, D>(kr, 0, kRedTile, N, sB, inv_r, sInv);
+  if (tile_begin < tile_end) {
+    load_tile_async<T, D>(kr, tile_begin * kRedTile, kRedTile, N, sB, inv_r, sInv);
+  }
   cp_async_commit();
 
-  const int row_lo = i0 + warp * 16 + g, row_hi = row_lo + 8;
-  const float inv_lo = row_lo < N ? inv_r[row_lo] : 0.f;
-  const float inv_hi = row_hi < N ? inv_r[row_hi] : 0.f;
-  RowState lo, hi;
-  const int tiles = Np / kRedTile;
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int buf = tile & 1;
-    if (tile + 1 < tiles) {
+  // c_ij > threshold is tested as c_ij / inv_i > threshold / inv_i: one multiply per element.
+  // inv_i > 0 for a valid row; an empty row (NaN) or a row past N (0) is never stored.
+  int row_lo[2];
+  float inv_lo[2], inv_hi[2], thr_lo[2], thr_hi[2];
+  RowState lo[2], hi[2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    row_lo[m] = wrow0 + m * 16 + g;
+    inv_lo[m] = row_lo[m] < N ? inv_r[row_lo[m]] : 0.f;
+    inv_hi[m] = row_lo[m] + 8 < N ? inv_r[row_lo[m] + 8] : 0.f;
+    thr_lo[m] = threshold / inv_lo[m];
+    thr_hi[m] = threshold / inv_hi[m];
+  }
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int buf = (tile - tile_begin) & 1;
+    if (tile + 1 < tile_end) {
       load_tile_async<T, D>(kr, (tile + 1) * kRedTile, kRedTile, N, sB + (buf ^ 1) * kRedTile * P,
                             inv_r, sInv + (buf ^ 1) * kRedTile);
     }
@@ -328,33 +386,65 @@ __global__ void __launch_bounds__(kMmaThreads)
     __syncthreads();
 
     const T* b = sB + buf * kRedTile * P;
-    float acc[8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {  // two n8 chunks per ldmatrix.x4
-        uint32_t bf[4];
-        ldmatrix_x4(bf, b + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * P + kk * 16 +
-                            ((lane >> 3) & 1) * 8);
-        mma_16816<T>(acc[2 * np], a[kk], bf[0], bf[1]);
-        mma_16816<T>(acc[2 * np + 1], a[kk], bf[2], bf[3]);
-      }
-    }
     const int j0 = tile * kRedTile;
     const float* iv = sInv + buf * kRedTile;
-    if (j0 + kRedTile > i0 && j0 < i0 + kMmaRows) {  // the diagonal crosses this tile
-      fold_tile<true>(acc, iv, j0, t, row_lo, inv_lo, inv_hi, threshold, lo, hi);
-    } else {
-      fold_tile<false>(acc, iv, j0, t, row_lo, inv_lo, inv_hi, threshold, lo, hi);
+    // Warp-uniform: the diagonal i == j crosses this warp's 32 x 64 tile.
+    const bool diag = j0 + kRedTile > wrow0 && j0 < wrow0 + kWarpRows;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float acc[2][kHalfChunks][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int np = 0; np < kHalfChunks / 2; ++np) {  // two n8 chunks per ldmatrix.x4
+          uint32_t bf[4];
+          ldmatrix_x4(bf, b + (half * 32 + np * 16 + (lane >> 4) * 8 + (lane & 7)) * P +
+                              kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            mma_16816<T>(acc[m][2 * np], a[m][kk], bf[0], bf[1]);
+            mma_16816<T>(acc[m][2 * np + 1], a[m][kk], bf[2], bf[3]);
+          }
+        }
+      }
+      if (diag) {
+        fold_tile<true>(acc, iv + half * 32, j0 + half * 32, t, row_lo, thr_lo, thr_hi, lo, hi);
+      } else {
+        fold_tile<false>(acc, iv + half * 32, j0 + half * 32, t, row_lo, thr_lo, thr_hi, lo, hi);
+      }
     }
     __syncthreads();  // buffer `buf` is refilled at the next iteration
   }
-  reduce_lanes<4>(lo);
-  reduce_lanes<4>(hi);
-  lo.sum *= inv_lo;
-  hi.sum *= inv_hi;
-  if (t == 0 && row_lo < N) store_row(lo, r * N + row_lo, rowsum, last, last_c);
-  if (t == 0 && row_hi < N) store_row(hi, r * N + row_hi, rowsum, last, last_c);
+  const int64_t out0 = (blockIdx.z * int64_t(gridDim.x) + r) * N;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    reduce_lanes<4>(lo[m]);
+    reduce_lanes<4>(hi[m]);
+    lo[m].sum *= inv_lo[m];
+    lo[m].last_c *= inv_lo[m];
+    hi[m].sum *= inv_hi[m];
+    hi[m].last_c *= inv_hi[m];
+    if (t == 0 && row_lo[m] < N) store_row(lo[m], out0 + row_lo[m], rowsum, last, last_c);
+    if (t == 0 && row_lo[m] + 8 < N) store_row(hi[m], out0 + row_lo[m] + 8, rowsum, last, last_c);
+  }
+}
+
+// Column splits for the mma pass: minimises (waves of blocks) x (tiles per block + 1, the +1
+// for the A load and the stores), over split counts whose splits are all non-empty.
+inline int redundancy_choose_splits(int64_t row_blocks, int tiles, int64_t slots) {
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int s = 1; s <= kMaxSplits && s <= tiles; ++s) {
+    const int per = ceil_div(tiles, s);
+    if (ceil_div(tiles, per) != s) continue;  // some split would be empty
+    const int64_t waves = (row_blocks * s + slots - 1) / slots;
+    const int64_t cost = waves * (per + 1);
+    if (best_cost < 0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 // ---- Finalize ---------------------------------------------------------------------------------
@@ -374,20 +464,38 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
   return x;
 }
 
-// One block per head: raw = rowsum minus the exempted entries, R = softmax over valid slots of
-// raw / |V|.
+// One block per head: merges the column splits (the sums into split 0; the exemption from the
+// highest split with a hit, as splits cover ascending column ranges), raw = rowsum minus the
+// exempted entries, R = softmax over valid slots of raw / |V|. rowsum, last, last_c:
+// [splits, rows, N].
 __global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(const float* __restrict__ inv, int N, int Np, float* __restrict__ rowsum,
-                    const int* __restrict__ last, const float* __restrict__ last_c,
-                    float* __restrict__ out) {
+    finalize_kernel(const float* __restrict__ inv, int N, int Np, int splits,
+                    float* __restrict__ rowsum, const int* __restrict__ last,
+                    const float* __restrict__ last_c, float* __restrict__ out) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
+  const int64_t split_stride = int64_t(gridDim.x) * N;
   const float* inv_r = inv + r * Np;
   float* raw = rowsum + r * N;
   float* out_r = out + r * N;
+  if (splits > 1) {
+    for (int j = threadIdx.x; j < N; j += kFinalThreads) {
+      float s = raw[j];
+      for (int sp = 1; sp < splits; ++sp) s += raw[sp * split_stride + j];
+      raw[j] = s;
+    }
+    __syncthreads();  // the scatter below may hit any slot's merged sum
+  }
   for (int j = threadIdx.x; j < N; j += kFinalThreads) {
-    const int m = last[r * N + j];
-    if (inv_r[j] >= 0.f && m >= 0) atomicAdd(raw + m, -last_c[r * N + j]);
+    if (!(inv_r[j] >= 0.f)) continue;
+    for (int sp = splits - 1; sp >= 0; --sp) {
+      const int64_t at = sp * split_stride + r * N + j;
+      const int m = last[at];
+      if (m >= 0) {
+        atomicAdd(raw + m, -last_c[at]);
+        break;
+      }
+    }
   }
   __syncthreads();
   float count = 0.f, mx = -INFINITY;
@@ -417,19 +525,67 @@ __global__ void __launch_bounds__(kFinalThreads)
 
 // ---- Launcher ---------------------------------------------------------------------------------
 
-// k [rows, N, D] contiguous, pos [rows, N] int32 contiguous -> out [rows, N] fp32.
-// Workspaces: inv [rows, Np] with Np = redundancy_padded_len(N); rowsum, last_c [rows, N] fp32;
-// last [rows, N] int32. rows <= 2^31 - 1, ceil(N / 64) <= 65535.
+template <typename T, int D>
+constexpr bool redundancy_uses_mma() {
+  return !std::is_same_v<T, float> && D % 16 == 0;
+}
+
+// Column splits the launcher will run with for rows heads of N slots on the current device (1 on
+// the FFMA path); size the workspace with it.
+template <typename T, int D>
+cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
+  *splits = 1;
+  if constexpr (redundancy_uses_mma<T, D>()) {
+    if (rows == 0 || N == 0) return cudaSuccess;
+    int dev = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    // Blocks per SM depend on the kernel and the architecture only: asked once per process, off
+    // the host path of later calls (a GPU of another architecture in the same process may get a
+    // worse split count, never a wrong result).
+    static std::atomic<int> per_sm_cache{0};
+    int per_sm = per_sm_cache.load(std::memory_order_relaxed);
+    if (per_sm == 0) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gram_mma_kernel<T, D>,
+                                                          kMmaThreads, mma_smem_bytes<D>());
+      if (err != cudaSuccess) return err;
+      per_sm = per_sm > 0 ? per_sm : 1;
+      per_sm_cache.store(per_sm, std::memory_order_relaxed);
+    }
+    const int tiles = static_cast<int>(redundancy_padded_len(N) / kRedTile);
+    *splits = redundancy_choose_splits(rows * ceil_div(N, kMmaRows), tiles, int64_t(sms) * per_sm);
+  }
+  return cudaSuccess;
+}
+
+// Floats of workspace for rows heads of N slots and `splits` column splits: inv [rows, Np],
+// then rowsum, last_c (fp32) and last (int32), each [splits, rows, N].
+inline int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) {
+  return rows * redundancy_padded_len(N) + 3 * int64_t(splits) * rows * N;
+}
+
+// k [rows, N, D] contiguous and 16-byte aligned, pos [rows, N] int32 contiguous -> out [rows, N]
+// fp32. splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats(rows, N,
+// splits) floats. rows <= 2^31 - 1, ceil(N / 64) <= 65535.
 template <typename T, int D>
 cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, float threshold,
-                              float* inv, float* rowsum, int* last, float* last_c, float* out,
-                              cudaStream_t stream) {
+                              int splits, float* workspace, float* out, cudaStream_t stream) {
   if (rows == 0 || N == 0) return cudaSuccess;
   const int Np = static_cast<int>(redundancy_padded_len(N));
-  const int64_t warps = rows * Np;
-  inv_norm_kernel<T, D><<<ceil_div(warps * 32, 256), 256, 0, stream>>>(k, pos, rows, N, Np, inv);
+  const int tiles = Np / kRedTile;
+  if (splits < 1 || splits > kMaxSplits || splits > tiles ||
+      (!redundancy_uses_mma<T, D>() && splits != 1)) {
+    return cudaErrorInvalidValue;
+  }
+  float* inv = workspace;
+  float* rowsum = inv + rows * Np;
+  float* last_c = rowsum + splits * rows * N;
+  int* last = reinterpret_cast<int*>(last_c + splits * rows * N);
+  const int64_t inv_threads = rows * Np * inv_norm_lanes<T, D>();
+  inv_norm_kernel<T, D><<<ceil_div(inv_threads, 256), 256, 0, stream>>>(k, pos, rows, N, Np, inv);
   cudaError_t err;
-  if constexpr (std::is_same_v<T, float> || D % 16 != 0) {
+  if constexpr (!redundancy_uses_mma<T, D>()) {
     constexpr size_t smem = ffma_smem_bytes<D>();
     err = cudaFuncSetAttribute(gram_ffma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
@@ -439,14 +595,15 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
                                                                  rowsum, last, last_c);
   } else {
     constexpr size_t smem = mma_smem_bytes<D>();  // < 48 KB: no opt-in needed
-    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(N, kMmaRows)));
-    gram_mma_kernel<T, D><<<grid, kMmaThreads, smem, stream>>>(k, inv, N, Np, threshold, rowsum,
-                                                               last, last_c);
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(N, kMmaRows)),
+                    static_cast<unsigned>(splits));
+    gram_mma_kernel<T, D><<<grid, kMmaThreads, smem, stream>>>(
+        k, inv, N, Np, threshold, ceil_div(tiles, splits), rowsum, last, last_c);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  finalize_kernel<<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(inv, N, Np, rowsum,
-                                                                             last, last_c, out);
+  finalize_kernel<<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(
+      inv, N, Np, splits, rowsum, last, last_c, out);
   return cudaGetLastError();
 }
 

@@ -134,6 +134,21 @@ def test_cuda_matches_cpu(dtype, d, n, padding, threshold):
     assert torch.isfinite(got).all()
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padding", ["none", "scattered"])
+@pytest.mark.parametrize("threshold", [0.5, -1.0])
+def test_cuda_matches_cpu_long(dtype, padding, threshold):
+    # The benchmark's compression length (N = 2176, d = 128): 34 column tiles, which the
+    # tensor-core pass splits over several blocks per row tile (unevenly for some GPU sizes).
+    n, d = 2176, 128
+    k = clustered_keys(n, d, dtype, threshold, seed=5)
+    pos = make_pos(n, padding, torch.Generator().manual_seed(5))
+    expected = torch.ops.gkv.redundancy_scores(k, pos, threshold)
+    got = torch.ops.gkv.redundancy_scores(k.cuda(), pos.cuda(), threshold)
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
 def test_opcheck_cpu():
     k = clustered_keys(17, 8, torch.float32, 0.5, seed=0)
     pos = make_pos(17, "scattered", torch.Generator().manual_seed(0))

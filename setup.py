@@ -6,6 +6,7 @@ MAX_JOBS (default: all cores) sets ninja's parallelism.
 """
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -38,7 +39,11 @@ def gencode_flags():
 # can bind to torch's older copies and crash (seen with torch 2.11 + g++ 13). Linking our own
 # libstdc++ statically, with its symbols hidden, and binding our own (inline) definitions
 # symbolically, ties every call to the copy we compiled against.
+# The archive also goes in with the objects, ahead of LibTorch on the link line, so the linker
+# resolves std::filesystem and iostream from it rather than from LibTorch's exports.
 LINK_ARGS = ["-static-libstdc++", "-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic"]
+LIBSTDCXX_A = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.a"],
+                             capture_output=True, text=True, check=True).stdout.strip()
 
 
 def extension():
@@ -50,14 +55,15 @@ def extension():
     if not with_cuda:
         print("gkv_ext: building CPU-only (torch has no CUDA or nvcc was not found)")
         return CppExtension("gkv_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=LINK_ARGS)
+                            extra_compile_args={"cxx": cxx}, extra_link_args=LINK_ARGS,
+                            extra_objects=[LIBSTDCXX_A])
     print(f"gkv_ext: building with CUDA {torch.version.cuda} for {gencode_flags()}")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"] + gencode_flags()
     return CUDAExtension("gkv_ext._C", sources, include_dirs=include_dirs,
                          define_macros=[("GKV_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                         extra_link_args=LINK_ARGS)
+                         extra_link_args=LINK_ARGS, extra_objects=[LIBSTDCXX_A])
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))

@@ -1,1 +1,112 @@
-// Work in progress (issue 2): kernels of this op family land here.
+// CUDA adapters of gkv::compact_ and gkv::gather_tokens (kernels in kernels/compact.cuh).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+
+#include "cuda/dispatch.h"
+#include "kernels/compact.cuh"
+#include "ops/compact.h"
+
+namespace gkv {
+namespace {
+
+// Runs f(Vec*) with Vec the widest of 16/8/4/2/1-byte words dividing every value (sizes, byte
+// strides, addresses), so rows move in 16-byte vectors whenever the layout allows.
+template <typename F>
+cudaError_t with_vec(std::initializer_list<int64_t> values, F&& f) {
+  int64_t width = 16;
+  for (int64_t v : values) {
+    while (v % width != 0) width /= 2;
+  }
+  switch (width) {
+    case 16: return f(static_cast<uint4*>(nullptr));
+    case 8: return f(static_cast<uint2*>(nullptr));
+    case 4: return f(static_cast<uint32_t*>(nullptr));
+    case 2: return f(static_cast<uint16_t*>(nullptr));
+    default: return f(static_cast<uint8_t*>(nullptr));
+  }
+}
+
+// dst [B,H,K,d] (contiguous) = src [B,H,n,d] (src.stride(3) == 1) gathered along dim 2 by
+// idx [B,H,K] int64 (contiguous); an out-of-range value sets a bit of flags[0].
+cudaError_t gather_into(const at::Tensor& src, const at::Tensor& idx, at::Tensor& dst, int* flags,
+                        cudaStream_t stream) {
+  const int64_t es = src.element_size();
+  const int64_t row_bytes = src.size(3) * es;
+  const int64_t sb = src.stride(0) * es, sh = src.stride(1) * es, sn = src.stride(2) * es;
+  const auto src_addr = reinterpret_cast<int64_t>(src.data_ptr());
+  const auto dst_addr = reinterpret_cast<int64_t>(dst.data_ptr());
+  return with_vec({row_bytes, sb, sh, sn, src_addr, dst_addr}, [&](auto* tag) {
+    using Vec = std::remove_pointer_t<decltype(tag)>;
+    return kernels::gather_rows<Vec>(src.data_ptr(), sb, sh, sn, src.size(1), src.size(2),
+                                     idx.data_ptr<int64_t>(), src.size(0) * src.size(1),
+                                     idx.size(2), row_bytes, dst.data_ptr(), flags, stream);
+  });
+}
+
+// k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score [B,Hkv,C] fp32, idx [B,Hkv,K] int64.
+// One small kernel validates idx (a single host read of its flags). When idx[t] >= t everywhere
+// (ascending, as select_keep makes it) the buffers are compacted in place; any other idx goes
+// through a gathered copy, since an in-place parallel gather would race.
+void compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Tensor& score,
+                  const at::Tensor& idx_in) {
+  constexpr const char* op = "compact_";
+  check_compact(k_cache, v_cache, pos, score, idx_in);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto idx = idx_in.contiguous();
+  const int64_t B = k_cache.size(0), H = k_cache.size(1), C = k_cache.size(2);
+  const int64_t K = idx.size(2), rows = B * H;
+  auto flags_buf = at::zeros({1}, idx.options().dtype(at::kInt));
+  int* flags = flags_buf.data_ptr<int>();
+  GKV_CUDA_CHECK(op, kernels::check_idx(idx.data_ptr<int64_t>(), rows, K, C, flags, stream));
+  const int found = flags_buf.item<int>();
+  if (found & kernels::kIdxOutOfRange) check_idx_range(op, idx, C, "C");
+  if (!(found & kernels::kIdxBehind)) {
+    const int64_t row_bytes = k_cache.size(3) * k_cache.element_size();
+    GKV_CUDA_CHECK(op, with_vec({row_bytes, reinterpret_cast<int64_t>(k_cache.data_ptr()),
+                                 reinterpret_cast<int64_t>(v_cache.data_ptr())},
+                                [&](auto* tag) {
+                                  using Vec = std::remove_pointer_t<decltype(tag)>;
+                                  return kernels::compact_rows<Vec>(
+                                      k_cache.data_ptr(), v_cache.data_ptr(), rows, C, row_bytes,
+                                      idx.data_ptr<int64_t>(), K, stream);
+                                }));
+    GKV_CUDA_CHECK(op, kernels::compact_rows<uint32_t>(pos.data_ptr(), score.data_ptr(), rows, C,
+                                                       4, idx.data_ptr<int64_t>(), K, stream));
+    return;
+  }
+  for (at::Tensor* t : {&k_cache, &v_cache, &pos, &score}) {
+    const auto src = t->dim() == 4 ? *t : t->unsqueeze(-1);
+    auto tmp = at::empty({B, H, K, src.size(3)}, src.options());
+    GKV_CUDA_CHECK(op, gather_into(src, idx, tmp, flags, stream));
+    src.narrow(2, 0, K).copy_(tmp);
+  }
+}
+
+// x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d]; 16-byte row copies when the layout allows.
+at::Tensor gather_tokens_cuda(const at::Tensor& x_in, const at::Tensor& idx_in) {
+  constexpr const char* op = "gather_tokens";
+  check_gather_tokens(x_in, idx_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  const auto idx = idx_in.contiguous();
+  auto out = at::empty({x.size(0), x.size(1), idx.size(2), x.size(3)}, x.options());
+  auto flags_buf = at::zeros({1}, idx.options().dtype(at::kInt));
+  GKV_CUDA_CHECK(op, gather_into(x, idx, out, flags_buf.data_ptr<int>(), stream));
+  if (flags_buf.item<int>() & kernels::kIdxOutOfRange) check_idx_range(op, idx, x.size(2), "N");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gkv, CUDA, m) {
+  m.impl("compact_", compact_cuda);
+  m.impl("gather_tokens", gather_tokens_cuda);
+}
+
+}  // namespace gkv

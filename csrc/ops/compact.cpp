@@ -1,1 +1,138 @@
-// Work in progress (issue 2): kernels of this op family land here.
+// gkv::compact_ and gkv::gather_tokens: CPU kernels (the oracle), Meta kernels, and the Autograd
+// kernel of gather_tokens (backward = scatter-add, through ATen ops so it runs on every device).
+#include "ops/compact.h"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops.h"
+#include "ops/checks.h"
+
+namespace gkv {
+
+void check_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+                   const at::Tensor& score, const at::Tensor& idx) {
+  constexpr const char* op = "compact_";
+  checks::rank(op, k_cache, "k_cache", 4, "[B, Hkv, C, d]");
+  checks::floating(op, k_cache, "k_cache");
+  checks::rank(op, v_cache, "v_cache", 4, "[B, Hkv, C, d]");
+  checks::same_dtype(op, v_cache, "v_cache", k_cache, "k_cache");
+  for (int64_t dim = 0; dim < 4; ++dim) {
+    checks::size(op, v_cache, "v_cache", dim, k_cache.sym_size(dim), "the same dim of k_cache");
+  }
+  checks::rank(op, pos, "pos", 3, "[B, Hkv, C]");
+  checks::dtype(op, pos, "pos", at::kInt);
+  checks::rank(op, score, "score", 3, "[B, Hkv, C]");
+  checks::dtype(op, score, "score", at::kFloat);
+  checks::rank(op, idx, "idx", 3, "[B, Hkv, K]");
+  checks::dtype(op, idx, "idx", at::kLong);
+  const char* what[] = {"B of k_cache", "Hkv of k_cache", "C of k_cache"};
+  for (int64_t dim = 0; dim < 3; ++dim) {
+    checks::size(op, pos, "pos", dim, k_cache.sym_size(dim), what[dim]);
+    checks::size(op, score, "score", dim, k_cache.sym_size(dim), what[dim]);
+    if (dim < 2) checks::size(op, idx, "idx", dim, k_cache.sym_size(dim), what[dim]);
+  }
+  TORCH_CHECK(idx.sym_size(2) <= k_cache.sym_size(2), "gkv::compact_: idx.size(2) = K must be <= C = ",
+              k_cache.sym_size(2), ", got ", idx.sym_size(2));
+  checks::same_device(op, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&pos, "pos"},
+                           {&score, "score"}, {&idx, "idx"}});
+  checks::contiguous(op, k_cache, "k_cache");
+  checks::contiguous(op, v_cache, "v_cache");
+  checks::contiguous(op, pos, "pos");
+  checks::contiguous(op, score, "score");
+}
+
+void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
+  constexpr const char* op = "gather_tokens";
+  checks::rank(op, x, "x", 4, "[B, H, N, d]");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gkv::gather_tokens: x must be a floating "
+              "tensor (float64, float32, bfloat16 or float16), got ", x.scalar_type());
+  checks::rank(op, idx, "idx", 3, "[B, H, K]");
+  checks::dtype(op, idx, "idx", at::kLong);
+  checks::size(op, idx, "idx", 0, x.sym_size(0), "B of x");
+  checks::size(op, idx, "idx", 1, x.sym_size(1), "H of x");
+  checks::same_device(op, {{&x, "x"}, {&idx, "idx"}});
+}
+
+void check_idx_range(const char* op, const at::Tensor& idx, int64_t n, const char* n_name) {
+  if (idx.numel() == 0) return;
+  const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < n, "gkv::", op, ": idx must be in [0, ", n_name, " = ", n,
+              "), got values in [", lo, ", ", hi, "]");
+}
+
+namespace {
+
+// Gathers into fresh tensors first, then copies back, so any idx (not only ascending) is right.
+void compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Tensor& score,
+                 const at::Tensor& idx) {
+  check_compact(k_cache, v_cache, pos, score, idx);
+  check_idx_range("compact_", idx, k_cache.size(2), "C");
+  const int64_t K = idx.size(2);
+  const auto rows = idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), K, k_cache.size(3)});
+  k_cache.narrow(2, 0, K).copy_(k_cache.gather(2, rows));
+  v_cache.narrow(2, 0, K).copy_(v_cache.gather(2, rows));
+  pos.narrow(2, 0, K).copy_(pos.gather(2, idx));
+  score.narrow(2, 0, K).copy_(score.gather(2, idx));
+}
+
+void compact_meta(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Tensor& score,
+                  const at::Tensor& idx) {
+  check_compact(k_cache, v_cache, pos, score, idx);
+}
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
+  check_gather_tokens(x, idx);
+  check_idx_range("gather_tokens", idx, x.size(2), "N");
+  return x.gather(2, idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), idx.size(2), x.size(3)}));
+}
+
+at::Tensor gather_tokens_meta(const at::Tensor& x, const at::Tensor& idx) {
+  check_gather_tokens(x, idx);
+  return x.new_empty_symint({x.sym_size(0), x.sym_size(1), idx.sym_size(2), x.sym_size(3)});
+}
+
+// out = x[:, :, idx]; dx = zeros like x with the rows of dout added at idx (duplicates add up).
+class GatherTokens : public torch::autograd::Function<GatherTokens> {
+ public:
+  // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d]
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& idx) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({idx});
+    ctx->saved_data["n"] = x.sym_size(2);
+    return gkv::gather_tokens(x, idx);
+  }
+
+  // grads[0] [B,H,K,d] -> {dx [B,H,N,d], none for idx}
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto& dout = grads[0];
+    if (!dout.defined()) return {at::Tensor(), at::Tensor()};
+    const auto idx = ctx->get_saved_variables()[0];
+    auto sizes = dout.sym_sizes().vec();
+    sizes[2] = ctx->saved_data["n"].toSymInt();
+    auto dx = at::zeros_symint(sizes, dout.options());
+    dx.scatter_add_(2, idx.unsqueeze(-1).expand_symint(dout.sym_sizes()), dout);
+    return {dx, at::Tensor()};
+  }
+};
+
+at::Tensor gather_tokens_autograd(const at::Tensor& x, const at::Tensor& idx) {
+  return GatherTokens::apply(x, idx);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gkv, CPU, m) {
+  m.impl("compact_", compact_cpu);
+  m.impl("gather_tokens", gather_tokens_cpu);
+}
+TORCH_LIBRARY_IMPL(gkv, Meta, m) {
+  m.impl("compact_", compact_meta);
+  m.impl("gather_tokens", gather_tokens_meta);
+}
+TORCH_LIBRARY_IMPL(gkv, Autograd, m) { m.impl("gather_tokens", gather_tokens_autograd); }
+
+}  // namespace gkv

@@ -1,0 +1,184 @@
+// Pieces shared by the lifetime_attention forward and backward kernels: tensor-core fragments
+// (mma.sync m16n8k16, ldmatrix), cp.async tile loads, and the per-key-tile death statistics that
+// let a kernel skip tiles nobody sees. No torch headers.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
+//   A 16x16: a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
+//   B 16x8:  b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8.., n g)
+//   C 16x8:  c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+// so two neighbouring C tiles of probabilities, packed to 16 bits, are an A fragment.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/common.cuh"
+
+namespace gkv::kernels::lifetime {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ceil(a / b) for non-negative ints, in host and device code.
+__host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------- statistics
+
+// Per (b, h, key tile of `tile` keys): x = min death (0 for keys past T, so a partial tile never
+// counts as fully visible), y = max death. A query tile [i0, i1] may skip the key tile when
+// y <= i0, and needs no per-element mask when the tile ends at or before i0 and x > i1.
+// death [B*Hkv, T] -> stats [B*Hkv, n_tiles]
+__global__ void tile_stats_kernel(const int32_t* __restrict__ death, int2* __restrict__ stats,
+                                  int64_t rows, int T, int tile, int n_tiles) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= rows * n_tiles) return;
+  const int64_t row = idx / n_tiles;
+  const int j0 = static_cast<int>(idx % n_tiles) * tile;
+  const int32_t* d = death + row * T;
+  int lo = j0 + tile <= T ? INT32_MAX : 0, hi = INT32_MIN;
+  for (int j = j0; j < min(j0 + tile, T); ++j) {
+    lo = min(lo, d[j]);
+    hi = max(hi, d[j]);
+  }
+  stats[idx] = make_int2(lo, hi);
+}
+
+inline cudaError_t launch_tile_stats(const int32_t* death, int2* stats, int64_t rows, int T,
+                                     int tile, cudaStream_t stream) {
+  const int n_tiles = cdiv(T, tile);
+  const int64_t total = rows * n_tiles;
+  if (total == 0) return cudaSuccess;
+  tile_stats_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      death, stats, rows, T, tile, n_tiles);
+  return cudaGetLastError();
+}
+
+// D_i = sum_c dO[i, c] * O[i, c] in fp32, one warp per row. dout/out [rows, D] -> delta [rows]
+template <typename T, int D>
+__global__ void delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
+                             float* __restrict__ delta, int64_t rows) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  float acc = 0.f;
+  for (int c = lane; c < D; c += 32) {
+    acc += to_float(dout[row * D + c]) * to_float(out[row * D + c]);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) delta[row] = acc;
+}
+
+// ---------------------------------------------------------------------- tensor-core primitives
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// c += a * b (fp32 accumulators).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// The lane's row address for the three ways a 16x16 block of a row-major shared tile `s` (row
+// stride `ld` elements) is read; r0/c0 is the block's corner.
+// A operand, rows = m, cols = k: r[0..3] = a[0..3].
+template <typename T>
+__device__ __forceinline__ const T* frag_a_ptr(const T* s, int ld, int r0, int c0, int lane) {
+  return s + (r0 + (lane & 8) + (lane & 7)) * ld + c0 + ((lane >> 4) << 3);
+}
+// B operand stored [n][k] (rows = n): r[0..1] = b of n-tile r0, r[2..3] = b of n-tile r0 + 8.
+template <typename T>
+__device__ __forceinline__ const T* frag_b_nk_ptr(const T* s, int ld, int r0, int c0, int lane) {
+  return s + (r0 + ((lane >> 4) << 3) + (lane & 7)) * ld + c0 + (lane & 8);
+}
+// B operand stored [k][n] (rows = k), read with .trans: r[0..1] = b of n-tile c0, r[2..3] of
+// n-tile c0 + 8.
+template <typename T>
+__device__ __forceinline__ const T* frag_b_kn_ptr(const T* s, int ld, int r0, int c0, int lane) {
+  return s + (r0 + (lane & 8) + (lane & 7)) * ld + c0 + ((lane >> 4) << 3);
+}
+
+// ---------------------------------------------------------------------------------- cp.async
+
+// 16 bytes global -> shared; zero-filled when !valid (src must still be a mapped address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+
+// 4 bytes global -> shared; zero-filled when !valid.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 4 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Rows [r0, r0 + R) of a row-major [n_rows, D] matrix into a shared tile with row stride LD;
+// rows past n_rows read as 0 (so masked probabilities never meet garbage).
+template <typename T, int R, int D, int LD, int kThreads>
+__device__ __forceinline__ void load_rows_async(T* s, const T* g, int r0, int n_rows, int tid) {
+  constexpr int kChunks = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte chunks per row
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  for (int c = tid; c < R * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * kPer;
+    const bool valid = r0 + r < n_rows;
+    cp_async16(s + r * LD + col, g + static_cast<int64_t>(valid ? r0 + r : 0) * D + col, valid);
+  }
+}
+
+// n values [i0, i0 + n) of a vector into shared memory; past `len` they read as 0.
+template <typename V, int N, int kThreads>
+__device__ __forceinline__ void load_vec_async(V* s, const V* g, int i0, int len, int tid) {
+  static_assert(sizeof(V) == 4, "4-byte elements");
+  for (int c = tid; c < N; c += kThreads) {
+    const bool valid = i0 + c < len;
+    cp_async4(s + c, g + (valid ? i0 + c : 0), valid);
+  }
+}
+
+}  // namespace gkv::kernels::lifetime

@@ -129,6 +129,19 @@ def test_compression_changes_generation_but_stays_finite(tiny):
         assert d.shape[0] == L
 
 
+@pytest.mark.parametrize("policy", ["gkv", "h2o-accumulate"])
+def test_bf16_model_generates_under_compression(tiny, tmp_path, policy):
+    hf, _ = tiny["qwen3"]
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    p = make_policy(policy, 10)
+    out = generate(model, PROMPTS, policy=p, max_new_tokens=30, eos_token_ids=[])
+    assert torch.isfinite(out.logprobs).all() and (out.death < INT32_MAX).any()
+    logprobs, death = teacher_forced(model, PROMPTS, out.tokens, policy=p)
+    assert torch.isfinite(logprobs).all() and death.shape == out.death.shape
+
+
 def test_sampling_is_seeded_and_respects_top_k(tiny):
     _, model = tiny["llama"]
     kw = dict(max_new_tokens=20, temperature=1.0, eos_token_ids=[])

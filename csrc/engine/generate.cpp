@@ -137,8 +137,8 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
     lengths.add_(finished.logical_not());
     if (!stop_ids.empty()) finished.logical_or_(at::isin(next, stop));
     ++steps;
-    // The only host sync of a step: whether every row is done.
-    if (steps == T || finished.all().item<bool>()) break;
+    // The only host sync of a step: whether every row is done (none without stop tokens).
+    if (steps == T || (!stop_ids.empty() && finished.all().item<bool>())) break;
     const auto positions = cache.begin_decode(1);
     const auto hidden = run(model, cache, next.unsqueeze(1), positions);
     logits = model.logits(hidden).select(1, 0).to(at::kFloat);

@@ -224,5 +224,32 @@ def test_cli_generates_text(capsys):
     assert capsys.readouterr().out.startswith("girl named Lily.")
 
 
+QWEN3_TOKENIZER = shared_dir() / "tokenizers" / "qwen3"
+
+
+@pytest.mark.skipif(not (QWEN3_TOKENIZER / "tokenizer.json").exists(),
+                    reason=f"the Qwen3 tokenizer is not at {QWEN3_TOKENIZER}")
+def test_cli_uses_the_checkpoint_tokenizer(tmp_path, capsys):
+    import shutil
+    from gkv_ext.__main__ import main
+    config = transformers.Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      vocab_size=151680, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for f in QWEN3_TOKENIZER.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    model = load_model(tmp_path)
+    prompt = "The answer is"
+    ref = generate(model, tok(prompt)["input_ids"], policy=policies.GKV(16, window=4),
+                   max_new_tokens=5, eos_token_ids=[])
+    assert main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--policy", "gkv",
+                 "--budget", "16", "--window", "4", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    n = ref.lengths[0]
+    assert printed == tok.decode(ref.tokens[0, :n].tolist(), skip_special_tokens=True)
+
+
 def test_package_exports():
     assert gkv_ext.generate is generate and gkv_ext.load_model is load_model

@@ -113,6 +113,37 @@ def test_teacher_forced_equals_generation(tiny, policy):
     torch.testing.assert_close(logprobs, gen.logprobs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["gkv", "snapkv", "h2o-accumulate", "streamingllm"])
+def test_death_log_replays_the_rollout_in_lifetime_attention(tiny, policy):
+    """A training forward of prompt + generated tokens in which key j is visible to query i iff
+    j <= i < death[j] (gkv_ext.ops.lifetime_attention inside transformers' own model) gives the
+    rollout's log-probs: the eviction log is exactly what each query saw."""
+    import copy
+    hf, model = tiny["llama"]
+    death_of_row = {}
+
+    def lifetime(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        death = death_of_row["death"][:, module.layer_idx].contiguous()
+        out, _ = gkv_ext.ops.lifetime_attention(query, key, value, death, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    transformers.AttentionInterface.register("gkv_lifetime", lifetime)
+    trainer = copy.deepcopy(hf)
+    trainer.set_attn_implementation("gkv_lifetime")
+    p = make_policy(policy, 10 if policy != "streamingllm" else 12)
+    out = generate(model, PROMPTS, policy=p, max_new_tokens=40, eos_token_ids=[])
+    assert (out.death < INT32_MAX).any()
+    for b, prompt in enumerate(PROMPTS):
+        n = len(prompt)
+        seq = torch.tensor([prompt + out.tokens[b].tolist()])
+        T = seq.shape[1]
+        death_of_row["death"] = out.death[b:b + 1, :, :, :T]
+        with torch.no_grad():
+            logits = trainer(input_ids=seq).logits[0, n - 1:T - 1]
+        lp = logits.log_softmax(-1).gather(1, seq[0, n:].unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(lp, out.logprobs[b], atol=1e-4, rtol=1e-4)
+
+
 def test_compression_changes_generation_but_stays_finite(tiny):
     _, model = tiny["qwen3"]
     full = generate(model, PROMPTS, max_new_tokens=40, eos_token_ids=[])

@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "ops.h"
 
@@ -93,7 +95,7 @@ at::Tensor CompressedKVCache::begin_prefill(const at::Tensor& attention_mask) {
               "begin_prefill: every row of attention_mask needs at least one real token");
   const auto positions = real.to(at::kLong).cumsum(1) - 1;     // [B,P]
   new_pos_ = at::where(real, positions, -1).to(at::kInt).unsqueeze(1).expand(
-      {shape_.batch, shape_.kv_heads, P});
+      {shape_.batch, shape_.kv_heads, P}).contiguous();
   death_value_ = next_pos_.to(at::kInt);
   tokens_ = P;
   compress_ = true;
@@ -113,7 +115,8 @@ at::Tensor CompressedKVCache::begin_decode(int64_t tokens) {
   TORCH_CHECK((last - 1) / D == (first - 1) / D, "begin_decode: forwards ", first, "..", last,
               " cross a compression step (every ", D, "); only the last token of a chunk may be one");
   const auto positions = next_pos_.unsqueeze(1) + at::arange(tokens, next_pos_.options());  // [B,T]
-  new_pos_ = positions.to(at::kInt).unsqueeze(1).expand({shape_.batch, shape_.kv_heads, tokens});
+  new_pos_ = positions.to(at::kInt).unsqueeze(1).expand({shape_.batch, shape_.kv_heads, tokens})
+                 .contiguous();
   next_pos_ = next_pos_ + tokens;
   death_value_ = next_pos_.to(at::kInt);
   tokens_ = tokens;

@@ -28,6 +28,7 @@ class Generation:
     lengths: torch.Tensor         # [B] int64 tokens generated per row, stop token included
     prompt_lengths: torch.Tensor  # [B] int64
     death: torch.Tensor           # [B,L,Hkv,P+max_new_tokens] int32 eviction log
+    kv_slots: int                 # slots per layer and KV head the cache allocated, once
 
     @property
     def sequences(self) -> List[List[int]]:
@@ -63,7 +64,7 @@ def generate(model: _C.Model, prompts: Union[Sequence[int], Sequence[Sequence[in
                     max_new_tokens, temperature, top_p, top_k, seed,
                     None if eos_token_ids is None else list(eos_token_ids),
                     list(stop_token_ids), pad_token_id)
-    return Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death)
+    return Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
 
 
 def teacher_forced(model: _C.Model, prompts, tokens: torch.Tensor,

@@ -145,7 +145,7 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
     logits = model.logits(hidden).select(1, 0).to(at::kFloat);
   }
   return {out_tokens.narrow(1, 0, steps), out_logprobs.narrow(1, 0, steps), lengths, batch.lengths,
-          cache.death()};
+          cache.death(), cache.capacity()};
 }
 
 ForcedResult teacher_forced(const model::Decoder& model,

@@ -40,6 +40,7 @@ struct GenerateResult {
   at::Tensor lengths;         // [B] int64 tokens generated per row, its stop token included
   at::Tensor prompt_lengths;  // [B] int64 real prompt tokens per row
   at::Tensor death;           // [B,L,Hkv,M] int32 eviction log (CompressedKVCache::death)
+  int64_t kv_slots = 0;       // slots per layer and KV head the cache allocated, once
 };
 
 struct ForcedResult {

@@ -111,7 +111,8 @@ void bind_engine(py::module& m) {
       .def_readonly("logprobs", &gkv::engine::GenerateResult::logprobs)
       .def_readonly("lengths", &gkv::engine::GenerateResult::lengths)
       .def_readonly("prompt_lengths", &gkv::engine::GenerateResult::prompt_lengths)
-      .def_readonly("death", &gkv::engine::GenerateResult::death);
+      .def_readonly("death", &gkv::engine::GenerateResult::death)
+      .def_readonly("kv_slots", &gkv::engine::GenerateResult::kv_slots);
   py::class_<gkv::engine::ForcedResult>(m, "ForcedResult")
       .def_readonly("logprobs", &gkv::engine::ForcedResult::logprobs)
       .def_readonly("death", &gkv::engine::ForcedResult::death);

@@ -151,6 +151,12 @@ def test_compression_changes_generation_but_stays_finite(tiny):
                    max_new_tokens=40, eos_token_ids=[])
     assert torch.isfinite(out.logprobs).all()
     assert out.tokens.tolist() != full.tokens.tolist()
+    # KV memory is flat in the generated length: budget + D slots, whatever max_new_tokens is.
+    assert full.kv_slots == max(map(len, PROMPTS)) + 40
+    assert out.kv_slots == 8 + 4
+    longer = generate(model, PROMPTS, policy=policies.GKV(8, window=4, divide_length=4),
+                      max_new_tokens=120, eos_token_ids=[])
+    assert longer.kv_slots == 12 and longer.tokens[:, :40].tolist() == out.tokens.tolist()
     # Every evicted position of row b died at a position it had reached.
     L = model.config.num_layers
     for b, n in enumerate(out.prompt_lengths.tolist()):

@@ -170,8 +170,9 @@ def check_selection(score, cands, ours, keep):
         f"kept a candidate scoring {worst_kept} over one scoring {best_dropped}")
 
 
-def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=True):
-    """Drives a KVCache with random tensors; returns (cache, reference per layer, death oracle)."""
+def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=True, chunked=False):
+    """Drives a KVCache with random tensors, one token per decode forward or (chunked) in chunks
+    that end at the compression steps; returns (cache, death oracle)."""
     B, Hq, Hkv, d = SHAPE
     g = torch.Generator().manual_seed(seed)
     T = prompt + steps
@@ -190,16 +191,20 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
     for b, p in enumerate(pads):
         mask[b, :p] = 0
     t0 = 0
-    for f in range(steps + 1):
-        n = prompt if f == 0 else 1
-        times = list(range(t0, t0 + n))
+    D = policy.divide_length
+    f = 0  # index of the next forward
+    while f <= steps:
         if f == 0:
+            n = prompt
             positions = cache.begin_prefill(mask)
             assert positions.tolist() == ((mask.cumsum(1) - 1).clamp_min(0)).tolist()
         else:
-            positions = cache.begin_decode(1)
+            n = min(((f - 1) // D + 1) * D - f + 1, steps + 1 - f) if chunked else 1
+            positions = cache.begin_decode(n)
             assert positions[:, 0].tolist() == [t0 - p for p in pads]
-        compress = f % policy.divide_length == 0
+        times = list(range(t0, t0 + n))
+        compress = f == 0 or (f + n - 1) % D == 0
+        f += 1 if f == 0 else n
         for l in range(layers):
             sl = slice(t0, t0 + n)
             out = cache.attend(l, Q[l, :, :, sl], K[l, :, :, sl], V[l, :, :, sl])
@@ -250,6 +255,17 @@ def test_decisions_equal_dense_formula(name):
     assert cache.capacity == policy.budget + policy.divide_length
     assert cache.length <= cache.capacity
     assert torch.equal(cache.death(), oracle)
+
+
+@pytest.mark.parametrize("name", ["gkv-max", "rkv", "h2o-sampled", "h2o-accumulate", "tova"])
+def test_chunked_decode_makes_the_same_decisions(name):
+    """Chunks ending at the compression steps (teacher forcing) against the same formula, and
+    the same eviction log as one token per forward."""
+    policy = POLICIES[name]
+    _, by_token = run_cache(policy, layers=1)
+    cache, oracle = run_cache(policy, layers=1, chunked=True)
+    assert torch.equal(cache.death(), oracle)
+    assert torch.equal(oracle, by_token)
 
 
 @pytest.mark.parametrize("name", ["gkv-max", "snapkv", "rkv", "h2o-accumulate", "tova"])

@@ -49,12 +49,9 @@ def _generate(args) -> int:
     path = Path(args.model)
     tokenizer = _tokenizer(path)
     model = load_model(path, device=args.device)
-    extra = {}
-    if args.policy.lower() not in ("fullkv", "streamingllm"):
-        extra["window"] = args.window
-    if args.policy.lower() != "fullkv":
-        extra["divide_length"] = args.divide_length
-    policy = policies.by_name(args.policy, args.budget, **extra)
+    extra = {"window": args.window, "divide_length": args.divide_length}
+    policy = policies.by_name(args.policy, args.budget,
+                              **{k: v for k, v in extra.items() if v is not None})
     out = generate(model, tokenizer.encode(args.prompt), policy=policy,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -71,8 +68,9 @@ def main(argv=None) -> int:
     g.add_argument("--policy", default="gkv",
                    help="fullkv, streamingllm, h2o, snapkv, rkv, tova or gkv (default gkv)")
     g.add_argument("--budget", type=int, default=None, help="kept tokens per KV head")
-    g.add_argument("--window", type=int, default=16)
-    g.add_argument("--divide-length", type=int, default=128)
+    g.add_argument("--window", type=int, default=None, help="recent tokens always kept (16)")
+    g.add_argument("--divide-length", type=int, default=None,
+                   help="compression every D forwards (128)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)

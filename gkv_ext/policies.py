@@ -12,18 +12,25 @@ A policy is data: a budget, a window ``w`` of recent tokens always kept, the com
     P      maxpool(F, pool_kernel) when pool_kernel > 0
     score  lam * P - (1 - lam) * R (R: key redundancy, normalised like S; skipped when lam == 1)
 
-plus ``sinks`` first real tokens always kept. Any combination is a valid new policy::
+plus ``sinks`` first real tokens always kept. Arguments left as None take the reference defaults,
+which live in one place (csrc/cache/policy.h): window 16, divide_length 128, alpha 0.8, lam 0.5
+(G-KV) or 0.1 (R-KV), 4 sinks. Any combination is a valid new policy::
 
     p = GKV(budget=256)
     p.history = "mean"          # or build one from scratch: Policy(); p.budget = ...
 """
+from typing import Optional
+
 from ._C import Policy
 
 __all__ = ["Policy", "FullKV", "StreamingLLM", "H2O", "SnapKV", "RKV", "TOVA", "GKV", "by_name"]
 
 
-def _with(policy: Policy, divide_length: int) -> Policy:
-    policy.divide_length = divide_length
+def _make(ctor, budget, divide_length, **kwargs) -> Policy:
+    """ctor(budget, **the given kwargs); the C++ defaults fill the rest."""
+    policy = ctor(budget, **{k: v for k, v in kwargs.items() if v is not None})
+    if divide_length is not None:
+        policy.divide_length = divide_length
     policy.validate()
     return policy
 
@@ -33,51 +40,62 @@ def FullKV() -> Policy:
     return Policy.full_kv()
 
 
-def StreamingLLM(budget: int, sinks: int = 4, divide_length: int = 128) -> Policy:
+def StreamingLLM(budget: int, sinks: Optional[int] = None,
+                 divide_length: Optional[int] = None) -> Policy:
     """The first ``sinks`` real tokens and the most recent ``budget - sinks``."""
-    return _with(Policy.streaming_llm(budget, sinks), divide_length)
+    return _make(Policy.streaming_llm, budget, divide_length, sinks=sinks)
 
 
-def H2O(budget: int, mode: str = "sampled", alpha: float = 0.8, window: int = 16,
-        divide_length: int = 128) -> Policy:
+def H2O(budget: int, mode: str = "sampled", alpha: Optional[float] = None,
+        window: Optional[int] = None, divide_length: Optional[int] = None) -> Policy:
     """H2O. ``mode='sampled'``: the reference recipe, F = alpha F_prev + S/max S with a window of
     one query, sampled every D steps. ``mode='accumulate'``: true H2O, every query's attention
     summed from the prefill on, the last ``window`` tokens kept as recent."""
     if mode == "sampled":
-        return _with(Policy.h2o_sampled(budget, alpha), divide_length)
+        if window is not None:
+            raise ValueError("H2O mode 'sampled' has a window of 1; window is for 'accumulate'")
+        return _make(Policy.h2o_sampled, budget, divide_length, alpha=alpha)
     if mode == "accumulate":
-        return _with(Policy.h2o_accumulate(budget, window), divide_length)
+        if alpha is not None:
+            raise ValueError("H2O mode 'accumulate' has no decay; alpha is for 'sampled'")
+        return _make(Policy.h2o_accumulate, budget, divide_length, window=window)
     raise ValueError(f"H2O mode must be 'sampled' or 'accumulate', got {mode!r}")
 
 
-def SnapKV(budget: int, window: int = 16, divide_length: int = 128) -> Policy:
+def SnapKV(budget: int, window: Optional[int] = None,
+           divide_length: Optional[int] = None) -> Policy:
     """maxpool5(S), applied at decode time."""
-    return _with(Policy.snapkv(budget, window), divide_length)
+    return _make(Policy.snapkv, budget, divide_length, window=window)
 
 
-def RKV(budget: int, window: int = 16, lam: float = 0.1, divide_length: int = 128) -> Policy:
+def RKV(budget: int, window: Optional[int] = None, lam: Optional[float] = None,
+        divide_length: Optional[int] = None) -> Policy:
     """lam * maxpool5(S) - (1 - lam) * R, no normalisation."""
-    return _with(Policy.rkv(budget, window, lam), divide_length)
+    return _make(Policy.rkv, budget, divide_length, window=window, lam=lam)
 
 
-def TOVA(budget: int, window: int = 16, divide_length: int = 128) -> Policy:
+def TOVA(budget: int, window: Optional[int] = None,
+         divide_length: Optional[int] = None) -> Policy:
     """The attention of the last query only."""
-    return _with(Policy.tova(budget, window), divide_length)
+    return _make(Policy.tova, budget, divide_length, window=window)
 
 
-def GKV(budget: int, window: int = 16, alpha: float = 0.8, lam: float = 0.5,
-        history: str = "max", divide_length: int = 128) -> Policy:
+def GKV(budget: int, window: Optional[int] = None, alpha: Optional[float] = None,
+        lam: Optional[float] = None, history: Optional[str] = None,
+        divide_length: Optional[int] = None) -> Policy:
     """G-KV: lam * F - (1 - lam) * R/max R with F = max(alpha F_prev, S/max S) (history 'max';
     also 'mean' and 'sum')."""
-    return _with(Policy.gkv(budget, window, alpha, lam, history), divide_length)
+    return _make(Policy.gkv, budget, divide_length, window=window, alpha=alpha, lam=lam,
+                 history=history)
 
 
 _BY_NAME = {"fullkv": FullKV, "streamingllm": StreamingLLM, "h2o": H2O, "snapkv": SnapKV,
             "rkv": RKV, "tova": TOVA, "gkv": GKV}
 
 
-def by_name(name: str, budget=None, **kwargs) -> Policy:
-    """The policy called ``name`` (fullkv, streamingllm, h2o, snapkv, rkv, tova, gkv)."""
+def by_name(name: str, budget: Optional[int] = None, **kwargs) -> Policy:
+    """The policy called ``name`` (fullkv, streamingllm, h2o, snapkv, rkv, tova, gkv); kwargs
+    set to None are left at their defaults."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in _BY_NAME:
         raise ValueError(f"unknown policy {name!r}; one of {', '.join(_BY_NAME)}")

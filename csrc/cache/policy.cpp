@@ -89,7 +89,7 @@ Policy Policy::snapkv(int64_t budget, int64_t window) {
   p.name = "snapkv";
   p.budget = budget;
   p.window = window;
-  p.pool_kernel = 5;
+  p.pool_kernel = kPoolKernel;
   p.validate();
   return p;
 }
@@ -99,7 +99,7 @@ Policy Policy::rkv(int64_t budget, int64_t window, double lambda) {
   p.name = "rkv";
   p.budget = budget;
   p.window = window;
-  p.pool_kernel = 5;
+  p.pool_kernel = kPoolKernel;
   p.lambda = lambda;
   p.validate();
   return p;

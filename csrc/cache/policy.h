@@ -34,16 +34,26 @@ namespace gkv::cache {
 enum class Observation { window, last, accumulate, none };
 enum class History { none, max, mean, sum };
 
+// The reference's defaults (gkv-method.md sections 2.4-2.5), written once: the struct, the named
+// constructors and the Python bindings all read them from here.
+inline constexpr int64_t kWindow = 16;
+inline constexpr int64_t kDivideLength = 128;
+inline constexpr double kAlpha = 0.8;
+inline constexpr int64_t kPoolKernel = 5;  // SnapKV / R-KV
+inline constexpr double kGkvLambda = 0.5;
+inline constexpr double kRkvLambda = 0.1;
+inline constexpr int64_t kSinks = 4;       // StreamingLLM
+
 struct Policy {
   std::string name = "custom";
-  std::optional<int64_t> budget;  // kept slots per KV head after a compression; none: FullKV
-  int64_t window = 16;            // w: the last w slots are always kept, never candidates
-  int64_t divide_length = 128;    // D: compression is tried every D forwards
+  std::optional<int64_t> budget;      // kept slots per KV head after a compression; none: FullKV
+  int64_t window = kWindow;           // w: the last w slots are always kept, never candidates
+  int64_t divide_length = kDivideLength;  // D: compression is tried every D forwards
   Observation observation = Observation::window;
   bool normalize = false;
   History history = History::none;
-  double alpha = 0.8;
-  int64_t pool_kernel = 0;  // 0 or an odd size (5 in the reference)
+  double alpha = kAlpha;
+  int64_t pool_kernel = 0;  // 0 or an odd size
   double lambda = 1.0;      // 1: no redundancy term
   double threshold = 0.5;   // redundancy similarity threshold
   int64_t sinks = 0;        // the first `sinks` real tokens are always kept
@@ -56,16 +66,16 @@ struct Policy {
 
   static Policy full_kv();
   // The first `sinks` real tokens + the most recent budget - sinks.
-  static Policy streaming_llm(int64_t budget, int64_t sinks = 4);
+  static Policy streaming_llm(int64_t budget, int64_t sinks = kSinks);
   // The reference's H2O recipe: decayed sum of S^ sampled at compression steps, window 1.
-  static Policy h2o_sampled(int64_t budget, double alpha = 0.8);
+  static Policy h2o_sampled(int64_t budget, double alpha = kAlpha);
   // True H2O: every query's attention accumulated from the prefill on; the last w kept as recent.
-  static Policy h2o_accumulate(int64_t budget, int64_t window = 16);
-  static Policy snapkv(int64_t budget, int64_t window = 16);
-  static Policy rkv(int64_t budget, int64_t window = 16, double lambda = 0.1);
-  static Policy tova(int64_t budget, int64_t window = 16);
-  static Policy gkv(int64_t budget, int64_t window = 16, double alpha = 0.8, double lambda = 0.5,
-                    History history = History::max);
+  static Policy h2o_accumulate(int64_t budget, int64_t window = kWindow);
+  static Policy snapkv(int64_t budget, int64_t window = kWindow);
+  static Policy rkv(int64_t budget, int64_t window = kWindow, double lambda = kRkvLambda);
+  static Policy tova(int64_t budget, int64_t window = kWindow);
+  static Policy gkv(int64_t budget, int64_t window = kWindow, double alpha = kAlpha,
+                    double lambda = kGkvLambda, History history = History::max);
 };
 
 // What one compression decides for one layer.

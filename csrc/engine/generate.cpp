@@ -181,7 +181,8 @@ ForcedResult teacher_forced(const model::Decoder& model,
     const auto positions = cache.begin_decode(n);
     const auto hidden = run(model, cache, chunk, positions);
     const auto lp = model.logits(hidden).to(at::kFloat).log_softmax(-1);  // [B,n,V]
-    logprobs.narrow(1, fed + 1, n).copy_(lp.gather(2, forced.narrow(1, fed + 1, n).unsqueeze(2)).squeeze(2));
+    const auto next = forced.narrow(1, fed + 1, n).unsqueeze(2);  // [B,n,1]: what each predicts
+    logprobs.narrow(1, fed + 1, n).copy_(lp.gather(2, next).squeeze(2));
     fed += n;
   }
   return {logprobs, cache.death()};

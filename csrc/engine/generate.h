@@ -36,7 +36,8 @@ struct GenerateOptions {
 
 struct GenerateResult {
   at::Tensor tokens;          // [B,T] int64; pad after a row's stop token
-  at::Tensor logprobs;        // [B,T] fp32: log-softmax of the raw logits at the chosen token; 0 after the stop
+  at::Tensor logprobs;        // [B,T] fp32: log-softmax of the raw logits (temperature 1) at the
+                              // chosen token; 0 after the stop
   at::Tensor lengths;         // [B] int64 tokens generated per row, its stop token included
   at::Tensor prompt_lengths;  // [B] int64 real prompt tokens per row
   at::Tensor death;           // [B,L,Hkv,M] int32 eviction log (CompressedKVCache::death)

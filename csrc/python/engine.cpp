@@ -13,6 +13,8 @@ using gkv::cache::CompressedKVCache;
 using gkv::cache::History;
 using gkv::cache::Observation;
 using gkv::cache::Policy;
+using gkv::cache::kAlpha, gkv::cache::kGkvLambda, gkv::cache::kRkvLambda, gkv::cache::kSinks,
+    gkv::cache::kWindow;
 
 #pragma GCC diagnostic ignored "-Wattributes"  // see csrc/python/model.cpp
 
@@ -46,22 +48,24 @@ void bind_engine(py::module& m) {
       .def("validate", &Policy::validate)
       .def_property_readonly("evicts", &Policy::evicts)
       .def_static("full_kv", &Policy::full_kv)
-      .def_static("streaming_llm", &Policy::streaming_llm, py::arg("budget"), py::arg("sinks") = 4)
-      .def_static("h2o_sampled", &Policy::h2o_sampled, py::arg("budget"), py::arg("alpha") = 0.8)
+      .def_static("streaming_llm", &Policy::streaming_llm, py::arg("budget"),
+                  py::arg("sinks") = kSinks)
+      .def_static("h2o_sampled", &Policy::h2o_sampled, py::arg("budget"),
+                  py::arg("alpha") = kAlpha)
       .def_static("h2o_accumulate", &Policy::h2o_accumulate, py::arg("budget"),
-                  py::arg("window") = 16)
-      .def_static("snapkv", &Policy::snapkv, py::arg("budget"), py::arg("window") = 16)
-      .def_static("rkv", &Policy::rkv, py::arg("budget"), py::arg("window") = 16,
-                  py::arg("lam") = 0.1)
-      .def_static("tova", &Policy::tova, py::arg("budget"), py::arg("window") = 16)
+                  py::arg("window") = kWindow)
+      .def_static("snapkv", &Policy::snapkv, py::arg("budget"), py::arg("window") = kWindow)
+      .def_static("rkv", &Policy::rkv, py::arg("budget"), py::arg("window") = kWindow,
+                  py::arg("lam") = kRkvLambda)
+      .def_static("tova", &Policy::tova, py::arg("budget"), py::arg("window") = kWindow)
       .def_static("gkv",
                   [](int64_t budget, int64_t window, double alpha, double lam,
                      const std::string& history) {
                     return Policy::gkv(budget, window, alpha, lam,
                                        gkv::cache::history_from_string(history));
                   },
-                  py::arg("budget"), py::arg("window") = 16, py::arg("alpha") = 0.8,
-                  py::arg("lam") = 0.5, py::arg("history") = "max")
+                  py::arg("budget"), py::arg("window") = kWindow, py::arg("alpha") = kAlpha,
+                  py::arg("lam") = kGkvLambda, py::arg("history") = "max")
       .def("__repr__", [](const Policy& p) {
         return "Policy(name=" + p.name +
                ", budget=" + (p.budget ? std::to_string(*p.budget) : std::string("None")) +
@@ -69,9 +73,12 @@ void bind_engine(py::module& m) {
                ", divide_length=" + std::to_string(p.divide_length) +
                ", observation=" + gkv::cache::to_string(p.observation) +
                ", normalize=" + (p.normalize ? "True" : "False") +
-               ", history=" + gkv::cache::to_string(p.history) + ", alpha=" + std::to_string(p.alpha) +
-               ", pool_kernel=" + std::to_string(p.pool_kernel) + ", lam=" + std::to_string(p.lambda) +
-               ", threshold=" + std::to_string(p.threshold) + ", sinks=" + std::to_string(p.sinks) + ")";
+               ", history=" + gkv::cache::to_string(p.history) +
+               ", alpha=" + std::to_string(p.alpha) +
+               ", pool_kernel=" + std::to_string(p.pool_kernel) +
+               ", lam=" + std::to_string(p.lambda) +
+               ", threshold=" + std::to_string(p.threshold) +
+               ", sinks=" + std::to_string(p.sinks) + ")";
       });
   enum_property<Observation, &Policy::observation, gkv::cache::observation_from_string>(
       policy, "observation", "'window', 'last', 'accumulate' or 'none'");
@@ -83,9 +90,9 @@ void bind_engine(py::module& m) {
       .def(py::init([](const Policy& policy, int64_t layers, int64_t batch, int64_t q_heads,
                        int64_t kv_heads, int64_t head_dim, int64_t max_tokens,
                        at::ScalarType dtype, const std::string& device) {
-             return CompressedKVCache(
-                 policy, CacheShape{layers, batch, q_heads, kv_heads, head_dim, dtype, at::Device(device)},
-                 max_tokens);
+             const CacheShape shape{layers,   batch, q_heads, kv_heads,
+                                    head_dim, dtype, at::Device(device)};
+             return CompressedKVCache(policy, shape, max_tokens);
            }),
            py::arg("policy"), py::arg("layers"), py::arg("batch"), py::arg("q_heads"),
            py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_tokens"),

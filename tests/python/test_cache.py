@@ -308,6 +308,8 @@ def test_policy_defaults():
     assert (sl.sinks, sl.window, sl.observation) == (4, 508, "none")
     assert policies.FullKV().budget is None
     assert "gkv" in repr(g)
+    assert repr(policies.by_name("G-KV", 2048)) == repr(g)
+    assert policies.by_name("rkv", 512, window=8, divide_length=64).window == 8
 
 
 @pytest.mark.parametrize("build, match", [
@@ -318,6 +320,9 @@ def test_policy_defaults():
     (lambda: policies.StreamingLLM(4, sinks=4), "window must be >= 1"),
     (lambda: policies.H2O(64, mode="decay"), "H2O mode"),
     (lambda: policies.by_name("magic", 64), "unknown policy"),
+    (lambda: policies.by_name("gkv"), "needs a budget"),
+    (lambda: policies.H2O(64, window=8), "window is for 'accumulate'"),
+    (lambda: policies.H2O(64, mode="accumulate", alpha=0.5), "alpha is for 'sampled'"),
 ])
 def test_bad_policies_raise(build, match):
     with pytest.raises((RuntimeError, ValueError), match=match):

@@ -8,10 +8,10 @@ import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _C  # noqa: F401  (registers torch.ops.gkv.*)
 from . import ops, policies
-from ._C import KVCache, Model, ModelConfig, Policy, Tokenizer
+from ._C import CompressedKVCache, Model, ModelConfig, Policy, Tokenizer
 from .engine import Generation, generate, load_model, teacher_forced
 
 built_with_cuda: bool = _C.built_with_cuda
 
 __all__ = ["ops", "policies", "built_with_cuda", "Model", "ModelConfig", "Tokenizer", "Policy",
-           "KVCache", "Generation", "generate", "load_model", "teacher_forced"]
+           "CompressedKVCache", "Generation", "generate", "load_model", "teacher_forced"]

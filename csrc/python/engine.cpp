@@ -1,6 +1,6 @@
 // Python bindings of the eviction policies, the compressed KV cache and the generation engine
-// (gkv_ext._C.Policy, KVCache, generate, teacher_forced). Bindings only bind: the logic lives in
-// csrc/cache/ and csrc/engine/.
+// (gkv_ext._C.Policy, CompressedKVCache, generate, teacher_forced). Bindings only bind: the logic
+// lives in csrc/cache/ and csrc/engine/.
 #include <torch/extension.h>
 
 #include "cache/kv_cache.h"
@@ -85,7 +85,7 @@ void bind_engine(py::module& m) {
   enum_property<History, &Policy::history, gkv::cache::history_from_string>(
       policy, "history", "'none', 'max', 'mean' or 'sum'");
 
-  py::class_<CompressedKVCache>(m, "KVCache",
+  py::class_<CompressedKVCache>(m, "CompressedKVCache",
                                 "The compressed KV cache of one batch (csrc/cache/kv_cache.h).")
       .def(py::init([](const Policy& policy, int64_t layers, int64_t batch, int64_t q_heads,
                        int64_t kv_heads, int64_t head_dim, int64_t max_tokens,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gkv_ext
-from gkv_ext import KVCache, Policy, policies
+from gkv_ext import CompressedKVCache, Policy, policies
 
 INT32_MAX = 2**31 - 1
 TIE = 1e-5  # reference and cache scores agree to ~1e-6 in fp32; closer candidates may swap
@@ -171,7 +171,7 @@ def check_selection(score, cands, ours, keep):
 
 
 def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=True, chunked=False):
-    """Drives a KVCache with random tensors, one token per decode forward or (chunked) in chunks
+    """Drives a CompressedKVCache with random tensors, one token per decode forward or (chunked) in chunks
     that end at the compression steps; returns (cache, death oracle)."""
     B, Hq, Hkv, d = SHAPE
     g = torch.Generator().manual_seed(seed)
@@ -181,7 +181,7 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
     # A few near-copies so the redundancy term has something to find.
     K[:, :, :, 7::9] = K[:, :, :, 3:4] + 0.1 * K[:, :, :, 7::9]
     V = torch.randn(layers, B, Hkv, T, d, generator=g)
-    cache = KVCache(policy, layers, B, Hq, Hkv, d, max_tokens=T)
+    cache = CompressedKVCache(policy, layers, B, Hq, Hkv, d, max_tokens=T)
     refs = [Reference(policy, pads, Hq, Hkv) for _ in range(layers)]
     ptrs = [(cache.keys(l).data_ptr(), cache.values(l).data_ptr(), cache.positions(l).data_ptr(),
              cache.scores(l).data_ptr()) for l in range(layers)]
@@ -337,20 +337,20 @@ def test_bad_policy_fields_raise():
     p = policies.H2O(64, mode="accumulate")
     p.history = "max"
     with pytest.raises(RuntimeError, match="carries its own history"):
-        KVCache(p, 1, 1, 2, 1, 8, max_tokens=10)
+        CompressedKVCache(p, 1, 1, 2, 1, 8, max_tokens=10)
     with pytest.raises(RuntimeError, match="observation must be one of"):
         p.observation = "future"
 
 
 def test_bad_cache_calls_raise():
-    cache = KVCache(POLICIES["gkv-max"], 2, 2, 4, 2, 16, max_tokens=64)
+    cache = CompressedKVCache(POLICIES["gkv-max"], 2, 2, 4, 2, 16, max_tokens=64)
     with pytest.raises(RuntimeError, match="call begin_prefill or begin_decode first"):
         cache.attend(0, torch.zeros(2, 4, 1, 16), torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16))
     with pytest.raises(RuntimeError, match="needs a finished prefill"):
         cache.begin_decode(1)
     with pytest.raises(RuntimeError, match="needs at least one real token"):
         cache.begin_prefill(torch.tensor([[1, 1], [0, 0]]))
-    cache = KVCache(POLICIES["gkv-max"], 2, 2, 4, 2, 16, max_tokens=64)
+    cache = CompressedKVCache(POLICIES["gkv-max"], 2, 2, 4, 2, 16, max_tokens=64)
     cache.begin_prefill(torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"q must be \[B,Hq,T,d\]"):
         cache.attend(0, torch.zeros(2, 4, 4, 16), torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5, 16))
@@ -369,4 +369,4 @@ def test_bad_cache_calls_raise():
 
 
 def test_package_exports():
-    assert gkv_ext.Policy is Policy and gkv_ext.KVCache is KVCache
+    assert gkv_ext.Policy is Policy and gkv_ext.CompressedKVCache is CompressedKVCache

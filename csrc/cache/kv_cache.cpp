@@ -19,7 +19,8 @@ constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
 // Attention of the last T of N slots (query t is slot N-T+t) over the slots j <= N-T+t whose pos
 // is >= 0; a query also always sees its own slot, so a pad query's (unused) output stays finite.
 // q [B,Hq,T,d], k/v [B,Hkv,N,d], pos [B,Hkv,N] int32 -> out [B,Hq,T,d]. When acc [B,Hkv,N] fp32
-// is given, adds to it the sum over the T queries of the max over the group of the probabilities.
+// is given, adds to it the sum over the real (pos >= 0) queries of the max over the group of the
+// probabilities.
 at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& pos, const std::optional<at::Tensor>& acc) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), d = q.size(3);
@@ -39,7 +40,8 @@ at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto s = at::matmul(qg, k.to(at::kFloat).unsqueeze(2).transpose(-1, -2)).mul_(scale);
   s.masked_fill_(visible.logical_not().unsqueeze(2), -std::numeric_limits<float>::infinity());
   const auto p = at::softmax(s, -1);                                // [B,Hkv,G,T,N]
-  acc->add_(std::get<0>(p.max(2)).sum(2));                          // [B,Hkv,N]
+  const auto real_query = pos.narrow(2, N - T, T).ge(0).unsqueeze(-1);  // [B,Hkv,T,1]
+  acc->add_(std::get<0>(p.max(2)).mul_(real_query).sum(2));        // [B,Hkv,N]
   return at::matmul(p, v.to(at::kFloat).unsqueeze(2)).reshape({B, Hq, T, d}).to(q.scalar_type());
 }
 

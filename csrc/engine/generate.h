@@ -40,7 +40,8 @@ struct GenerateResult {
                               // chosen token; 0 after the stop
   at::Tensor lengths;         // [B] int64 tokens generated per row, its stop token included
   at::Tensor prompt_lengths;  // [B] int64 real prompt tokens per row
-  at::Tensor death;           // [B,L,Hkv,M] int32 eviction log (CompressedKVCache::death)
+  at::Tensor death;           // [B,L,Hkv,M] int32 eviction log (CompressedKVCache::death);
+                              // positions a row never reached stay INT32_MAX
   int64_t kv_slots = 0;       // slots per layer and KV head the cache allocated, once
 };
 

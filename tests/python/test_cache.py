@@ -40,6 +40,10 @@ def make_policies():
     custom.sinks = 2
     custom.history = "mean"
     out["custom"] = custom
+    mixed = policies.H2O(24, mode="accumulate", window=4, divide_length=8)
+    mixed.normalize = True  # accumulated attention / its max, mixed with redundancy
+    mixed.lam = 0.5
+    out["custom-accumulate"] = mixed
     return out
 
 

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     g.add_argument("--model", required=True, help="checkpoint directory or llama2.ts .bin file")
     g.add_argument("--prompt", required=True)
     g.add_argument("--policy", default="gkv",
-                   help="fullkv, streamingllm, h2o, snapkv, rkv, tova or gkv (default gkv)")
+                   help="fullkv, streamingllm, h2o, h2o-accumulate, snapkv, rkv, tova or gkv "
+                        "(default gkv)")
     g.add_argument("--budget", type=int, default=None, help="kept tokens per KV head")
     g.add_argument("--window", type=int, default=None, help="recent tokens always kept (16)")
     g.add_argument("--divide-length", type=int, default=None,
@@ -78,7 +79,11 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="e.g. cpu or cuda")
     args = parser.parse_args(argv)
-    return _generate(args)
+    try:
+        return _generate(args)
+    except (ValueError, RuntimeError) as e:  # bad policy or generation arguments
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -89,13 +89,18 @@ def GKV(budget: int, window: Optional[int] = None, alpha: Optional[float] = None
                  history=history)
 
 
-_BY_NAME = {"fullkv": FullKV, "streamingllm": StreamingLLM, "h2o": H2O, "snapkv": SnapKV,
-            "rkv": RKV, "tova": TOVA, "gkv": GKV}
+def _h2o_accumulate(budget: int, **kwargs) -> Policy:
+    return H2O(budget, mode="accumulate", **kwargs)
+
+
+_BY_NAME = {"fullkv": FullKV, "streamingllm": StreamingLLM, "h2o": H2O,
+            "h2oaccumulate": _h2o_accumulate, "snapkv": SnapKV, "rkv": RKV, "tova": TOVA,
+            "gkv": GKV}
 
 
 def by_name(name: str, budget: Optional[int] = None, **kwargs) -> Policy:
-    """The policy called ``name`` (fullkv, streamingllm, h2o, snapkv, rkv, tova, gkv); kwargs
-    set to None are left at their defaults."""
+    """The policy called ``name`` (fullkv, streamingllm, h2o, h2o-accumulate, snapkv, rkv, tova,
+    gkv; case, '-' and '_' ignored)."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in _BY_NAME:
         raise ValueError(f"unknown policy {name!r}; one of {', '.join(_BY_NAME)}")

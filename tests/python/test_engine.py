@@ -259,6 +259,9 @@ def test_cli_generates_text(capsys):
                  "Once upon a time, there was a little", "--policy", "gkv", "--budget", "64",
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("girl named Lily.")
+    assert main(["generate", "--model", str(STORIES / "tinystories_260k_v1.bin"), "--prompt",
+                 "Once", "--policy", "h2o-accumulate", "--budget", "4", "--window", "8"]) == 2
+    assert "budget (4) must be >= window (8)" in capsys.readouterr().err
 
 
 QWEN3_TOKENIZER = shared_dir() / "tokenizers" / "qwen3"

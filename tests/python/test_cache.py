@@ -174,10 +174,11 @@ def check_selection(score, cands, ours, keep):
         f"kept a candidate scoring {worst_kept} over one scoring {best_dropped}")
 
 
-def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=True, chunked=False):
+def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=True, chunked=False,
+              shape=SHAPE):
     """Drives a CompressedKVCache with random tensors, one token per decode forward or (chunked) in chunks
     that end at the compression steps; returns (cache, death oracle)."""
-    B, Hq, Hkv, d = SHAPE
+    B, Hq, Hkv, d = shape
     g = torch.Generator().manual_seed(seed)
     T = prompt + steps
     Q = torch.randn(layers, B, Hq, T, d, generator=g)
@@ -258,6 +259,15 @@ def test_decisions_equal_dense_formula(name):
     # where the cache exceeds 24); memory never grows past budget + D.
     assert cache.capacity == policy.budget + policy.divide_length
     assert cache.length <= cache.capacity
+    assert torch.equal(cache.death(), oracle)
+
+
+@pytest.mark.parametrize("name", ["gkv-max", "rkv", "h2o-accumulate"])
+@pytest.mark.parametrize("shape, pads", [((1, 7, 1, 8), [0]), ((3, 8, 4, 8), [0, 19, 3])],
+                         ids=["G7", "B3-G2-long-pad"])
+def test_other_shapes_and_padding(name, shape, pads):
+    """GQA group 7 with one KV head; a row whose prompt is a single real token after 19 pads."""
+    cache, oracle = run_cache(POLICIES[name], layers=1, shape=shape, pads=pads)
     assert torch.equal(cache.death(), oracle)
 
 

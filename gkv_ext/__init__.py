@@ -1,14 +1,17 @@
 """gkv_ext: G-KV decoding-time KV-cache eviction for PyTorch.
 
 Importing the package loads the compiled library, which registers the ``torch.ops.gkv`` ops;
-``gkv_ext.ops`` has their typed wrappers.
+``gkv_ext.ops`` has their typed wrappers, ``gkv_ext.policies`` the eviction policies, and
+``generate`` / ``load_model`` the native engine.
 """
 import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _C  # noqa: F401  (registers torch.ops.gkv.*)
-from . import ops
-from ._C import Model, ModelConfig, Tokenizer
+from . import ops, policies
+from ._C import CompressedKVCache, Model, ModelConfig, Policy, Tokenizer
+from .engine import Generation, generate, load_model, teacher_forced
 
 built_with_cuda: bool = _C.built_with_cuda
 
-__all__ = ["ops", "built_with_cuda", "Model", "ModelConfig", "Tokenizer"]
+__all__ = ["ops", "policies", "built_with_cuda", "Model", "ModelConfig", "Tokenizer", "Policy",
+           "CompressedKVCache", "Generation", "generate", "load_model", "teacher_forced"]

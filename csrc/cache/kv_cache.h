@@ -1,0 +1,110 @@
+// CompressedKVCache: the per-layer KV cache of one batch of sequences, preallocated once at
+// cap = budget + divide_length slots (FullKV: every token), compressed in place by a Policy on the
+// schedule of DESIGN.md "The cache and its invariants".
+//
+// A forward is begin_prefill / begin_decode, then attend() once per layer (in layer order or not),
+// then end_forward(). attend() appends the new keys and values, computes this forward's attention
+// over the uncompressed cache, and, when the schedule says so and the cache holds more than the
+// budget, selects and compacts that layer: eviction takes effect from the next forward.
+//
+// Positions: a token's position is the count of real tokens before it in its row (left padding
+// excluded); pad slots have pos -1. Keys are stored after RoPE at their position.
+// Eviction log: death[b, l, h, p] = the first query position that no longer sees the key at
+// position p (the position after the forward that evicted it), INT32_MAX if never evicted.
+//
+// Symbols: B batch, L layers, Hq / Hkv query / KV heads, G = Hq / Hkv, d head_dim, P prompt
+// length (padding included), T tokens in this forward, cap slots per head, W queries remembered.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <vector>
+
+#include "cache/policy.h"
+
+namespace gkv::cache {
+
+struct CacheShape {
+  int64_t layers = 1;
+  int64_t batch = 1;
+  int64_t q_heads = 1;   // Hq
+  int64_t kv_heads = 1;  // Hkv
+  int64_t head_dim = 1;  // d
+  c10::ScalarType dtype = c10::kFloat;
+  c10::Device device = c10::kCPU;
+};
+
+class CompressedKVCache {
+ public:
+  // max_tokens: the most tokens one row will ever hold, padding included (prompt + new tokens);
+  // it sizes FullKV's cache and the eviction log's position axis.
+  CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens);
+
+  // attention_mask [B,P] (nonzero = real token; every row needs one) -> positions [B,P] int64
+  // for RoPE (pads get 0). Forward 0: compression is tried.
+  at::Tensor begin_prefill(const at::Tensor& attention_mask);
+  // T new tokens per row -> positions [B,T] int64. The tokens are the forwards i+1 .. i+T; a
+  // compression step (a multiple of divide_length) may only be the last of them.
+  at::Tensor begin_decode(int64_t tokens);
+  // q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,Hq,T,d] in the dtype of q.
+  at::Tensor attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+  void end_forward();
+
+  const Policy& policy() const { return policy_; }
+  const CacheShape& shape() const { return shape_; }
+  int64_t capacity() const { return cap_; }
+  int64_t length() const { return length_; }     // live slots per head, every layer
+  int64_t forwards() const { return forwards_; }  // forwards done, the prefill included
+  // The layer's buffers themselves (not copies), every slot: keys/values [B,Hkv,cap,d],
+  // positions [B,Hkv,cap] int32, scores [B,Hkv,cap] fp32.
+  const at::Tensor& keys(int64_t layer) const { return layer_at(layer).k; }
+  const at::Tensor& values(int64_t layer) const { return layer_at(layer).v; }
+  const at::Tensor& positions(int64_t layer) const { return layer_at(layer).pos; }
+  const at::Tensor& scores(int64_t layer) const { return layer_at(layer).score; }
+  // [B,L,Hkv,max_tokens] int32
+  at::Tensor death() const;
+
+ private:
+  struct Layer {
+    at::Tensor k, v;    // [B,Hkv,cap,d]
+    at::Tensor pos;     // [B,Hkv,cap] int32, -1 for padding and empty slots
+    at::Tensor score;   // [B,Hkv,cap] fp32: F of slots [0, history_len_), or the accumulated
+                        // attention (Observation::accumulate)
+    at::Tensor q_ring;  // [B,Hq,W,d]: the last W queries, query n at n % W
+  };
+  const Layer& layer_at(int64_t layer) const;
+  void check_qkv(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const;
+  at::Tensor prefill(Layer& s, int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v);
+  at::Tensor extend(Layer& s, int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v);
+  // Remembers q [B,Hq,T,d] as queries q_count_ .. q_count_+T-1.
+  void push_queries(Layer& s, const at::Tensor& q) const;
+  // [B,Hq,W,d] oldest first, after this forward's queries.
+  at::Tensor window_queries(const Layer& s) const;
+  // pos [B,Hkv,N] int32 of the scored slots, idx [B,Hkv,budget] the kept ones.
+  void log_evictions(int64_t layer, const at::Tensor& pos, const at::Tensor& idx);
+
+  Policy policy_;
+  CacheShape shape_;
+  int64_t max_tokens_;
+  int64_t cap_;
+  std::vector<Layer> layers_;
+  at::Tensor death_;     // [B,L,Hkv,max_tokens+1] int32; the last column absorbs kept slots
+  at::Tensor next_pos_;  // [B] int64: position of the next token of each row
+
+  // State of the forward in progress, shared by its layers.
+  int64_t length_ = 0;        // live slots before this forward
+  int64_t forwards_ = 0;      // forwards done
+  int64_t history_len_ = 0;   // slots [0, history_len_) hold F (after a compression: budget - w)
+  int64_t q_count_ = 0;       // queries seen
+  int64_t tokens_ = 0;        // T of the forward in progress; 0 when none is
+  bool compress_ = false;     // this forward is a compression step
+  at::Tensor new_pos_;        // [B,Hkv,T] int32 positions of this forward's tokens, -1 pads
+  at::Tensor death_value_;    // [B] int32: the position after this forward, per row
+  std::vector<bool> done_;    // layers attended in this forward
+};
+
+}  // namespace gkv::cache

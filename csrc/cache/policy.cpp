@@ -1,0 +1,237 @@
+#include "cache/policy.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops.h"
+
+namespace gkv::cache {
+
+void Policy::validate() const {
+  TORCH_CHECK(divide_length >= 1, "Policy '", name, "': divide_length must be >= 1, got ",
+              divide_length);
+  TORCH_CHECK(window >= 1, "Policy '", name, "': window must be >= 1, got ", window);
+  if (budget) {
+    TORCH_CHECK(*budget >= window, "Policy '", name, "': budget (", *budget,
+                ") must be >= window (", window, ")");
+    TORCH_CHECK(*budget - window >= sinks, "Policy '", name, "': budget - window (",
+                *budget - window, ") must leave room for the ", sinks, " sinks");
+  }
+  TORCH_CHECK(sinks >= 0, "Policy '", name, "': sinks must be >= 0, got ", sinks);
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "Policy '", name,
+              "': alpha must be finite and >= 0, got ", alpha);
+  TORCH_CHECK(history != History::mean || alpha <= 1, "Policy '", name,
+              "': alpha must be <= 1 for the mean history, got ", alpha);
+  TORCH_CHECK(pool_kernel == 0 || (pool_kernel > 0 && pool_kernel % 2 == 1), "Policy '", name,
+              "': pool_kernel must be 0 or a positive odd size, got ", pool_kernel);
+  TORCH_CHECK(lambda >= 0 && lambda <= 1, "Policy '", name, "': lambda must be in [0, 1], got ",
+              lambda);
+  TORCH_CHECK(!std::isnan(threshold), "Policy '", name, "': threshold must not be NaN");
+  // The accumulated attention already is the key's whole history.
+  TORCH_CHECK(observation != Observation::accumulate || history == History::none, "Policy '", name,
+              "': observation 'accumulate' carries its own history; history must be 'none'");
+}
+
+int64_t Policy::observed_queries() const {
+  if (!budget) return 0;
+  switch (observation) {
+    case Observation::window: return window;
+    case Observation::last: return 1;
+    default: return 0;
+  }
+}
+
+Policy Policy::full_kv() {
+  Policy p;
+  p.name = "fullkv";
+  p.observation = Observation::none;
+  return p;
+}
+
+Policy Policy::streaming_llm(int64_t budget, int64_t sinks) {
+  Policy p;
+  p.name = "streamingllm";
+  p.budget = budget;
+  p.window = budget - sinks;  // the recent tokens are the window; the candidates feed the sinks
+  p.observation = Observation::none;
+  p.sinks = sinks;
+  p.validate();
+  return p;
+}
+
+Policy Policy::h2o_sampled(int64_t budget, double alpha) {
+  Policy p;
+  p.name = "h2o";
+  p.budget = budget;
+  p.window = 1;
+  p.normalize = true;
+  p.history = History::sum;
+  p.alpha = alpha;
+  p.validate();
+  return p;
+}
+
+Policy Policy::h2o_accumulate(int64_t budget, int64_t window) {
+  Policy p;
+  p.name = "h2o-accumulate";
+  p.budget = budget;
+  p.window = window;
+  p.observation = Observation::accumulate;
+  p.validate();
+  return p;
+}
+
+Policy Policy::snapkv(int64_t budget, int64_t window) {
+  Policy p;
+  p.name = "snapkv";
+  p.budget = budget;
+  p.window = window;
+  p.pool_kernel = kPoolKernel;
+  p.validate();
+  return p;
+}
+
+Policy Policy::rkv(int64_t budget, int64_t window, double lambda) {
+  Policy p;
+  p.name = "rkv";
+  p.budget = budget;
+  p.window = window;
+  p.pool_kernel = kPoolKernel;
+  p.lambda = lambda;
+  p.validate();
+  return p;
+}
+
+Policy Policy::tova(int64_t budget, int64_t window) {
+  Policy p;
+  p.name = "tova";
+  p.budget = budget;
+  p.window = window;
+  p.observation = Observation::last;
+  p.validate();
+  return p;
+}
+
+Policy Policy::gkv(int64_t budget, int64_t window, double alpha, double lambda, History history) {
+  Policy p;
+  p.name = "gkv";
+  p.budget = budget;
+  p.window = window;
+  p.normalize = true;
+  p.history = history;
+  p.alpha = alpha;
+  p.lambda = lambda;
+  p.validate();
+  return p;
+}
+
+namespace {
+
+// x [B,Hkv,M] / its max over M, per head; rows whose max is not positive are left as they are.
+at::Tensor normalized(const at::Tensor& x) {
+  auto m = x.amax(-1, /*keepdim=*/true);
+  return at::where(m > 0, x / m, x);
+}
+
+}  // namespace
+
+Selection select(const Policy& policy, const at::Tensor& k, const at::Tensor& pos,
+                 const at::Tensor& q_win, const at::Tensor& acc, const at::Tensor& history) {
+  TORCH_CHECK(policy.budget, "select: policy '", policy.name, "' keeps every token");
+  const int64_t N = k.size(2), w = policy.window, C = N - w, keep = *policy.budget - w;
+  TORCH_CHECK(N > *policy.budget, "select: ", N, " slots do not exceed the budget ",
+              *policy.budget);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(k.size(3)));
+  const auto cand_pos = pos.narrow(2, 0, C);  // [B,Hkv,C]
+
+  at::Tensor S;  // [B,Hkv,C] fp32
+  switch (policy.observation) {
+    case Observation::window:
+      TORCH_CHECK(q_win.size(2) == w, "select: the window observation needs ", w,
+                  " queries, got ", q_win.size(2));
+      S = gkv::window_scores(q_win, k, pos, scale);
+      break;
+    case Observation::last:
+      S = gkv::window_scores(q_win.narrow(2, q_win.size(2) - 1, 1), k, pos, scale).narrow(2, 0, C);
+      break;
+    case Observation::accumulate:
+      S = acc.narrow(2, 0, C);
+      break;
+    case Observation::none:
+      S = cand_pos.to(at::kFloat);
+      break;
+  }
+  if (policy.normalize) S = normalized(S);
+
+  at::Tensor F = S.clone();  // [B,Hkv,C]
+  const int64_t H = history.defined() ? history.size(2) : 0;
+  if (policy.history != History::none && H > 0) {
+    TORCH_CHECK(H <= C, "select: ", H, " history slots for ", C, " candidates");
+    const auto s = S.narrow(2, 0, H);
+    const double a = policy.alpha;
+    auto f = F.narrow(2, 0, H);
+    switch (policy.history) {
+      case History::max: f.copy_(at::maximum(history * a, s)); break;
+      case History::mean: f.copy_(history * a + s * (1 - a)); break;
+      case History::sum: f.copy_(history * a + s); break;
+      case History::none: break;
+    }
+  }
+
+  at::Tensor score = F;
+  if (policy.pool_kernel > 0) {
+    const int64_t B = F.size(0), Hkv = F.size(1), kernel = policy.pool_kernel;
+    score = at::max_pool1d(F.reshape({B * Hkv, 1, C}), {kernel}, {1}, {kernel / 2})
+                .view({B, Hkv, C});
+  }
+  if (policy.lambda < 1) {
+    auto R = gkv::redundancy_scores(k, pos, policy.threshold).narrow(2, 0, C);
+    if (policy.normalize) R = normalized(R);
+    score = score * policy.lambda - R * (1 - policy.lambda);
+  }
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (policy.sinks > 0) {
+    score = at::where(cand_pos.ge(0).logical_and(cand_pos.lt(policy.sinks)), kInf, score);
+  }
+  score = at::where(cand_pos.lt(0), -kInf, score).contiguous();
+  return {gkv::select_keep(score, keep, w), F};
+}
+
+std::string to_string(Observation o) {
+  switch (o) {
+    case Observation::window: return "window";
+    case Observation::last: return "last";
+    case Observation::accumulate: return "accumulate";
+    case Observation::none: return "none";
+  }
+  return "?";
+}
+
+std::string to_string(History h) {
+  switch (h) {
+    case History::none: return "none";
+    case History::max: return "max";
+    case History::mean: return "mean";
+    case History::sum: return "sum";
+  }
+  return "?";
+}
+
+Observation observation_from_string(const std::string& s) {
+  for (auto o : {Observation::window, Observation::last, Observation::accumulate, Observation::none}) {
+    if (to_string(o) == s) return o;
+  }
+  TORCH_CHECK(false, "observation must be one of window, last, accumulate, none; got '", s, "'");
+}
+
+History history_from_string(const std::string& s) {
+  for (auto h : {History::none, History::max, History::mean, History::sum}) {
+    if (to_string(h) == s) return h;
+  }
+  TORCH_CHECK(false, "history must be one of none, max, mean, sum; got '", s, "'");
+}
+
+}  // namespace gkv::cache

@@ -1,0 +1,157 @@
+// Python bindings of the eviction policies, the compressed KV cache and the generation engine
+// (gkv_ext._C.Policy, CompressedKVCache, generate, teacher_forced). Bindings only bind: the logic
+// lives in csrc/cache/ and csrc/engine/.
+#include <torch/extension.h>
+
+#include "cache/kv_cache.h"
+#include "cache/policy.h"
+#include "engine/generate.h"
+
+namespace py = pybind11;
+using gkv::cache::CacheShape;
+using gkv::cache::CompressedKVCache;
+using gkv::cache::History;
+using gkv::cache::Observation;
+using gkv::cache::Policy;
+using gkv::cache::kAlpha, gkv::cache::kGkvLambda, gkv::cache::kRkvLambda, gkv::cache::kSinks,
+    gkv::cache::kWindow;
+
+#pragma GCC diagnostic ignored "-Wattributes"  // see csrc/python/model.cpp
+
+namespace {
+
+// Enum fields travel as their names ("window", "max", ...), so Python code reads like the paper.
+template <typename E, E Policy::*field, E (*parse)(const std::string&)>
+void enum_property(py::class_<Policy>& cls, const char* name, const char* doc) {
+  cls.def_property(
+      name, [](const Policy& p) { return gkv::cache::to_string(p.*field); },
+      [](Policy& p, const std::string& s) { p.*field = parse(s); }, doc);
+}
+
+}  // namespace
+
+void bind_engine(py::module& m) {
+  py::class_<Policy> policy(m, "Policy",
+                            "An eviction policy: budget, schedule and score parts "
+                            "(csrc/cache/policy.h has the formula).");
+  policy.def(py::init<>())
+      .def_readwrite("name", &Policy::name)
+      .def_readwrite("budget", &Policy::budget, "Kept slots per KV head; None keeps everything.")
+      .def_readwrite("window", &Policy::window)
+      .def_readwrite("divide_length", &Policy::divide_length)
+      .def_readwrite("normalize", &Policy::normalize)
+      .def_readwrite("alpha", &Policy::alpha)
+      .def_readwrite("pool_kernel", &Policy::pool_kernel)
+      .def_readwrite("lam", &Policy::lambda, "lambda: score = lam * P - (1 - lam) * R")
+      .def_readwrite("threshold", &Policy::threshold)
+      .def_readwrite("sinks", &Policy::sinks)
+      .def("validate", &Policy::validate)
+      .def_property_readonly("evicts", &Policy::evicts)
+      .def_static("full_kv", &Policy::full_kv)
+      .def_static("streaming_llm", &Policy::streaming_llm, py::arg("budget"),
+                  py::arg("sinks") = kSinks)
+      .def_static("h2o_sampled", &Policy::h2o_sampled, py::arg("budget"),
+                  py::arg("alpha") = kAlpha)
+      .def_static("h2o_accumulate", &Policy::h2o_accumulate, py::arg("budget"),
+                  py::arg("window") = kWindow)
+      .def_static("snapkv", &Policy::snapkv, py::arg("budget"), py::arg("window") = kWindow)
+      .def_static("rkv", &Policy::rkv, py::arg("budget"), py::arg("window") = kWindow,
+                  py::arg("lam") = kRkvLambda)
+      .def_static("tova", &Policy::tova, py::arg("budget"), py::arg("window") = kWindow)
+      .def_static("gkv",
+                  [](int64_t budget, int64_t window, double alpha, double lam,
+                     const std::string& history) {
+                    return Policy::gkv(budget, window, alpha, lam,
+                                       gkv::cache::history_from_string(history));
+                  },
+                  py::arg("budget"), py::arg("window") = kWindow, py::arg("alpha") = kAlpha,
+                  py::arg("lam") = kGkvLambda, py::arg("history") = "max")
+      .def("__repr__", [](const Policy& p) {
+        return "Policy(name=" + p.name +
+               ", budget=" + (p.budget ? std::to_string(*p.budget) : std::string("None")) +
+               ", window=" + std::to_string(p.window) +
+               ", divide_length=" + std::to_string(p.divide_length) +
+               ", observation=" + gkv::cache::to_string(p.observation) +
+               ", normalize=" + (p.normalize ? "True" : "False") +
+               ", history=" + gkv::cache::to_string(p.history) +
+               ", alpha=" + std::to_string(p.alpha) +
+               ", pool_kernel=" + std::to_string(p.pool_kernel) +
+               ", lam=" + std::to_string(p.lambda) +
+               ", threshold=" + std::to_string(p.threshold) +
+               ", sinks=" + std::to_string(p.sinks) + ")";
+      });
+  enum_property<Observation, &Policy::observation, gkv::cache::observation_from_string>(
+      policy, "observation", "'window', 'last', 'accumulate' or 'none'");
+  enum_property<History, &Policy::history, gkv::cache::history_from_string>(
+      policy, "history", "'none', 'max', 'mean' or 'sum'");
+
+  py::class_<CompressedKVCache>(m, "CompressedKVCache",
+                                "The compressed KV cache of one batch (csrc/cache/kv_cache.h).")
+      .def(py::init([](const Policy& policy, int64_t layers, int64_t batch, int64_t q_heads,
+                       int64_t kv_heads, int64_t head_dim, int64_t max_tokens,
+                       at::ScalarType dtype, const std::string& device) {
+             const CacheShape shape{layers,   batch, q_heads, kv_heads,
+                                    head_dim, dtype, at::Device(device)};
+             return CompressedKVCache(policy, shape, max_tokens);
+           }),
+           py::arg("policy"), py::arg("layers"), py::arg("batch"), py::arg("q_heads"),
+           py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_tokens"),
+           py::arg("dtype") = at::kFloat, py::arg("device") = "cpu")
+      .def("begin_prefill", &CompressedKVCache::begin_prefill, py::arg("attention_mask"),
+           "attention_mask [B,P] -> positions [B,P] int64")
+      .def("begin_decode", &CompressedKVCache::begin_decode, py::arg("tokens") = 1,
+           "-> positions [B,T] int64 of T new tokens per row")
+      .def("attend", &CompressedKVCache::attend, py::arg("layer"), py::arg("q"), py::arg("k"),
+           py::arg("v"), "q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,Hq,T,d]")
+      .def("end_forward", &CompressedKVCache::end_forward)
+      .def_property_readonly("capacity", &CompressedKVCache::capacity)
+      .def_property_readonly("length", &CompressedKVCache::length)
+      .def_property_readonly("forwards", &CompressedKVCache::forwards)
+      .def("keys", &CompressedKVCache::keys, py::arg("layer"))
+      .def("values", &CompressedKVCache::values, py::arg("layer"))
+      .def("positions", &CompressedKVCache::positions, py::arg("layer"))
+      .def("scores", &CompressedKVCache::scores, py::arg("layer"))
+      .def("death", &CompressedKVCache::death, "[B,L,Hkv,max_tokens] int32 eviction log");
+
+  py::class_<gkv::engine::GenerateResult>(m, "GenerateResult")
+      .def_readonly("tokens", &gkv::engine::GenerateResult::tokens)
+      .def_readonly("logprobs", &gkv::engine::GenerateResult::logprobs)
+      .def_readonly("lengths", &gkv::engine::GenerateResult::lengths)
+      .def_readonly("prompt_lengths", &gkv::engine::GenerateResult::prompt_lengths)
+      .def_readonly("death", &gkv::engine::GenerateResult::death)
+      .def_readonly("kv_slots", &gkv::engine::GenerateResult::kv_slots);
+  py::class_<gkv::engine::ForcedResult>(m, "ForcedResult")
+      .def_readonly("logprobs", &gkv::engine::ForcedResult::logprobs)
+      .def_readonly("death", &gkv::engine::ForcedResult::death);
+
+  m.def(
+      "generate",
+      [](const gkv::model::Decoder& model, const std::vector<std::vector<int64_t>>& prompts,
+         const Policy& policy, int64_t max_new_tokens, double temperature, double top_p,
+         int64_t top_k, uint64_t seed, std::optional<std::vector<int64_t>> eos_token_ids,
+         std::vector<int64_t> stop_token_ids, std::optional<int64_t> pad_token_id) {
+        gkv::engine::GenerateOptions o;
+        o.max_new_tokens = max_new_tokens;
+        o.sampling = {temperature, top_p, top_k, seed};
+        o.eos_token_ids = std::move(eos_token_ids);
+        o.stop_token_ids = std::move(stop_token_ids);
+        o.pad_token_id = pad_token_id;
+        py::gil_scoped_release no_gil;
+        return gkv::engine::generate(model, prompts, policy, o);
+      },
+      py::arg("model"), py::arg("prompts"), py::arg("policy"), py::arg("max_new_tokens") = 128,
+      py::arg("temperature") = 0.0, py::arg("top_p") = 1.0, py::arg("top_k") = 0,
+      py::arg("seed") = 0, py::arg("eos_token_ids") = py::none(),
+      py::arg("stop_token_ids") = std::vector<int64_t>{}, py::arg("pad_token_id") = py::none(),
+      "Batched generation with a compressed KV cache (csrc/engine/generate.h).");
+  m.def(
+      "teacher_forced",
+      [](const gkv::model::Decoder& model, const std::vector<std::vector<int64_t>>& prompts,
+         const at::Tensor& tokens, const Policy& policy, std::optional<int64_t> pad_token_id) {
+        py::gil_scoped_release no_gil;
+        return gkv::engine::teacher_forced(model, prompts, tokens, policy, pad_token_id);
+      },
+      py::arg("model"), py::arg("prompts"), py::arg("tokens"), py::arg("policy"),
+      py::arg("pad_token_id") = py::none(),
+      "Runs given tokens [B,T] after the prompts in chunks ending at the compression steps.");
+}

@@ -1,0 +1,90 @@
+"""Command line: ``python -m gkv_ext generate --model PATH --prompt TEXT --policy gkv --budget N``.
+
+The tokenizer is transformers' AutoTokenizer for a checkpoint directory that has one, or the
+llama2.c tokenizer (tok512.bin beside the model, else the model file's own vocabulary) for a
+llama2.ts .bin model.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from . import policies
+from ._C import Tokenizer
+from .engine import generate, load_model
+
+
+class _Llama2Tokenizer:
+    def __init__(self, model_path: Path):
+        tok = model_path.parent / "tok512.bin"
+        self.tok = Tokenizer.load(str(tok if tok.exists() else model_path))
+
+    def encode(self, text):
+        return self.tok.encode(text, bos=True)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+class _HFTokenizer:
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def encode(self, text):
+        return self.tok(text)["input_ids"]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _tokenizer(path: Path):
+    if path.is_file():
+        return _Llama2Tokenizer(path)
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return _HFTokenizer(path)
+    raise SystemExit(f"no tokenizer found in {path} (tokenizer.json or tokenizer_config.json)")
+
+
+def _generate(args) -> int:
+    path = Path(args.model)
+    tokenizer = _tokenizer(path)
+    model = load_model(path, device=args.device)
+    extra = {"window": args.window, "divide_length": args.divide_length}
+    policy = policies.by_name(args.policy, args.budget,
+                              **{k: v for k, v in extra.items() if v is not None})
+    out = generate(model, tokenizer.encode(args.prompt), policy=policy,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    print(tokenizer.decode(out.sequences[0]))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gkv_ext")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text with a compressed KV cache")
+    g.add_argument("--model", required=True, help="checkpoint directory or llama2.ts .bin file")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--policy", default="gkv",
+                   help="fullkv, streamingllm, h2o, h2o-accumulate, snapkv, rkv, tova or gkv "
+                        "(default gkv)")
+    g.add_argument("--budget", type=int, default=None, help="kept tokens per KV head")
+    g.add_argument("--window", type=int, default=None, help="recent tokens always kept (16)")
+    g.add_argument("--divide-length", type=int, default=None,
+                   help="compression every D forwards (128)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="e.g. cpu or cuda")
+    args = parser.parse_args(argv)
+    try:
+        return _generate(args)
+    except (ValueError, RuntimeError) as e:  # bad policy or generation arguments
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The native generation engine from Python: ``load_model`` and ``generate`` (csrc/engine)."""
+from dataclasses import dataclass
+from os import PathLike
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import _C
+from .policies import FullKV, Policy
+
+__all__ = ["load_model", "generate", "teacher_forced", "Generation"]
+
+
+def load_model(path: Union[str, PathLike], device: Optional[str] = None,
+               dtype: Optional[torch.dtype] = None) -> _C.Model:
+    """A transformers checkpoint directory (config.json + safetensors) or a llama2.ts .bin file
+    (stories260K), optionally moved to ``device`` / cast to ``dtype``."""
+    model = _C.Model.load(str(path))
+    if device is not None or dtype is not None:
+        model.to(device, dtype)
+    return model
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor          # [B,T] int64, pad after a row's stop token
+    logprobs: torch.Tensor        # [B,T] fp32 log-prob of each token under the raw logits
+    lengths: torch.Tensor         # [B] int64 tokens generated per row, stop token included
+    prompt_lengths: torch.Tensor  # [B] int64
+    death: torch.Tensor           # [B,L,Hkv,P+max_new_tokens] int32 eviction log
+    kv_slots: int                 # slots per layer and KV head the cache allocated, once
+
+    @property
+    def sequences(self) -> List[List[int]]:
+        """Each row's generated tokens, up to and including its stop token."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+
+def _prompt_lists(prompts) -> List[List[int]]:
+    if isinstance(prompts, torch.Tensor):
+        raise TypeError("prompts must be token id lists (one list, or a list of lists); "
+                        "left padding is done by generate")
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]
+    return [list(p) for p in prompts]
+
+
+def generate(model: _C.Model, prompts: Union[Sequence[int], Sequence[Sequence[int]]],
+             policy: Optional[Policy] = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             eos_token_ids: Optional[Sequence[int]] = None, stop_token_ids: Sequence[int] = (),
+             pad_token_id: Optional[int] = None) -> Generation:
+    """Batched generation with a compressed KV cache.
+
+    Args:
+        prompts: one list of token ids, or a list of them (left-padded into one batch).
+        policy: a ``gkv_ext.policies`` policy; FullKV when None.
+        temperature: 0 for greedy; otherwise sampling with ``top_p`` / ``top_k`` and ``seed``.
+        eos_token_ids: end a row; default the model config's. ``stop_token_ids`` end it too.
+        pad_token_id: fills finished rows and left padding; default the first EOS id, else 0.
+    """
+    r = _C.generate(model, _prompt_lists(prompts), policy if policy is not None else FullKV(),
+                    max_new_tokens, temperature, top_p, top_k, seed,
+                    None if eos_token_ids is None else list(eos_token_ids),
+                    list(stop_token_ids), pad_token_id)
+    return Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
+
+
+def teacher_forced(model: _C.Model, prompts, tokens: torch.Tensor,
+                   policy: Optional[Policy] = None, pad_token_id: Optional[int] = None):
+    """Runs ``tokens`` [B,T] after the prompts as if generated, in chunks ending at the compression
+    steps; returns (logprobs [B,T], death [B,L,Hkv,P+T])."""
+    r = _C.teacher_forced(model, _prompt_lists(prompts), tokens,
+                          policy if policy is not None else FullKV(), pad_token_id)
+    return r.logprobs, r.death

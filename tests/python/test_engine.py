@@ -1,0 +1,295 @@
+"""The generation engine (csrc/engine) end to end on tiny random transformers models and stories260K.
+
+- FullKV greedy generation equals transformers' generate token for token (Llama, Qwen2, Qwen3;
+  one prompt and a left-padded batch), and its log-probs equal transformers' scores.
+- Every policy with a budget >= the total length equals FullKV.
+- Teacher-forced chunks make the same eviction decisions (and log-probs) as generation.
+- Sampling is reproducible by seed and respects top-k; EOS / stop tokens freeze rows.
+- stories260K continues the reference prompt with the DATA.md text (skipped when absent).
+- Bad arguments raise errors that name them.
+"""
+import pytest
+import torch
+
+import gkv_ext
+from gkv_ext import Tokenizer, generate, load_model, policies, teacher_forced
+
+from conftest import shared_dir
+
+transformers = pytest.importorskip("transformers")
+
+INT32_MAX = 2**31 - 1
+STORIES = shared_dir() / "models" / "stories260k"
+requires_stories = pytest.mark.skipif(
+    not (STORIES / "tinystories_260k_v1.bin").exists() or not (STORIES / "tok512.bin").exists(),
+    reason=f"stories260K not found at {STORIES} (see ../shared/DATA.md)")
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=97,
+             max_position_embeddings=256)
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32)),
+}
+PROMPTS = [[5, 17, 33, 2 + 1, 60, 8, 41, 12, 90, 7, 3], [44, 9, 71], [11, 22, 33, 44, 55, 66, 77]]
+ALL_POLICIES = ["gkv", "snapkv", "rkv", "h2o", "h2o-accumulate", "tova", "streamingllm"]
+
+
+def make_policy(name, budget, window=4, divide_length=8):
+    if name == "h2o-accumulate":
+        return policies.H2O(budget, mode="accumulate", window=window, divide_length=divide_length)
+    if name == "h2o":
+        return policies.H2O(budget, divide_length=divide_length)
+    if name == "streamingllm":
+        return policies.StreamingLLM(budget, divide_length=divide_length)
+    return policies.by_name(name, budget, window=window, divide_length=divide_length)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (transformers model, our model), random weights of a visible size."""
+    out = {}
+    for name, (cls_name, extra) in CONFIGS.items():
+        config = getattr(transformers, cls_name)(**SMALL, **extra)
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                p.uniform_(0.5, 1.5) if pname.endswith("norm.weight") else p.normal_(0.0, 0.15)
+        path = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(path, safe_serialization=True)
+        out[name] = (hf, load_model(path))
+    return out
+
+
+def hf_greedy(hf, prompts, n):
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, eos_token_id=None, pad_token_id=0,
+                          output_scores=True, return_dict_in_generate=True)
+    logprobs = torch.stack(out.scores, 1).log_softmax(-1)
+    tokens = out.sequences[:, P:]
+    return tokens, logprobs.gather(2, tokens.unsqueeze(2)).squeeze(2)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [[0], [0, 1, 2]], ids=["one", "left-padded"])
+def test_fullkv_greedy_equals_transformers(tiny, name, batch):
+    hf, model = tiny[name]
+    prompts = [PROMPTS[i] for i in batch]
+    ref_tokens, ref_lp = hf_greedy(hf, prompts, 24)
+    out = generate(model, prompts, max_new_tokens=24, eos_token_ids=[], pad_token_id=0)
+    assert out.tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(out.logprobs, ref_lp, atol=1e-4, rtol=1e-4)
+    assert out.lengths.tolist() == [24] * len(prompts)
+    assert out.prompt_lengths.tolist() == [len(p) for p in prompts]
+    assert (out.death == INT32_MAX).all()
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_budget_above_total_length_equals_fullkv(tiny, policy):
+    _, model = tiny["llama"]
+    full = generate(model, PROMPTS, max_new_tokens=30, eos_token_ids=[])
+    # budget >= prompt + new tokens: compression is tried every D = 8 forwards, never needed.
+    out = generate(model, PROMPTS, policy=make_policy(policy, 64), max_new_tokens=30,
+                   eos_token_ids=[])
+    assert out.tokens.tolist() == full.tokens.tolist()
+    torch.testing.assert_close(out.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
+    assert (out.death == INT32_MAX).all()
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_teacher_forced_equals_generation(tiny, policy):
+    _, model = tiny["qwen2"]
+    # The first prompt (11 tokens) exceeds budget 10: it is compressed at the prefill too.
+    p = make_policy(policy, 10 if policy != "streamingllm" else 12)
+    gen = generate(model, PROMPTS, policy=p, max_new_tokens=40, eos_token_ids=[])
+    assert (gen.death < INT32_MAX).any()
+    logprobs, death = teacher_forced(model, PROMPTS, gen.tokens, policy=p)
+    assert torch.equal(death, gen.death)
+    torch.testing.assert_close(logprobs, gen.logprobs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["gkv", "snapkv", "h2o-accumulate", "streamingllm"])
+def test_death_log_replays_the_rollout_in_lifetime_attention(tiny, policy):
+    """A training forward of prompt + generated tokens in which key j is visible to query i iff
+    j <= i < death[j] (gkv_ext.ops.lifetime_attention inside transformers' own model) gives the
+    rollout's log-probs: the eviction log is exactly what each query saw."""
+    import copy
+    hf, model = tiny["llama"]
+    death_of_row = {}
+
+    def lifetime(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        death = death_of_row["death"][:, module.layer_idx].contiguous()
+        out, _ = gkv_ext.ops.lifetime_attention(query, key, value, death, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    transformers.AttentionInterface.register("gkv_lifetime", lifetime)
+    trainer = copy.deepcopy(hf)
+    trainer.set_attn_implementation("gkv_lifetime")
+    p = make_policy(policy, 10 if policy != "streamingllm" else 12)
+    out = generate(model, PROMPTS, policy=p, max_new_tokens=40, eos_token_ids=[])
+    assert (out.death < INT32_MAX).any()
+    for b, prompt in enumerate(PROMPTS):
+        n = len(prompt)
+        seq = torch.tensor([prompt + out.tokens[b].tolist()])
+        T = seq.shape[1]
+        death_of_row["death"] = out.death[b:b + 1, :, :, :T]
+        with torch.no_grad():
+            logits = trainer(input_ids=seq).logits[0, n - 1:T - 1]
+        lp = logits.log_softmax(-1).gather(1, seq[0, n:].unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(lp, out.logprobs[b], atol=1e-4, rtol=1e-4)
+
+
+def test_compression_changes_generation_but_stays_finite(tiny):
+    _, model = tiny["qwen3"]
+    full = generate(model, PROMPTS, max_new_tokens=40, eos_token_ids=[])
+    out = generate(model, PROMPTS, policy=policies.GKV(8, window=4, divide_length=4),
+                   max_new_tokens=40, eos_token_ids=[])
+    assert torch.isfinite(out.logprobs).all()
+    assert out.tokens.tolist() != full.tokens.tolist()
+    # KV memory is flat in the generated length: budget + D slots, whatever max_new_tokens is.
+    assert full.kv_slots == max(map(len, PROMPTS)) + 40
+    assert out.kv_slots == 8 + 4
+    longer = generate(model, PROMPTS, policy=policies.GKV(8, window=4, divide_length=4),
+                      max_new_tokens=120, eos_token_ids=[])
+    assert longer.kv_slots == 12 and longer.tokens[:, :40].tolist() == out.tokens.tolist()
+    # Every evicted position of row b died at a position it had reached.
+    L = model.config.num_layers
+    for b, n in enumerate(out.prompt_lengths.tolist()):
+        d = out.death[b]
+        died = d[d < INT32_MAX]
+        assert died.numel() > 0 and int(died.max()) <= n + 40 and int(died.min()) >= 1
+        assert d.shape[0] == L
+
+
+@pytest.mark.parametrize("policy", ["gkv", "h2o-accumulate"])
+def test_bf16_model_generates_under_compression(tiny, tmp_path, policy):
+    hf, _ = tiny["qwen3"]
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    p = make_policy(policy, 10)
+    out = generate(model, PROMPTS, policy=p, max_new_tokens=30, eos_token_ids=[])
+    assert torch.isfinite(out.logprobs).all() and (out.death < INT32_MAX).any()
+    logprobs, death = teacher_forced(model, PROMPTS, out.tokens, policy=p)
+    assert torch.isfinite(logprobs).all() and death.shape == out.death.shape
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny):
+    _, model = tiny["llama"]
+    kw = dict(max_new_tokens=20, temperature=1.0, eos_token_ids=[])
+    a = generate(model, PROMPTS, seed=3, **kw)
+    b = generate(model, PROMPTS, seed=3, **kw)
+    c = generate(model, PROMPTS, seed=4, **kw)
+    assert a.tokens.tolist() == b.tokens.tolist()
+    assert a.tokens.tolist() != c.tokens.tolist()
+    greedy = generate(model, PROMPTS, max_new_tokens=20, eos_token_ids=[])
+    top1 = generate(model, PROMPTS, seed=5, top_k=1, **kw)
+    assert top1.tokens.tolist() == greedy.tokens.tolist()
+    tiny_p = generate(model, PROMPTS, seed=5, top_p=1e-6, **kw)
+    assert tiny_p.tokens.tolist() == greedy.tokens.tolist()
+
+
+def test_eos_and_stop_tokens_freeze_rows(tiny):
+    _, model = tiny["llama"]
+    free = generate(model, PROMPTS, max_new_tokens=12, eos_token_ids=[])
+    stop = free.tokens[0, 3].item()  # row 0 stops at its 4th token (or earlier)
+    out = generate(model, PROMPTS, max_new_tokens=12, eos_token_ids=[], stop_token_ids=[stop],
+                   pad_token_id=96)
+    for b in range(len(PROMPTS)):
+        row = free.tokens[b].tolist()
+        n = row.index(stop) + 1 if stop in row else 12
+        assert out.lengths[b] == n
+        assert out.tokens[b, :n].tolist() == row[:n]
+        assert out.tokens[b, n:].tolist() == [96] * (out.tokens.shape[1] - n)
+        assert (out.logprobs[b, n:] == 0).all()
+    # All rows stopping at once ends generation early.
+    early = generate(model, [PROMPTS[0]], max_new_tokens=12, eos_token_ids=[stop])
+    assert early.tokens.shape[1] == early.lengths[0] <= 4
+    assert early.sequences == [free.tokens[0, :early.lengths[0]].tolist()]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[[]]), r"prompts\[0\] is empty"),
+    (dict(prompts=[[1, 500]]), r"prompts\[0\] holds token id 500"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1, temperature=1.0), "top_k must be >= 0"),
+    (dict(pad_token_id=97), "pad_token_id 97 is outside the vocabulary"),
+])
+def test_bad_generate_arguments_raise(tiny, kwargs, match):
+    _, model = tiny["llama"]
+    args = dict(prompts=PROMPTS, max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        generate(model, **args)
+
+
+def test_bad_teacher_forced_arguments_raise(tiny):
+    _, model = tiny["llama"]
+    with pytest.raises(RuntimeError, match=r"tokens must be \[B,T\] int64 with B = 3"):
+        teacher_forced(model, PROMPTS, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="token ids must lie in"):
+        teacher_forced(model, PROMPTS, torch.full((3, 4), 97))
+
+
+@requires_stories
+def test_stories260k_greedy_continuation():
+    model = load_model(STORIES / "tinystories_260k_v1.bin")
+    tok = Tokenizer.load(str(STORIES / "tok512.bin"))
+    prompt = tok.encode("Once upon a time, there was a little", bos=True)
+    out = generate(model, prompt, max_new_tokens=16)
+    assert tok.decode(out.sequences[0]).startswith("girl named Lily. She loved to play outside")
+    # A budget above the total length changes nothing; G-KV at a small budget still runs.
+    same = generate(model, prompt, policy=policies.GKV(64, divide_length=16), max_new_tokens=16)
+    assert same.tokens.tolist() == out.tokens.tolist()
+    small = generate(model, prompt, policy=policies.GKV(24, window=8, divide_length=8),
+                     max_new_tokens=48)
+    assert (small.death < INT32_MAX).any() and torch.isfinite(small.logprobs).all()
+
+
+@requires_stories
+def test_cli_generates_text(capsys):
+    from gkv_ext.__main__ import main
+    assert main(["generate", "--model", str(STORIES / "tinystories_260k_v1.bin"), "--prompt",
+                 "Once upon a time, there was a little", "--policy", "gkv", "--budget", "64",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("girl named Lily.")
+    assert main(["generate", "--model", str(STORIES / "tinystories_260k_v1.bin"), "--prompt",
+                 "Once", "--policy", "h2o-accumulate", "--budget", "4", "--window", "8"]) == 2
+    assert "budget (4) must be >= window (8)" in capsys.readouterr().err
+
+
+QWEN3_TOKENIZER = shared_dir() / "tokenizers" / "qwen3"
+
+
+@pytest.mark.skipif(not (QWEN3_TOKENIZER / "tokenizer.json").exists(),
+                    reason=f"the Qwen3 tokenizer is not at {QWEN3_TOKENIZER}")
+def test_cli_uses_the_checkpoint_tokenizer(tmp_path, capsys):
+    import shutil
+    from gkv_ext.__main__ import main
+    config = transformers.Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      vocab_size=151680, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for f in QWEN3_TOKENIZER.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    model = load_model(tmp_path)
+    prompt = "The answer is"
+    ref = generate(model, tok(prompt)["input_ids"], policy=policies.GKV(16, window=4),
+                   max_new_tokens=5, eos_token_ids=[])
+    assert main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--policy", "gkv",
+                 "--budget", "16", "--window", "4", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    n = ref.lengths[0]
+    assert printed == tok.decode(ref.tokens[0, :n].tolist(), skip_special_tokens=True)
+
+
+def test_package_exports():
+    assert gkv_ext.generate is generate and gkv_ext.load_model is load_model

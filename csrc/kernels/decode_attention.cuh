@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/ptx.cuh"
 
 namespace gkv::kernels {
 
@@ -116,24 +117,6 @@ __device__ __forceinline__ void unpack_vec16(const uint4 raw, float (&dst)[N]) {
 template <typename T, int N>
 __device__ __forceinline__ void load_vec16(const T* ptr, float (&dst)[N]) {
   unpack_vec16<T>(__ldg(reinterpret_cast<const uint4*>(ptr)), dst);
-}
-
-// Asynchronous global -> shared copies of 16 or 4 bytes; with valid = false nothing is read and
-// the destination is zero-filled.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 template <typename T, int D, int TG>
@@ -367,50 +350,6 @@ struct DecodeMmaConfig {
   static_assert(kRows * D * 4 <= kStages * 2 * kTileBytes, "merge buffer fits in the ring");
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-}
-
-// c += a * b with fp32 accumulators; T is bf16 or fp16.
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Four 8x8 16-bit matrices from shared memory; lane i gives the row address of matrix i / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
     decode_split_mma_kernel(const DecodeAttentionParams p) {
@@ -569,8 +508,8 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
         pr[e] = exp2f(s[nt][e] - ms[e >> 1]);
         l[e >> 1] += pr[e];
       }
-      pa[nt * 2] = pack_pair<T>(pr[0], pr[1]);      // row gr, keys nt*8 + 2tq..
-      pa[nt * 2 + 1] = pack_pair<T>(pr[2], pr[3]);  // row gr + 8
+      pa[nt * 2] = pack2<T>(pr[0], pr[1]);      // row gr, keys nt*8 + 2tq..
+      pa[nt * 2 + 1] = pack2<T>(pr[2], pr[3]);  // row gr + 8
     }
 
     // O = O * corr + P V. V is stored [key][d], i.e. the B operand as [k][n], read transposed:

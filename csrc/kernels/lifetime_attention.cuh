@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
   __syncthreads();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    ldsm_x4(qf[kk], frag_a_ptr(sQ, LD, warp * 16, kk * 16, lane));
+    ldmatrix_x4(qf[kk], frag_a_ptr(sQ, LD, warp * 16, kk * 16, lane));
   }
 
   for (int stage = 0; n < n_end; stage ^= 1) {
@@ -123,9 +123,9 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
 #pragma unroll
       for (int nt = 0; nt < BN / 16; ++nt) {
         uint32_t bf[4];
-        ldsm_x4(bf, frag_b_nk_ptr(k_s, LD, nt * 16, kk * 16, lane));
-        mma16816<T>(sc[2 * nt], qf[kk], bf[0], bf[1]);
-        mma16816<T>(sc[2 * nt + 1], qf[kk], bf[2], bf[3]);
+        ldmatrix_x4(bf, frag_b_nk_ptr(k_s, LD, nt * 16, kk * 16, lane));
+        mma_m16n8k16<T>(sc[2 * nt], qf[kk], bf[0], bf[1]);
+        mma_m16n8k16<T>(sc[2 * nt + 1], qf[kk], bf[2], bf[3]);
       }
     }
     const int2 st = stats_bh[n];
@@ -174,9 +174,9 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bf[4];
-        ldsm_x4_trans(bf, frag_b_kn_ptr(v_s, LD, kt * 16, dn * 16, lane));
-        mma16816<T>(acc[2 * dn], pf, bf[0], bf[1]);
-        mma16816<T>(acc[2 * dn + 1], pf, bf[2], bf[3]);
+        ldmatrix_x4_trans(bf, frag_b_kn_ptr(v_s, LD, kt * 16, dn * 16, lane));
+        mma_m16n8k16<T>(acc[2 * dn], pf, bf[0], bf[1]);
+        mma_m16n8k16<T>(acc[2 * dn + 1], pf, bf[2], bf[3]);
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch

@@ -93,17 +93,17 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t qf[4], of[4];
-      ldsm_x4(qf, frag_a_ptr(sQ, LD, warp * 16, kk * 16, lane));
-      ldsm_x4(of, frag_a_ptr(sdO, LD, warp * 16, kk * 16, lane));
+      ldmatrix_x4(qf, frag_a_ptr(sQ, LD, warp * 16, kk * 16, lane));
+      ldmatrix_x4(of, frag_a_ptr(sdO, LD, warp * 16, kk * 16, lane));
 #pragma unroll
       for (int nt = 0; nt < BN / 16; ++nt) {
         uint32_t bf[4];
-        ldsm_x4(bf, frag_b_nk_ptr(k_s, LD, nt * 16, kk * 16, lane));
-        mma16816<T>(sc[2 * nt], qf, bf[0], bf[1]);
-        mma16816<T>(sc[2 * nt + 1], qf, bf[2], bf[3]);
-        ldsm_x4(bf, frag_b_nk_ptr(v_s, LD, nt * 16, kk * 16, lane));
-        mma16816<T>(dp[2 * nt], of, bf[0], bf[1]);
-        mma16816<T>(dp[2 * nt + 1], of, bf[2], bf[3]);
+        ldmatrix_x4(bf, frag_b_nk_ptr(k_s, LD, nt * 16, kk * 16, lane));
+        mma_m16n8k16<T>(sc[2 * nt], qf, bf[0], bf[1]);
+        mma_m16n8k16<T>(sc[2 * nt + 1], qf, bf[2], bf[3]);
+        ldmatrix_x4(bf, frag_b_nk_ptr(v_s, LD, nt * 16, kk * 16, lane));
+        mma_m16n8k16<T>(dp[2 * nt], of, bf[0], bf[1]);
+        mma_m16n8k16<T>(dp[2 * nt + 1], of, bf[2], bf[3]);
       }
     }
     const int2 st = stats_bh[n];
@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bf[4];
-        ldsm_x4_trans(bf, frag_b_kn_ptr(k_s, LD, kt * 16, dn * 16, lane));
-        mma16816<T>(acc[2 * dn], af, bf[0], bf[1]);
-        mma16816<T>(acc[2 * dn + 1], af, bf[2], bf[3]);
+        ldmatrix_x4_trans(bf, frag_b_kn_ptr(k_s, LD, kt * 16, dn * 16, lane));
+        mma_m16n8k16<T>(acc[2 * dn], af, bf[0], bf[1]);
+        mma_m16n8k16<T>(acc[2 * dn + 1], af, bf[2], bf[3]);
       }
     }
     __syncthreads();
@@ -244,17 +244,17 @@ __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kf[4], vf[4];
-      ldsm_x4(kf, frag_a_ptr(sK, LD, warp * 16, kk * 16, lane));
-      ldsm_x4(vf, frag_a_ptr(sV, LD, warp * 16, kk * 16, lane));
+      ldmatrix_x4(kf, frag_a_ptr(sK, LD, warp * 16, kk * 16, lane));
+      ldmatrix_x4(vf, frag_a_ptr(sV, LD, warp * 16, kk * 16, lane));
 #pragma unroll
       for (int nt = 0; nt < BM / 16; ++nt) {
         uint32_t bf[4];
-        ldsm_x4(bf, frag_b_nk_ptr(q_s, LD, nt * 16, kk * 16, lane));
-        mma16816<T>(sc[2 * nt], kf, bf[0], bf[1]);
-        mma16816<T>(sc[2 * nt + 1], kf, bf[2], bf[3]);
-        ldsm_x4(bf, frag_b_nk_ptr(do_s, LD, nt * 16, kk * 16, lane));
-        mma16816<T>(dp[2 * nt], vf, bf[0], bf[1]);
-        mma16816<T>(dp[2 * nt + 1], vf, bf[2], bf[3]);
+        ldmatrix_x4(bf, frag_b_nk_ptr(q_s, LD, nt * 16, kk * 16, lane));
+        mma_m16n8k16<T>(sc[2 * nt], kf, bf[0], bf[1]);
+        mma_m16n8k16<T>(sc[2 * nt + 1], kf, bf[2], bf[3]);
+        ldmatrix_x4(bf, frag_b_nk_ptr(do_s, LD, nt * 16, kk * 16, lane));
+        mma_m16n8k16<T>(dp[2 * nt], vf, bf[0], bf[1]);
+        mma_m16n8k16<T>(dp[2 * nt + 1], vf, bf[2], bf[3]);
       }
     }
     const bool full = n0 + BN - 1 <= i0 && i0 + BM <= s.T && st.x > i0 + BM - 1;
@@ -283,12 +283,12 @@ __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bf[4];
-        ldsm_x4_trans(bf, frag_b_kn_ptr(do_s, LD, kt * 16, dn * 16, lane));
-        mma16816<T>(dv_acc[2 * dn], pf, bf[0], bf[1]);
-        mma16816<T>(dv_acc[2 * dn + 1], pf, bf[2], bf[3]);
-        ldsm_x4_trans(bf, frag_b_kn_ptr(q_s, LD, kt * 16, dn * 16, lane));
-        mma16816<T>(dk_acc[2 * dn], sf, bf[0], bf[1]);
-        mma16816<T>(dk_acc[2 * dn + 1], sf, bf[2], bf[3]);
+        ldmatrix_x4_trans(bf, frag_b_kn_ptr(do_s, LD, kt * 16, dn * 16, lane));
+        mma_m16n8k16<T>(dv_acc[2 * dn], pf, bf[0], bf[1]);
+        mma_m16n8k16<T>(dv_acc[2 * dn + 1], pf, bf[2], bf[3]);
+        ldmatrix_x4_trans(bf, frag_b_kn_ptr(q_s, LD, kt * 16, dn * 16, lane));
+        mma_m16n8k16<T>(dk_acc[2 * dn], sf, bf[0], bf[1]);
+        mma_m16n8k16<T>(dk_acc[2 * dn + 1], sf, bf[2], bf[3]);
       }
     }
     __syncthreads();

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "kernels/common.cuh"
+#include "kernels/ptx.cuh"
 
 namespace gkv::kernels {
 
@@ -217,43 +218,8 @@ constexpr size_t mma_smem_bytes() {
   return 2 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = fill ? 16 : 0;  // 0: write zeros
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int Pending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
-}
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&frag)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
-               : "r"(addr));
-}
 
-// acc += A (16x16, row) * B (16x8, col), fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // n_keys keys from row0 on into dst [n_keys][pitch] (zeros past N); with dst_inv, also the 64
 // inv values from row0 on (inside the padded [0, Np) range).
@@ -402,8 +368,8 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
                               kk * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
           for (int m = 0; m < 2; ++m) {
-            mma_16816<T>(acc[m][2 * np], a[m][kk], bf[0], bf[1]);
-            mma_16816<T>(acc[m][2 * np + 1], a[m][kk], bf[2], bf[3]);
+            mma_m16n8k16<T>(acc[m][2 * np], a[m][kk], bf[0], bf[1]);
+            mma_m16n8k16<T>(acc[m][2 * np + 1], a[m][kk], bf[2], bf[3]);
           }
         }
       }

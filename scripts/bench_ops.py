@@ -152,7 +152,9 @@ def reference_compression(k, v, pos, score, keep, window, threshold=0.5):
     return k.gather(2, gather), v.gather(2, gather), pos.gather(2, idx)
 
 
-def bench_compression(device, dtype, n, batch, reps, hkv=4, d=128, window=16, budget=2048):
+def bench_compression(device, dtype, n, batch, reps, hkv=4, d=128, window=16, interval=128):
+    """A compression step at its peak length: n = budget + interval (divide_length D)."""
+    budget = n - interval
     k = torch.randn(batch, hkv, n, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
     pos = torch.arange(n, device=device, dtype=torch.int32).expand(batch, hkv, n).contiguous()

@@ -34,7 +34,7 @@ TORCH_LIBRARY(gkv, m) {
 
   // In-place compaction, per head: slot t takes slot idx[..., t] for t < K. Slots >= K are left
   // as they were. k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score [B,Hkv,C] fp32,
-  // idx [B,Hkv,K] int64 ascending.
+  // idx [B,Hkv,K] int64 in [0, C), any order.
   m.def(
       "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, Tensor(d!) score, "
       "Tensor idx) -> ()");

@@ -85,7 +85,9 @@ def compact_(k_cache: Tensor, v_cache: Tensor, pos: Tensor, score: Tensor, idx: 
 
     Args:
         k_cache, v_cache: ``[B, Hkv, C, d]`` contiguous; pos: ``[B, Hkv, C]`` int32;
-        score: ``[B, Hkv, C]`` float32; idx: ``[B, Hkv, K]`` int64, strictly ascending, < C.
+        score: ``[B, Hkv, C]`` float32; idx: ``[B, Hkv, K]`` int64 in ``[0, C)``, any order
+        (ascending, as select_keep gives it, compacts in place; other orders go through a
+        scratch copy). Slots ``>= K`` are left as they were.
     """
     _ops.compact_(k_cache, v_cache, pos, score, idx)
 

@@ -51,81 +51,65 @@ Policy Policy::full_kv() {
   return p;
 }
 
-Policy Policy::streaming_llm(int64_t budget, int64_t sinks) {
+namespace {
+
+// A validated policy with the given name, budget and window; `parts` sets its score parts.
+template <typename Parts>
+Policy budgeted(const char* name, int64_t budget, int64_t window, Parts parts) {
   Policy p;
-  p.name = "streamingllm";
+  p.name = name;
   p.budget = budget;
-  p.window = budget - sinks;  // the recent tokens are the window; the candidates feed the sinks
-  p.observation = Observation::none;
-  p.sinks = sinks;
+  p.window = window;
+  parts(p);
   p.validate();
   return p;
+}
+
+}  // namespace
+
+Policy Policy::streaming_llm(int64_t budget, int64_t sinks) {
+  // The recent tokens are the window; the candidates feed the sinks.
+  return budgeted("streamingllm", budget, budget - sinks, [&](Policy& p) {
+    p.observation = Observation::none;
+    p.sinks = sinks;
+  });
 }
 
 Policy Policy::h2o_sampled(int64_t budget, double alpha) {
-  Policy p;
-  p.name = "h2o";
-  p.budget = budget;
-  p.window = 1;
-  p.normalize = true;
-  p.history = History::sum;
-  p.alpha = alpha;
-  p.validate();
-  return p;
+  return budgeted("h2o", budget, 1, [&](Policy& p) {
+    p.normalize = true;
+    p.history = History::sum;
+    p.alpha = alpha;
+  });
 }
 
 Policy Policy::h2o_accumulate(int64_t budget, int64_t window) {
-  Policy p;
-  p.name = "h2o-accumulate";
-  p.budget = budget;
-  p.window = window;
-  p.observation = Observation::accumulate;
-  p.validate();
-  return p;
+  return budgeted("h2o-accumulate", budget, window,
+                  [](Policy& p) { p.observation = Observation::accumulate; });
 }
 
 Policy Policy::snapkv(int64_t budget, int64_t window) {
-  Policy p;
-  p.name = "snapkv";
-  p.budget = budget;
-  p.window = window;
-  p.pool_kernel = kPoolKernel;
-  p.validate();
-  return p;
+  return budgeted("snapkv", budget, window, [](Policy& p) { p.pool_kernel = kPoolKernel; });
 }
 
 Policy Policy::rkv(int64_t budget, int64_t window, double lambda) {
-  Policy p;
-  p.name = "rkv";
-  p.budget = budget;
-  p.window = window;
-  p.pool_kernel = kPoolKernel;
-  p.lambda = lambda;
-  p.validate();
-  return p;
+  return budgeted("rkv", budget, window, [&](Policy& p) {
+    p.pool_kernel = kPoolKernel;
+    p.lambda = lambda;
+  });
 }
 
 Policy Policy::tova(int64_t budget, int64_t window) {
-  Policy p;
-  p.name = "tova";
-  p.budget = budget;
-  p.window = window;
-  p.observation = Observation::last;
-  p.validate();
-  return p;
+  return budgeted("tova", budget, window, [](Policy& p) { p.observation = Observation::last; });
 }
 
 Policy Policy::gkv(int64_t budget, int64_t window, double alpha, double lambda, History history) {
-  Policy p;
-  p.name = "gkv";
-  p.budget = budget;
-  p.window = window;
-  p.normalize = true;
-  p.history = history;
-  p.alpha = alpha;
-  p.lambda = lambda;
-  p.validate();
-  return p;
+  return budgeted("gkv", budget, window, [&](Policy& p) {
+    p.normalize = true;
+    p.history = history;
+    p.alpha = alpha;
+    p.lambda = lambda;
+  });
 }
 
 namespace {

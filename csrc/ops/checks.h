@@ -44,6 +44,16 @@ inline void same_dtype(const char* op, const at::Tensor& t, const char* name,
               t.scalar_type());
 }
 
+// GQA: q's heads (dim 1) are a positive multiple of k's heads (dim 1), so query head h*G+g can
+// read KV head h.
+inline void gqa_heads(const char* op, const at::Tensor& q, const char* q_name, const at::Tensor& k,
+                      const char* k_name) {
+  const auto hq = q.sym_size(1), hkv = k.sym_size(1);
+  TORCH_CHECK(hkv >= 1 && hq % hkv == 0, "gkv::", op, ": the query heads of ", q_name,
+              " (Hq = ", hq, ") must be a positive multiple of the KV heads of ", k_name,
+              " (Hkv = ", hkv, ")");
+}
+
 // All tensors on the device of the first one.
 inline void same_device(const char* op,
                         std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {

@@ -35,16 +35,12 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                               {&pos, "pos"}});
   }
   const auto B = q.sym_size(0);
-  const auto Hq = q.sym_size(1);
   const auto d = q.sym_size(2);
   const auto Hkv = k_cache.sym_size(1);
   const auto C = k_cache.sym_size(2);
   checks::size(kOp, k_cache, "k_cache", 0, B, "B of q");
   checks::size(kOp, k_cache, "k_cache", 3, d, "d of q");
-  TORCH_CHECK(Hkv >= 1, "gkv::", kOp, ": k_cache must have at least one KV head, got sizes ",
-              k_cache.sym_sizes());
-  TORCH_CHECK(Hq % Hkv == 0, "gkv::", kOp, ": the query heads of q (Hq = ", Hq,
-              ") must be a multiple of the KV heads of k_cache (Hkv = ", Hkv, ")");
+  checks::gqa_heads(kOp, q, "q", k_cache, "k_cache");
   checks::size(kOp, v_cache, "v_cache", 0, B, "B of q");
   checks::size(kOp, v_cache, "v_cache", 1, Hkv, "Hkv of k_cache");
   checks::size(kOp, v_cache, "v_cache", 2, C, "C of k_cache");

@@ -40,9 +40,7 @@ void check_lifetime_attention(const char* op, const at::Tensor& q, const at::Ten
   checks::size(op, k, "k", 0, q.sym_size(0), "B of q");
   checks::size(op, k, "k", 2, q.sym_size(2), "T of q");
   checks::size(op, k, "k", 3, q.sym_size(3), "d of q");
-  TORCH_CHECK(k.sym_size(1) >= 1 && q.sym_size(1) % k.sym_size(1) == 0, "gkv::", op,
-              ": the query heads Hq = q.size(1) = ", q.sym_size(1),
-              " must be a positive multiple of the KV heads Hkv = k.size(1) = ", k.sym_size(1));
+  checks::gqa_heads(op, q, "q", k, "k");
   for (int64_t dim = 0; dim < 4; ++dim) {
     checks::size(op, v, "v", dim, k.sym_size(dim), "the same size as k");
   }

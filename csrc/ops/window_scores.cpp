@@ -25,17 +25,13 @@ void check_window_scores(const at::Tensor& q_win, const at::Tensor& k, const at:
   checks::dtype(kOp, pos, "pos", at::kInt);
   checks::same_device(kOp, {{&q_win, "q_win"}, {&k, "k"}, {&pos, "pos"}});
   const auto B = q_win.sym_size(0);
-  const auto Hq = q_win.sym_size(1);
   const auto W = q_win.sym_size(2);
   const auto d = q_win.sym_size(3);
   const auto Hkv = k.sym_size(1);
   const auto N = k.sym_size(2);
   checks::size(kOp, k, "k", 0, B, "B of q_win");
   checks::size(kOp, k, "k", 3, d, "d of q_win");
-  TORCH_CHECK(Hkv >= 1, "gkv::", kOp, ": k must have at least one KV head, got sizes ",
-              k.sym_sizes());
-  TORCH_CHECK(Hq % Hkv == 0, "gkv::", kOp, ": the query heads of q_win (Hq = ", Hq,
-              ") must be a multiple of the KV heads of k (Hkv = ", Hkv, ")");
+  checks::gqa_heads(kOp, q_win, "q_win", k, "k");
   checks::size(kOp, pos, "pos", 0, B, "B of q_win");
   checks::size(kOp, pos, "pos", 1, Hkv, "Hkv of k");
   checks::size(kOp, pos, "pos", 2, N, "N of k");

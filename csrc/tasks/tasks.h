@@ -1,0 +1,50 @@
+// Tasks with checkable answers, shared by the trainer's rewards, the evaluation harness and the
+// data preparation: the verifiers (GSM8K "#### N", \boxed{...}, exact match), the token-id -> text
+// table that lets C++ read what a model wrote, and the synthetic long chain-of-thought task whose
+// answers depend on tokens far back in the sequence (the task that makes eviction matter).
+//
+// Data files (written by scripts/prepare_data.py, read by gkv-train and `python -m gkv_ext eval`):
+//   <name>.jsonl, one example per line:
+//     {"prompt": [int, ...],            token ids, required
+//      "response": [int, ...],          token ids of a reference response (sft / distill), optional
+//      "answer": "text",                the reference answer (rl rewards, eval accuracy), optional
+//      "answer_kind": "gsm8k" | "boxed" | "exact"}   how `answer` is checked, with "answer"
+//   vocab.json beside it: {"tokens": ["<hex of token 0's bytes>", ...]}: what each token id
+//   decodes to (byte-level BPE tokens are partial UTF-8, hence bytes, not strings).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace gkv::tasks {
+
+enum class AnswerKind { gsm8k, boxed, exact };
+AnswerKind answer_kind_from_string(const std::string& s);  // throws naming the accepted values
+std::string to_string(AnswerKind k);
+
+// The answer a response states, or "" when it states none:
+//   gsm8k: the number after the last "####" (commas and a trailing ".0..." dropped);
+//   boxed: the contents of the last \boxed{...} (nested braces balanced);
+//   exact: the text after the last "Answer:" marker, trimmed (the synthetic task's format).
+std::string extract_answer(AnswerKind kind, std::string_view response);
+// 1 when the response's answer matches `reference` (numerically for gsm8k and for boxed numbers,
+// else as trimmed text), 0 otherwise.
+double reward(AnswerKind kind, std::string_view response, std::string_view reference);
+
+// Token id -> bytes, from vocab.json.
+class Vocab {
+ public:
+  static Vocab load(const std::filesystem::path& path);  // throws naming the file and the problem
+  explicit Vocab(std::vector<std::string> token_bytes);
+  int64_t size() const { return static_cast<int64_t>(tokens_.size()); }
+  // Concatenated bytes of the ids; throws on an id outside [0, size()).
+  std::string decode(const std::vector<int64_t>& ids) const;
+
+ private:
+  std::vector<std::string> tokens_;
+};
+
+}  // namespace gkv::tasks

@@ -19,7 +19,7 @@ import torch
 import gkv_ext  # noqa: F401  (loads the extension)
 from gkv_ext._C import Model, ModelConfig, Tokenizer
 
-from conftest import shared_dir
+from conftest import requires_cuda, shared_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,6 +150,26 @@ def test_low_precision_logits_match_transformers(name, dtype, tmp_path):
     assert model.dtype == dtype and model.config.dtype == dtype
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 23), generator=torch.Generator().manual_seed(3))
     assert_close(model.forward(tokens), hf_logits(hf, tokens), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cuda_logits_match_transformers_on_cuda(name, dtype, tmp_path):
+    """The decoder on the GPU against transformers on the GPU, left-padded batch included."""
+    hf, path = make_hf(name, tmp_path, dtype)
+    hf = hf.to("cuda")
+    model = Model.load(path).to("cuda")
+    assert model.device.type == "cuda"
+    tokens = torch.randint(0, SMALL["vocab_size"], (3, 29), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(tokens)
+    mask[1, :7] = 0
+    tokens, mask = tokens.cuda(), mask.cuda()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    ours = model.forward(tokens, attention_mask=mask)
+    ref = hf_logits(hf, tokens, mask, positions)
+    real = mask.bool()
+    assert_close(ours[real], ref[real], dtype)
 
 
 def test_to_casts_and_keeps_tied_weights(tmp_path):

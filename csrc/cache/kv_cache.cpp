@@ -73,6 +73,8 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   }
   death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
                     kv_opts.dtype(at::kInt));
+  // "cuda" means the current device: name it, so device checks compare like with like.
+  shape_.device = death_.device();
 }
 
 const CompressedKVCache::Layer& CompressedKVCache::layer_at(int64_t layer) const {

@@ -4,6 +4,11 @@
                                               # batch 1 and 16; writes docs/benchmarks_hf.{json,png}
   python scripts/bench_hf.py --batches 16 --new-tokens 16384 --out /tmp/b16   # one point
   python scripts/bench_hf.py --quick          # tiny config, any device (CPU included)
+  python scripts/bench_hf.py --merge /tmp/a.json /tmp/b.json   # one table/plot from several runs
+
+A 16K point takes minutes per side on one GPU (transformers' eager decode step is a few ms), so
+the full grid may be run one point per command and merged; both sides of a point always run in
+the same process, one after the other.
 
 Both sides run the same transformers model with random weights (the timing and memory do not
 depend on the weights; the table says so): plain is ``model.generate`` with its default
@@ -127,7 +132,19 @@ def main():
     parser.add_argument("--budget", type=int, default=None, help="G-KV budget (default 2048)")
     parser.add_argument("--prompt", type=int, default=None, help="prompt length (default 128)")
     parser.add_argument("--out", default="docs/benchmarks_hf", help="JSON/PNG path prefix")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no run: merge the rows of earlier runs' JSON files")
     args = parser.parse_args()
+    if args.merge:
+        try:
+            runs = [json.loads(Path(p).read_text()) for p in args.merge]
+            keys = {(r["device"], r["torch"], r["transformers"]) for r in runs}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"bench_hf --merge: not a bench_hf JSON file: {e!r}")
+        if len(keys) != 1:
+            raise SystemExit("bench_hf --merge: the runs differ in device, torch or transformers")
+        report(runs[0], [row for r in runs for row in r["rows"]], Path(args.out))
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda
                           else "cpu")
@@ -151,20 +168,23 @@ def main():
              f"{str(dtype).removeprefix('torch.')}, {name}; plain = transformers "
              f"{transformers.__version__} generate (DynamicCache, sdpa), gkv = gkv_ext.hf "
              f"GKV(budget={budget}, D={D})")
-    print(title)
     points = [(b, n) for n in lengths for b in batches]
     for b in batches:  # warm-up: kernels loaded, allocator primed, for every batch size
         bench_point(model, b, prompt, 2 * D, budget, D, device)
     rows = [bench_point(model, b, prompt, n, budget, D, device)
             for b, n in tqdm(points, desc="bench_hf", unit="point")]
+    report({"title": title, "device": name, "torch": torch.__version__,
+            "transformers": transformers.__version__, "random_weights": True}, rows,
+           Path(args.out))
+
+
+def report(meta, rows, out):
+    """Prints the table, writes out.json (meta + rows) and out.png."""
+    print(meta["title"])
     print(table(rows, "gkv_ext.hf.generate vs transformers generate"))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"title": title, "device": name, "torch": torch.__version__,
-         "transformers": transformers.__version__, "random_weights": True, "rows": rows},
-        indent=1))
-    plot(rows, title, out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    plot(rows, meta["title"], out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 

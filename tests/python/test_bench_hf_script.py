@@ -28,6 +28,15 @@ def test_bench_hf_quick(tmp_path):
     assert rows[2]["gkv_kv_MB"] == rows[0]["gkv_kv_MB"]
     assert out.with_suffix(".png").stat().st_size > 0
 
+    # --merge: one table and plot from several runs' JSON files
+    merged = tmp_path / "merged"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--merge",
+                          str(out.with_suffix(".json")), str(out.with_suffix(".json")),
+                          "--out", str(merged)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(merged.with_suffix(".json").read_text())["rows"] == rows + rows
+    assert merged.with_suffix(".png").stat().st_size > 0
+
 
 def test_bench_hf_bad_arguments_exit_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--quick",

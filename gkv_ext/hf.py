@@ -47,6 +47,9 @@ try:
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as e:  # transformers is optional for the rest of gkv_ext
     raise ImportError(f"gkv_ext.hf needs transformers >= 5.0 (tested with 5.17): {e}") from e
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"gkv_ext.hf needs transformers >= 5.0 (tested with 5.17), found "
+                      f"{transformers.__version__}")
 
 __all__ = ["ATTENTION", "SUPPORTED_MODEL_TYPES", "CompressedCache", "HFGeneration", "generate"]
 
@@ -56,7 +59,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # device-to-host sync, which would otherwise stall every decode step on CUDA.
 FINISHED_CHECK_EVERY = 16
 
-_handoff = threading.local()  # .cache, .layer: set by CompressedCache.update, read by _attention
+# .cache, .layer, .key: set by CompressedCache.update, taken by the layer's _attention call
+_handoff = threading.local()
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Passes this cache to the layer's attention call that follows; returns k, v as given
         (the "gkv" attention appends them to the native cache)."""
-        _handoff.cache, _handoff.layer = self, layer_idx
+        _handoff.cache, _handoff.layer, _handoff.key = self, layer_idx, key_states
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -195,6 +199,9 @@ class CompressedCache(Cache):
             if attention_mask.dim() != 2 or attention_mask.shape[1] != tokens:
                 raise ValueError(f"attention_mask must be [B,P] with P = {tokens} prompt tokens, "
                                  f"got {tuple(attention_mask.shape)}")
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("attention_mask: every row's last token must be real; pad on "
+                                 "the left (tokenizer padding_side='left')")
             s = self.spec
             self.native = _C.CompressedKVCache(
                 self.policy, s.layers, attention_mask.shape[0], s.q_heads, s.kv_heads,
@@ -249,11 +256,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     """The "gkv" attention: this layer's new (q, k, v) go to the CompressedCache."""
     cache = getattr(_handoff, "cache", None)
     layer = getattr(module, "layer_idx", None)
-    if cache is None or _handoff.layer != layer:
+    # The hand-off must be from this very layer's update (not one left by a failed forward).
+    if cache is None or _handoff.layer != layer or _handoff.key is not key:
         raise RuntimeError("the 'gkv' attention needs past_key_values=gkv_ext.hf.CompressedCache"
                            "(model, policy) (use gkv_ext.hf.generate, or call "
                            "model.set_attn_implementation('sdpa') to go back)")
-    _handoff.cache = None
+    _handoff.cache = _handoff.key = None
     if module.training and dropout:
         raise RuntimeError("the 'gkv' attention is for inference (model.eval())")
     if scaling is not None and abs(scaling * query.shape[-1] ** 0.5 - 1.0) > 1e-6:
@@ -332,9 +340,6 @@ def _check_inputs(input_ids, attention_mask, max_new_tokens):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have the shape of input_ids "
                              f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("attention_mask: every row's last token must be real; pad on the left "
-                             "(tokenizer padding_side='left')")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 

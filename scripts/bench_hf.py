@@ -1,7 +1,7 @@
 """Benchmark of gkv_ext.hf.generate (G-KV cache) against plain transformers generate, same run.
 
-  python scripts/bench_hf.py                  # GPU: Qwen2.5-1.5B shape, bf16, 8K and 16K new tokens,
-                                              # batch 1 and 16; writes docs/benchmarks_hf.{json,png}
+  python scripts/bench_hf.py                  # GPU: Qwen2.5-1.5B shape, bf16, 8K and 16K new
+                                              # tokens, batch 1 and 16 -> docs/benchmarks_hf.*
   python scripts/bench_hf.py --batches 16 --new-tokens 16384 --out /tmp/b16   # one point
   python scripts/bench_hf.py --quick          # tiny config, any device (CPU included)
   python scripts/bench_hf.py --merge /tmp/a.json /tmp/b.json   # one table/plot from several runs

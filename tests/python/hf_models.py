@@ -17,8 +17,9 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_si
 
 
 def random_hf(cls_name: str, extra: dict, dtype=torch.float32, seed: int = 0):
-    """A transformers *ForCausalLM of config class ``cls_name`` (SMALL plus ``extra``). The default
-    init (std 0.02, norms 1) would hide most mistakes, so weights are N(0, 0.15), norms U(0.5, 1.5)."""
+    """A transformers *ForCausalLM of config class ``cls_name`` (SMALL plus ``extra``). The
+    default init (std 0.02, norms 1) would hide most mistakes: weights N(0, 0.15), norms
+    U(0.5, 1.5)."""
     config = getattr(transformers, cls_name)(**SMALL, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()

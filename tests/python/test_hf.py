@@ -18,10 +18,10 @@ import gkv_ext
 from gkv_ext import policies
 
 from conftest import requires_cuda
-from hf_models import HAVE_STORIES, STORIES, STORIES_TOK, random_hf, stories_hf
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("gkv_ext.hf")
+from hf_models import HAVE_STORIES, STORIES, STORIES_TOK, random_hf, stories_hf  # noqa: E402
 
 INT32_MAX = 2**31 - 1
 requires_stories = pytest.mark.skipif(
@@ -201,7 +201,8 @@ def test_eos_freezes_rows_and_ends_generation(tiny):
             assert n == 12
     # Every row stops at once: generation ends early, the rest is padding.
     first = free.new_tokens[:, 0].tolist()
-    done = hf.generate(model, ids, mask, max_new_tokens=200, eos_token_id=first, pad_token_id=96)
+    done = hf.generate(model, ids, mask, max_new_tokens=200, eos_token_id=first, pad_token_id=96,
+                       progress=True)
     assert done.lengths.tolist() == [1] * len(PROMPTS)
     assert (done.new_tokens[:, 1:] == 96).all()
 
@@ -285,6 +286,23 @@ def test_gkv_attention_without_a_compressed_cache_raises(tiny):
     try:
         with pytest.raises(RuntimeError, match="needs past_key_values=gkv_ext.hf.CompressedCache"):
             plain_generate(model, torch.tensor([[1, 2, 3]]), None, 2)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_compressed_cache_checks_positions_and_padding(tiny):
+    """Under model(...) / model.generate the cache takes transformers' position_ids: they must be
+    the original positions, and the padding must be on the left."""
+    model, _ = tiny["llama"]
+    ids, mask = left_padded(PROMPTS)
+    P = ids.shape[1]
+    try:
+        with pytest.raises(ValueError, match="position_ids must be the count of real tokens"):
+            model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(P)[None],
+                  past_key_values=hf.CompressedCache(model, max_tokens=P + 1))
+        with pytest.raises(ValueError, match="padding_side='left'"):
+            model(input_ids=ids, attention_mask=mask.flip(1),
+                  past_key_values=hf.CompressedCache(model, max_tokens=P + 1))
     finally:
         model.set_attn_implementation("sdpa")
 

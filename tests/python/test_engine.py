@@ -17,6 +17,7 @@ from gkv_ext import Tokenizer, generate, load_model, policies, teacher_forced
 from conftest import requires_cuda, shared_dir
 
 transformers = pytest.importorskip("transformers")
+from hf_models import random_hf  # noqa: E402  (needs transformers)
 
 INT32_MAX = 2**31 - 1
 STORIES = shared_dir() / "models" / "stories260k"
@@ -24,8 +25,6 @@ requires_stories = pytest.mark.skipif(
     not (STORIES / "tinystories_260k_v1.bin").exists() or not (STORIES / "tok512.bin").exists(),
     reason=f"stories260K not found at {STORIES} (see ../shared/DATA.md)")
 
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=97,
-             max_position_embeddings=256)
 CONFIGS = {
     "llama": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2)),
     "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
@@ -49,13 +48,8 @@ def make_policy(name, budget, window=4, divide_length=8):
 def tiny(tmp_path_factory):
     """name -> (transformers model, our model), random weights of a visible size."""
     out = {}
-    for name, (cls_name, extra) in CONFIGS.items():
-        config = getattr(transformers, cls_name)(**SMALL, **extra)
-        torch.manual_seed(0)
-        hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():
-            for pname, p in hf.named_parameters():
-                p.uniform_(0.5, 1.5) if pname.endswith("norm.weight") else p.normal_(0.0, 0.15)
+    for name, config in CONFIGS.items():
+        hf = random_hf(*config)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path, safe_serialization=True)
         out[name] = (hf, load_model(path))

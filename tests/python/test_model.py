@@ -22,6 +22,7 @@ from gkv_ext._C import Model, ModelConfig, Tokenizer
 from conftest import requires_cuda, shared_dir
 
 transformers = pytest.importorskip("transformers")
+from hf_models import SMALL, random_hf  # noqa: E402  (needs transformers)
 
 STORIES = shared_dir() / "models" / "stories260k"
 STORIES_BIN = STORIES / "tinystories_260k_v1.bin"
@@ -33,8 +34,6 @@ requires_stories = pytest.mark.skipif(
 PROMPT = "Once upon a time, there was a little"
 CONTINUATION = "girl named Lily. She loved to play outside in the park."
 
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=97,
-             max_position_embeddings=256)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 # name -> (transformers config class name, extra config keys)
@@ -63,17 +62,7 @@ TOLERANCES = {torch.float32: 1e-4 / 5, torch.bfloat16: 10 * 2**-8, torch.float16
 
 def make_hf(name, tmp_path, dtype=torch.float32):
     """A transformers model with random weights of a visible size, saved into tmp_path/name."""
-    cls_name, extra = CONFIGS[name]
-    config = getattr(transformers, cls_name)(**SMALL, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # the default init (std 0.02, norms 1) would hide most mistakes
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15)
-    model = model.to(dtype)
+    model = random_hf(*CONFIGS[name], dtype=dtype)
     path = tmp_path / name
     model.save_pretrained(path, safe_serialization=True)
     return model, path

@@ -8,7 +8,10 @@
 
 A 16K point takes minutes per side on one GPU (transformers' eager decode step is a few ms), so
 the full grid may be run one point per command and merged; both sides of a point always run in
-the same process, one after the other.
+the same process, one after the other. ``--context 8192,16384`` is the quick form of the same
+question: the context is reached by a prompt of that length, then --new-tokens decode steps are
+timed (tokens/s of the decode alone: the run minus a one-token run of the same prompt), so the
+rate at 16K of context costs seconds instead of minutes.
 
 Both sides run the same transformers model with random weights (the timing and memory do not
 depend on the weights; the table says so): plain is ``model.generate`` with its default
@@ -70,25 +73,30 @@ def measure(run, device):
     return seconds, peak
 
 
-def bench_point(model, batch, prompt_len, new_tokens, budget, divide_length, device):
+def bench_point(model, batch, prompt_len, new_tokens, budget, divide_length, device,
+                decode_only=False):
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device,
                         generator=torch.Generator(device).manual_seed(batch))
     mask = torch.ones_like(ids)
 
-    def plain():
+    def plain(n):
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
 
-    def gkv():
+    def gkv(n):
         gkv_ext.hf.generate(model, ids, mask, policy=GKV(budget, divide_length=divide_length),
-                            max_new_tokens=new_tokens, eos_token_id=[])
+                            max_new_tokens=n, eos_token_id=[])
 
     row = {"B": batch, "prompt": prompt_len, "new_tokens": new_tokens, "budget": budget}
     for name, run in (("plain", plain), ("gkv", gkv)):
-        seconds, peak = measure(run, device)
-        row[f"{name}_tok_s"] = batch * new_tokens / seconds
+        seconds, peak = measure(lambda: run(new_tokens), device)
+        if decode_only:  # the prefill and first token cancel out
+            seconds -= measure(lambda: run(1), device)[0]
+            row[f"{name}_tok_s"] = batch * (new_tokens - 1) / seconds
+        else:
+            row[f"{name}_tok_s"] = batch * new_tokens / seconds
         row[f"{name}_peak_MB"] = peak / 2**20
     row["plain_kv_MB"] = kv_bytes(model, batch, prompt_len + new_tokens) / 2**20
     row["gkv_kv_MB"] = kv_bytes(model, batch, min(prompt_len + new_tokens,
@@ -109,7 +117,7 @@ def plot(rows, title, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [f"B={r['B']}\n{r['new_tokens']} tok" for r in rows]
+    labels = [f"B={r['B']}\n{r['prompt']}+{r['new_tokens']} tok" for r in rows]
     x = range(len(rows))
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
     for offset, name in ((-0.2, "plain"), (0.2, "gkv")):
@@ -131,6 +139,9 @@ def main():
     parser.add_argument("--new-tokens", default=None, help="comma-separated generated lengths")
     parser.add_argument("--budget", type=int, default=None, help="G-KV budget (default 2048)")
     parser.add_argument("--prompt", type=int, default=None, help="prompt length (default 128)")
+    parser.add_argument("--context", default=None,
+                        help="comma-separated prompt lengths: time --new-tokens decode steps "
+                             "after each (decode tokens/s only)")
     parser.add_argument("--out", default="docs/benchmarks_hf", help="JSON/PNG path prefix")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: merge the rows of earlier runs' JSON files")
@@ -168,11 +179,15 @@ def main():
              f"{str(dtype).removeprefix('torch.')}, {name}; plain = transformers "
              f"{transformers.__version__} generate (DynamicCache, sdpa), gkv = gkv_ext.hf "
              f"GKV(budget={budget}, D={D})")
-    points = [(b, n) for n in lengths for b in batches]
+    if args.context:  # (prompt, new tokens) points, decode rate only
+        points = [(b, c, lengths[0]) for c in parse(args.context) for b in batches]
+        title += f"; context from the prompt, decode tokens/s over {lengths[0]} new tokens"
+    else:
+        points = [(b, prompt, n) for n in lengths for b in batches]
     for b in batches:  # warm-up: kernels loaded, allocator primed, for every batch size
         bench_point(model, b, prompt, 2 * D, budget, D, device)
-    rows = [bench_point(model, b, prompt, n, budget, D, device)
-            for b, n in tqdm(points, desc="bench_hf", unit="point")]
+    rows = [bench_point(model, b, p, n, budget, D, device, decode_only=bool(args.context))
+            for b, p, n in tqdm(points, desc="bench_hf", unit="point")]
     report({"title": title, "device": name, "torch": torch.__version__,
             "transformers": transformers.__version__, "random_weights": True}, rows,
            Path(args.out))

@@ -130,12 +130,14 @@ class Run:
         self.logits = self.model(tokens, positions, cache=self.cache, last_only=True)
         self.generated = 0
 
-    def fill_to(self, generated):
-        """Teacher-forces random tokens up to `generated` tokens, in chunks ending at the
-        compression steps (the cache's decisions are those of decoding them one by one)."""
+    def fill_to(self, generated, chunk=None):
+        """Teacher-forces random tokens up to `generated` tokens, in chunks of at most `chunk`
+        (default D) ending at the compression steps (the cache's decisions are those of decoding
+        them one by one). Smaller chunks need less scratch memory for their attention."""
         while self.generated < generated:
             f = self.cache.forwards
-            n = min(((f - 1) // self.D + 1) * self.D - f + 1, generated - self.generated)
+            n = min(((f - 1) // self.D + 1) * self.D - f + 1, generated - self.generated,
+                    chunk or self.D)
             chunk = torch.randint(0, self.vocab, (self.logits.shape[0], n), device=self.device)
             self.logits = self.model(chunk, self.cache.begin_decode(n), cache=self.cache,
                                      last_only=True)
@@ -273,16 +275,24 @@ def bench_equal_memory(model, args, device, bw):
     for name, policy in [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]:
         B = largest_batch(model, policy, args, device)
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
-        run = Run(model, policy, B, args.prompt, args.max_new + args.steps, device)
-        steps = []
-        for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
-            run.fill_to(g)
-            steps.append(measure_point(run, args.steps, bw, wbytes, slot_bytes)["step_ms"])
+        while True:  # the probe fills one chunk; the long fill may still need a smaller batch
+            try:
+                run = Run(model, policy, B, args.prompt, args.max_new + args.steps, device)
+                steps = []
+                for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
+                    run.fill_to(g, chunk=args.divide // 4)
+                    steps.append(measure_point(run, args.steps, bw, wbytes, slot_bytes)["step_ms"])
+                break
+            except RuntimeError as e:
+                if not is_oom(e) or B <= 1:
+                    raise
+                B = B * 7 // 8
+            finally:
+                run = None
+                torch.cuda.empty_cache()
         mean = (mean_step_over_generation(points, steps, args.max_new) if policy.budget is None
                 else steps[0])
         out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3))
-        run = None
-        torch.cuda.empty_cache()
     return out
 
 
@@ -383,20 +393,23 @@ def main(argv=None):
                   weight_gb=weight_bytes(model) / 1e9, prompt=args.prompt, max_new=args.max_new,
                   hf_steps=args.hf_steps, torch=torch.__version__,
                   transformers_version=transformers.__version__)
-    with torch.no_grad():
-        if "engine" in only:
-            result["engine"] = bench_engine(model, args, device, bw)
-        if "transformers" in only:
-            result["transformers"] = bench_transformers(hf, args, device)
-        if "memory" in only and device.type == "cuda":
-            result["equal_memory"] = bench_equal_memory(model, args, device, bw)
-    result.setdefault("engine", [])
+    result["engine"] = []
+    sections = [("engine", lambda: bench_engine(model, args, device, bw)),
+                ("transformers", lambda: bench_transformers(hf, args, device))]
+    if device.type == "cuda":
+        sections.append(("equal_memory", lambda: bench_equal_memory(model, args, device, bw)))
+    for key, section in sections:
+        if key.split("_")[-1] not in only:
+            continue
+        with torch.no_grad():
+            result[key] = section()
+        # Written after every section, so a long run that stops keeps what it measured.
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+            if result["engine"]:
+                plot(result, args.out + ".png")
     print_tables(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-        if result["engine"]:
-            plot(result, args.out + ".png")
     return result
 
 

@@ -138,8 +138,8 @@ class Run:
             f = self.cache.forwards
             n = min(((f - 1) // self.D + 1) * self.D - f + 1, generated - self.generated,
                     chunk or self.D)
-            chunk = torch.randint(0, self.vocab, (self.logits.shape[0], n), device=self.device)
-            self.logits = self.model(chunk, self.cache.begin_decode(n), cache=self.cache,
+            forced = torch.randint(0, self.vocab, (self.logits.shape[0], n), device=self.device)
+            self.logits = self.model(forced, self.cache.begin_decode(n), cache=self.cache,
                                      last_only=True)
             self.generated += n
 

@@ -313,6 +313,8 @@ def plot(results: dict, path: Path) -> Path:
                 ax.plot(*zip(*points), marker="o", label=name)
         if len(budgets) > 1:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, labels=[str(b) for b in budgets])
+            ax.minorticks_off()
         ax.set_xlabel("budget (tokens per KV head)")
         ax.set_title(metric)
         ax.grid(alpha=0.3)

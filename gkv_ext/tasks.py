@@ -28,13 +28,14 @@ ANSWER_KINDS = ("gsm8k", "boxed", "exact")
 # The character tokenizer's tokens in id order (specials first): every character the synthetic
 # task writes is one token.
 CHAR_VOCABULARY: List[str] = list(_tasks.char_vocabulary())
+SYNTHETIC_FIELDS = ("num_variables", "chain_depth", "modulus")
 CHAR_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>",
                        "unk_token": "<unk>"}
 
 __all__ = ["ANSWER_KINDS", "CHAR_VOCABULARY", "Vocab", "SyntheticOptions", "Problem",
-           "extract_answer", "reward", "synthetic_options", "make_example", "save_char_tokenizer",
-           "load_tokenizer", "token_bytes", "write_vocab", "shared_dir", "read_problems",
-           "read_stories"]
+           "extract_answer", "reward", "synthetic_options", "make_example", "char_token_ids",
+           "save_char_tokenizer", "load_tokenizer", "token_bytes", "write_vocab", "shared_dir",
+           "read_problems", "read_stories"]
 
 
 def extract_answer(kind: str, response: str) -> str:
@@ -57,9 +58,9 @@ def synthetic_options(length: Optional[int] = None, **fields) -> SyntheticOption
     options = (_tasks.synthetic_options_for_length(length) if length is not None
                else SyntheticOptions())
     for name, value in fields.items():
-        if not hasattr(options, name) or name.startswith("_") or name == "validate":
-            raise ValueError(f"unknown synthetic option {name!r}; "
-                             "one of num_variables, chain_depth, modulus")
+        if name not in SYNTHETIC_FIELDS:
+            raise ValueError(f"unknown synthetic option {name!r}; one of "
+                             f"{', '.join(SYNTHETIC_FIELDS)}")
         setattr(options, name, value)
     options.validate()
     return options
@@ -76,6 +77,12 @@ def make_example(seed: int, options: Optional[SyntheticOptions] = None,
     if options is None:
         options = synthetic_options(length)
     return _tasks.make_synthetic_example(options, seed)
+
+
+def char_token_ids(text: str) -> List[int]:
+    """The character tokenizer's ids of ``text``, one per character, no special tokens (the C++
+    encoder the trainer uses; ValueError on a character outside CHAR_VOCABULARY)."""
+    return _tasks.char_token_ids(text)
 
 
 def save_char_tokenizer(directory: Union[str, PathLike]) -> Path:

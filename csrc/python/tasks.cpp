@@ -61,4 +61,5 @@ void bind_tasks(py::module& parent) {
         },
         py::arg("options"), py::arg("seed"));
   m.def("char_vocabulary", &syn::char_vocabulary);
+  m.def("char_token_ids", &syn::char_token_ids, py::arg("text"));
 }

@@ -1,6 +1,7 @@
 #include "tasks/synthetic.h"
 
 #include <algorithm>
+#include <array>
 #include <stdexcept>
 #include <unordered_set>
 
@@ -156,6 +157,29 @@ const std::vector<std::string>& char_vocabulary() {
     return v;
   }();
   return vocab;
+}
+
+std::vector<int64_t> char_token_ids(std::string_view text) {
+  static const std::array<int64_t, 256> ids = [] {
+    std::array<int64_t, 256> table;
+    table.fill(-1);
+    const auto& vocab = char_vocabulary();
+    for (size_t i = 0; i < vocab.size(); ++i) {
+      if (vocab[i].size() == 1) table[static_cast<unsigned char>(vocab[i][0])] = static_cast<int64_t>(i);
+    }
+    return table;
+  }();
+  std::vector<int64_t> out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    const int64_t id = ids[static_cast<unsigned char>(text[i])];
+    if (id < 0) {
+      throw std::invalid_argument("char_token_ids: byte " + std::to_string(static_cast<unsigned char>(text[i])) +
+                                  " at offset " + std::to_string(i) + " is not in the character vocabulary");
+    }
+    out.push_back(id);
+  }
+  return out;
 }
 
 }  // namespace gkv::tasks::synthetic

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace gkv::tasks::synthetic {
@@ -37,7 +38,12 @@ Example make_example(const Options& options, uint64_t seed);
 Options options_for_length(int64_t tokens);
 
 // The character tokenizer's tokens in id order: the special tokens <pad> <bos> <eos> <unk>, then
-// every character the task writes.
+// every character the task writes. gkv_ext.tasks.save_char_tokenizer writes the same tokenizer
+// for transformers (which also puts <bos> first when encoding a prompt).
 const std::vector<std::string>& char_vocabulary();
+inline constexpr int64_t kCharPad = 0, kCharBos = 1, kCharEos = 2;
+// One id per character, no special tokens (so the trainer can tokenize made examples itself);
+// throws naming the first character outside the vocabulary.
+std::vector<int64_t> char_token_ids(std::string_view text);
 
 }  // namespace gkv::tasks::synthetic

@@ -118,6 +118,13 @@ TEST_CASE("synthetic task: deterministic, verifiable, long-range, length knob", 
       }));
     }
   }
+  const auto ids = syn::char_token_ids(a.prompt);
+  REQUIRE(ids.size() == a.prompt.size());
+  for (size_t i = 0; i < ids.size(); ++i) CHECK(syn::char_vocabulary()[ids[i]] == std::string(1, a.prompt[i]));
+  CHECK(syn::char_vocabulary()[syn::kCharBos] == "<bos>");
+  CHECK(syn::char_vocabulary()[syn::kCharEos] == "<eos>");
+  REQUIRE_THROWS_WITH(syn::char_token_ids("a=B"), gkv_test::contains("byte 66 at offset 2"));
+
   syn::Options bad;
   bad.chain_depth = 30;
   REQUIRE_THROWS_WITH(syn::make_example(bad, 0), gkv_test::contains("num_variables must be in [chain_depth = 30"));

@@ -80,6 +80,8 @@ def test_synthetic_option_errors():
         tasks.synthetic_options(depth=3)
     with pytest.raises(ValueError, match="options or length"):
         tasks.make_example(0, tasks.synthetic_options(), length=512)
+    with pytest.raises(ValueError, match="byte 66 at offset 2"):
+        tasks.char_token_ids("a=B")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,7 @@ def test_char_tokenizer_round_trip(char_tokenizer):
     ids = char_tokenizer(text)["input_ids"]
     assert ids[0] == char_tokenizer.bos_token_id == tasks.CHAR_VOCABULARY.index("<bos>")
     assert ids[1:] == [tasks.CHAR_VOCABULARY.index(c) for c in text]  # one token per character
+    assert ids[1:] == tasks.char_token_ids(text)  # the C++ encoder agrees
     assert char_tokenizer.decode(ids, skip_special_tokens=True) == text
     assert char_tokenizer.eos_token_id == tasks.CHAR_VOCABULARY.index("<eos>")
     assert char_tokenizer.pad_token_id == tasks.CHAR_VOCABULARY.index("<pad>")

@@ -223,6 +223,16 @@ def _check_args(args):
         raise ValueError(f"--model: {args.model} not found")
 
 
+def _check_token_ids(examples: List[Example], vocab_size: int):
+    def fits(ids):
+        return min(ids) >= 0 and max(ids) < vocab_size
+    for i, ex in enumerate(examples):
+        if not ex.prompt or not fits(ex.prompt) or (ex.reference and not fits(ex.reference)):
+            raise ValueError(f"example {i}: token ids must lie in [0, {vocab_size}) (the model's "
+                             "vocabulary) and the prompt must not be empty; was the data "
+                             "prepared with another tokenizer?")
+
+
 def _policy_grid(args):
     """[(name, budget or None, Policy)]; built up front so a bad name or budget fails at once."""
     names = parse_list(args.policies, "policies")
@@ -251,11 +261,7 @@ def evaluate(args) -> dict:
     tokenizer = (tasks.load_tokenizer(args.tokenizer or args.model, chat_template=args.chat_template)
                  if args.data in DATA_SETS else None)
     examples = load_examples(args, tokenizer)
-    vocab_size = model.config.vocab_size
-    for i, ex in enumerate(examples):
-        if not ex.prompt or min(ex.prompt) < 0 or max(ex.prompt) >= vocab_size:
-            raise ValueError(f"example {i}: prompt token ids must be a non-empty list in "
-                             f"[0, {vocab_size}) (the model's vocabulary)")
+    _check_token_ids(examples, model.config.vocab_size)
     decode = text_decoder(args, tokenizer, examples, model.config.eos_token_ids)
 
     runs = 1 + len(grid)  # the FullKV reference, then every row of the grid

@@ -157,3 +157,22 @@ def test_missing_model_is_one_line(tmp_path):
                         "--data", "tinystories"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stderr.strip() == f"error: --model: {tmp_path / 'none'} not found"
+
+
+@requires_stories
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "abc"}', "expected an object with 'prompt'"),
+    ('{"prompt": [1, 2], "response": [5, 99999]}', "token ids must lie in [0, 512)"),
+    ('{"prompt": [1, 2], "answer": "3", "answer_kind": "math"}', "answer_kind must be one of"),
+    ('{"prompt": [1, 2], "answer": "3", "answer_kind": "exact"}', "accuracy needs"),  # no vocab.json
+    ("{", "invalid JSON"),
+])
+def test_bad_data_file_gives_one_clear_line(tmp_path, line, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(line + "\n")
+    r = subprocess.run([sys.executable, "-m", "gkv_ext", "eval", "--model", str(STORIES), "--data",
+                        str(data), "--policies", "fullkv", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr

@@ -45,7 +45,7 @@ def parse_splits(text: str) -> List[Tuple[str, int]]:
 
 
 def problems(data: str, split: str, count: int, first_seed: int,
-             synthetic_length: int) -> Tuple[Iterable[tasks.Problem], int]:
+             synthetic: tasks.SyntheticOptions) -> Tuple[Iterable[tasks.Problem], int]:
     """The split's first ``count`` problems (all when count < 0) and how many; synthetic ones are
     made lazily (the arguments checked here, before any progress bar starts)."""
     if data != "synthetic":
@@ -54,11 +54,9 @@ def problems(data: str, split: str, count: int, first_seed: int,
         return rows, len(rows)
     if count < 0:
         raise ValueError(f"--splits: synthetic split {split!r} needs a count (name=count)")
-    options = tasks.synthetic_options(synthetic_length)
-
     def made():
         for seed in range(first_seed, first_seed + count):
-            ex = tasks.make_example(seed, options)
+            ex = tasks.make_example(seed, synthetic)
             yield tasks.Problem(ex["prompt"], ex["response"], ex["answer"], "exact")
     return made(), count
 
@@ -78,6 +76,8 @@ def prepare(args) -> Dict[str, int]:
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     splits = parse_splits(args.splits)
+    overrides = {k: getattr(args, k) for k in tasks.SYNTHETIC_FIELDS if getattr(args, k) is not None}
+    synthetic = tasks.synthetic_options(args.synthetic_length, **overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_path = args.tokenizer
@@ -88,7 +88,7 @@ def prepare(args) -> Dict[str, int]:
 
     sources, first_seed = [], args.seed
     for split, count in splits:  # every split checked before writing any
-        sources.append((split, problems(args.data, split, count, first_seed, args.synthetic_length)))
+        sources.append((split, problems(args.data, split, count, first_seed, synthetic)))
         first_seed += max(count, 0)
     written = {}
     for split, (source, total) in sources:
@@ -123,6 +123,9 @@ def main(argv=None) -> int:
                    help="leave out examples with longer prompts")
     p.add_argument("--synthetic-length", type=int, default=1024,
                    help="synthetic: characters per example, prompt plus response (64..65536)")
+    for name in tasks.SYNTHETIC_FIELDS:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
+                       help=f"synthetic: override the {name} that --synthetic-length chose")
     p.add_argument("--seed", type=int, default=0, help="synthetic: the first split's first seed")
     args = p.parse_args(argv)
     try:

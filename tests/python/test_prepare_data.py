@@ -59,6 +59,19 @@ def test_synthetic_with_char_tokenizer(tmp_path):
             assert tasks.reward("exact", response, row["answer"]) == 1.0
 
 
+def test_synthetic_knobs(tmp_path):
+    r = prepare("--data", "synthetic", "--tokenizer", "char", "--splits", "a=2",
+                "--synthetic-length", 512, "--chain-depth", 3, "--num-variables", 10, "--modulus", 7,
+                "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    options = tasks.synthetic_options(512, chain_depth=3, num_variables=10, modulus=7)
+    vocab = tasks.Vocab.load(str(tmp_path / "vocab.json"))
+    for seed, row in enumerate(read(tmp_path, "a")):
+        ex = tasks.make_example(seed, options)
+        assert vocab.decode(row["prompt"]).decode() == "<bos>" + ex["prompt"]
+        assert ex["prompt"].count("\n") == 11  # 10 definitions and the question
+
+
 @requires["qwen3"]
 @requires["gsm8k"]
 @pytest.mark.parametrize("chat", [False, True])
@@ -127,6 +140,7 @@ def test_max_prompt_tokens_leaves_out_long_prompts(tmp_path):
     (["--data", "synthetic", "--tokenizer", "/nonexistent"], "no tokenizer found in /nonexistent"),
     (["--data", "synthetic", "--tokenizer", "char", "--splits", "a=2", "--synthetic-length", 10],
      "tokens must be in [64, 65536]"),
+    (["--data", "synthetic", "--tokenizer", "char", "--chain-depth", "0"], "chain_depth must be in"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
     r = prepare(*args, "--out", tmp_path)

@@ -42,8 +42,9 @@ Options options_for_length(int64_t tokens);
 // for transformers (which also puts <bos> first when encoding a prompt).
 const std::vector<std::string>& char_vocabulary();
 inline constexpr int64_t kCharPad = 0, kCharBos = 1, kCharEos = 2;
-// One id per character, no special tokens (so the trainer can tokenize made examples itself);
-// throws naming the first character outside the vocabulary.
+// One id per character, no special tokens (so the trainer can tokenize made examples itself, as
+// scripts/prepare_data.py does: prompt = <bos> + its characters, response = its characters +
+// <eos>); throws naming the first character outside the vocabulary.
 std::vector<int64_t> char_token_ids(std::string_view text);
 
 }  // namespace gkv::tasks::synthetic

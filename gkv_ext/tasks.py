@@ -19,6 +19,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from ._C import Tokenizer as _Llama2Tokenizer
 from ._C import tasks as _tasks
 
 Vocab = _tasks.Vocab
@@ -170,11 +171,10 @@ class Llama2Tokenizer:
     vocabulary)."""
 
     def __init__(self, model_path: Union[str, PathLike]):
-        from ._C import Tokenizer
         model_path = Path(model_path)
         tok = model_path.parent / "tok512.bin"
-        self.tok = Tokenizer.load(str(tok if tok.exists() else model_path))
-        self.eos_token_id = Tokenizer.eos_id
+        self.tok = _Llama2Tokenizer.load(str(tok if tok.exists() else model_path))
+        self.eos_token_id = _Llama2Tokenizer.eos_id
         self.vocab_size = self.tok.vocab_size
 
     def encode(self, text: str, special: bool = True) -> List[int]:

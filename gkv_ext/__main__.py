@@ -1,53 +1,23 @@
-"""Command line: ``python -m gkv_ext generate --model PATH --prompt TEXT --policy gkv --budget N``.
+"""Command line:
+
+    python -m gkv_ext generate --model PATH --prompt TEXT --policy gkv --budget N
+    python -m gkv_ext eval --model PATH --policies gkv,fullkv --budgets 64,128 --data tinystories
 
 The tokenizer is transformers' AutoTokenizer for a checkpoint directory that has one, or the
 llama2.c tokenizer (tok512.bin beside the model, else the model file's own vocabulary) for a
-llama2.ts .bin model.
+llama2.ts .bin model (gkv_ext.tasks.load_tokenizer). ``eval`` is gkv_ext/evaluate.py.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from . import policies
-from ._C import Tokenizer
+from . import evaluate, policies, tasks
 from .engine import generate, load_model
-
-
-class _Llama2Tokenizer:
-    def __init__(self, model_path: Path):
-        tok = model_path.parent / "tok512.bin"
-        self.tok = Tokenizer.load(str(tok if tok.exists() else model_path))
-
-    def encode(self, text):
-        return self.tok.encode(text, bos=True)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-
-class _HFTokenizer:
-    def __init__(self, model_dir: Path):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
-
-    def encode(self, text):
-        return self.tok(text)["input_ids"]
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-
-def _tokenizer(path: Path):
-    if path.is_file():
-        return _Llama2Tokenizer(path)
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return _HFTokenizer(path)
-    raise SystemExit(f"no tokenizer found in {path} (tokenizer.json or tokenizer_config.json)")
 
 
 def _generate(args) -> int:
     path = Path(args.model)
-    tokenizer = _tokenizer(path)
+    tokenizer = tasks.load_tokenizer(path)
     model = load_model(path, device=args.device)
     extra = {"window": args.window, "divide_length": args.divide_length}
     policy = policies.by_name(args.policy, args.budget,
@@ -78,10 +48,14 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="e.g. cpu or cuda")
+    g.set_defaults(func=_generate)
+    e = sub.add_parser("eval", help="policies x budgets: accuracy, agreement with FullKV, NLL")
+    evaluate.add_arguments(e)
+    e.set_defaults(func=evaluate.run)
     args = parser.parse_args(argv)
     try:
-        return _generate(args)
-    except (ValueError, RuntimeError) as e:  # bad policy or generation arguments
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:  # bad arguments, data or policy
         print(f"error: {e}", file=sys.stderr)
         return 2
 

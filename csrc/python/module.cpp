@@ -4,10 +4,12 @@
 
 void bind_model(pybind11::module& m);   // csrc/python/model.cpp
 void bind_engine(pybind11::module& m);  // csrc/python/engine.cpp
+void bind_tasks(pybind11::module& m);   // csrc/python/tasks.cpp
 
 PYBIND11_MODULE(_C, m) {
   bind_model(m);
   bind_engine(m);
+  bind_tasks(m);
 #ifdef GKV_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

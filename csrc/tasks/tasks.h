@@ -26,12 +26,17 @@ AnswerKind answer_kind_from_string(const std::string& s);  // throws naming the 
 std::string to_string(AnswerKind k);
 
 // The answer a response states, or "" when it states none:
-//   gsm8k: the number after the last "####" (commas and a trailing ".0..." dropped);
-//   boxed: the contents of the last \boxed{...} (nested braces balanced);
-//   exact: the text after the last "Answer:" marker, trimmed (the synthetic task's format).
+//   gsm8k: the number after the last "####" (a leading "$", commas and a trailing ".0..."
+//          dropped: "#### $1,234.00" -> "1234");
+//   boxed: the contents of the last \boxed{...} (nested braces balanced), trimmed;
+//   exact: the text after the last "Answer:" marker up to the end of its line, trimmed (the
+//          synthetic task's format; text the model writes on later lines does not count).
+// Callers decode a response without its stop token (an EOS's text is not part of the answer).
 std::string extract_answer(AnswerKind kind, std::string_view response);
-// 1 when the response's answer matches `reference` (numerically for gsm8k and for boxed numbers,
-// else as trimmed text), 0 otherwise.
+// 1 when the response's answer matches `reference` (numerically for gsm8k and for boxed numbers:
+// "72" == "72.0" == "7.2e1"; boxed text otherwise compared with whitespace removed; exact as
+// trimmed text), 0 otherwise, and 0 when the response states no answer. `reference` is the bare
+// answer ("1,234", "\frac{1}{2}", "7"), normalised the same way.
 double reward(AnswerKind kind, std::string_view response, std::string_view reference);
 
 // Token id -> bytes, from vocab.json.

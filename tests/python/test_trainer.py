@@ -1,0 +1,272 @@
+"""gkv-train end to end: the built binary on tiny random transformers checkpoints made here.
+
+- --help lists every key; unknown keys, bad values and bad types fail with one line naming the key.
+- sft lowers its loss; its checkpoints load in transformers; a run killed (SIGKILL) mid-way and
+  resumed ends with the same weights, optimizer and metrics as an uninterrupted run.
+- sft under teacher-forced compression, distill (KL to another model falls, the student under a
+  compressed cache), rl (GRPO reward rises on a task scored by gkv::tasks::reward via vocab.json).
+- Evaluation logs compressed-cache and FullKV accuracy.
+- Two ranks over Gloo on loopback end with the same weights as one rank on the same global batch.
+
+The binary is $GKV_TRAIN, else build/gkv-train (scripts/test.sh builds it), else build-*/gkv-train.
+Runs use one thread (OMP_NUM_THREADS=1): results are then bitwise reproducible on CPU.
+"""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_binary():
+    if os.environ.get("GKV_TRAIN"):
+        return Path(os.environ["GKV_TRAIN"])
+    for candidate in [ROOT / "build" / "gkv-train", *sorted(ROOT.glob("build-*/gkv-train"))]:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+BINARY = find_binary()
+pytestmark = pytest.mark.skipif(
+    BINARY is None or not BINARY.exists(),
+    reason="gkv-train is not built (scripts/test.sh builds it with CMake; or set GKV_TRAIN)")
+
+VOCAB = 32
+BOS, EOS, SEP = 1, 2, 3
+DIGITS = range(4, 12)  # the tokens of the tasks
+
+
+def make_model(path, seed):
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=BOS,
+        eos_token_id=EOS, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny Llama, a second one (another teacher), and the data of the tasks."""
+    d = tmp_path_factory.mktemp("trainer")
+    make_model(d / "model", seed=0)
+    make_model(d / "other", seed=1)
+    rng = random.Random(0)
+    copy = []
+    for _ in range(64):
+        x = [rng.choice(DIGITS) for _ in range(6)]
+        copy.append({"prompt": [BOS] + x + [SEP], "response": x + [EOS]})
+    write_jsonl(d / "copy.jsonl", copy)
+    # Long sequences for the compressed cache (budget 8 < 12 + 20 tokens).
+    long = []
+    for _ in range(16):
+        x = [rng.choice(DIGITS) for _ in range(10)]
+        long.append({"prompt": [BOS] + x + [SEP], "response": (x * 2) + [EOS]})
+    write_jsonl(d / "long.jsonl", long)
+    # rl: "say the prompt's token". Token t decodes to "Answer: t<t>\n", so gkv::tasks::reward
+    # ("exact") reads the last token's answer.
+    (d / "vocab.json").write_text(json.dumps(
+        {"tokens": [f"Answer: t{t}\n".encode().hex() for t in range(VOCAB)]}))
+    say = [{"prompt": [BOS, t, SEP], "answer": f"t{t}", "answer_kind": "exact"} for t in DIGITS]
+    write_jsonl(d / "say.jsonl", say)
+    return d
+
+
+def run(recipe, *overrides, check=True, env=None, **kwargs):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    out = subprocess.run([str(BINARY), recipe, *overrides], capture_output=True, text=True,
+                         env=full_env, timeout=300, **kwargs)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(out_dir, key):
+    return [m[key] for m in metrics(out_dir) if key in m]
+
+
+def weights(checkpoint):
+    return safetensors_torch.load_file(str(Path(checkpoint) / "model.safetensors"))
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def sft_args(work, out, *extra):
+    return [f"model={work / 'model'}", f"data={work / 'copy.jsonl'}", f"out_dir={out}", "lr=1e-2",
+            "batch_size=8", "micro_batch_size=4", "seed=3", *extra]
+
+
+def test_help_lists_every_key_with_its_default(work, tmp_path):
+    out = run("--help")
+    run("sft", *sft_args(work, tmp_path / "o", "steps=1"))
+    saved = json.loads((tmp_path / "o" / "step-00000001" / "train_config.json").read_text())
+    for key, value in saved.items():
+        if key not in ("model", "data", "out_dir", "steps", "lr", "batch_size", "micro_batch_size", "seed"):
+            assert f"  {key} ({json.dumps(value)})" in out.stdout.replace(".0)", ")") or \
+                f"  {key} ({json.dumps(value)})" in out.stdout, key
+    assert len([line for line in out.stdout.splitlines() if line.startswith("  ")]) == len(saved)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("no_such_key=1", "config key 'no_such_key': unknown key"),
+    ("lr=-1", "config key 'lr': must be > 0"),
+    ("steps=abc", "config key 'steps': cannot parse"),
+    ("steps=1.5", "config key 'steps': expected an integer"),
+    ("policy=magic", "config key 'policy': must be one of"),
+    ("policy=gkv", "config key 'budget': policy gkv needs budget > 0"),
+    ("micro_batch_size=3", "config key 'micro_batch_size': must divide batch_size"),
+    ("dist_backend=nccl", "nccl needs device=cuda"),
+])
+def test_bad_keys_and_values_are_one_line_errors(work, tmp_path, override, message):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"} \
+        if override.startswith("dist_backend") else None
+    out = run("sft", *sft_args(work, tmp_path / "o"), override, check=False, env=env)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_bad_config_file_and_data_name_the_problem(work, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": str(work / "model"), "lerning_rate": 1}))
+    out = run("sft", "--config", str(cfg), check=False)
+    assert out.returncode != 0 and "config key 'lerning_rate': unknown key" in out.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [1, 2]}, {"prompt": [1, 999]}])
+    out = run("sft", *sft_args(work, tmp_path / "o"), f"data={bad}", check=False)
+    assert out.returncode != 0 and "bad.jsonl:2: 'prompt' holds 999" in out.stderr
+    out = run("sft", *sft_args(work, tmp_path / "o2"), f"data={work / 'say.jsonl'}", check=False)
+    assert out.returncode != 0 and "need a 'response'" in out.stderr
+
+
+def test_sft_lowers_the_loss_and_checkpoints_load_in_transformers(work, tmp_path):
+    out_dir = tmp_path / "sft"
+    out = run("sft", *sft_args(work, out_dir, "steps=40", "log_every=10"))
+    assert "step 40/40 loss" in out.stderr and "tok/s" in out.stderr and "eta" in out.stderr
+    loss = series(out_dir, "loss")
+    assert len(loss) == 40 and mean(loss[-5:]) < 0.75 * mean(loss[:5]), loss
+    ckpt = out_dir / "step-00000040"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    trained = weights(ckpt)
+    assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"],
+                           weights(work / "model")["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(hf.model.embed_tokens.weight.detach(), trained["model.embed_tokens.weight"])
+
+
+def test_sigkill_and_resume_gives_the_weights_of_an_uninterrupted_run(work, tmp_path):
+    args = ["steps=300", "save_every=20", "lr_schedule=cosine", "warmup_steps=5"]
+    whole = tmp_path / "whole"
+    run("sft", *sft_args(work, whole, *args))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([str(BINARY), "sft", *sft_args(work, killed, *args)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "step-00000040").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "step-00000300").exists()
+    out = run("sft", *sft_args(work, killed, *args))
+    assert "resumed from" in out.stderr
+    a, b = weights(whole / "step-00000300"), weights(killed / "step-00000300")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Every step's loss and gradient norm match too (Adam's moments were restored, not reset).
+    assert [(m["loss"], m["grad_norm"]) for m in metrics(whole)] == \
+        [(m["loss"], m["grad_norm"]) for m in metrics(killed)]
+
+
+def test_sft_under_teacher_forced_compression(work, tmp_path):
+    out_dir = tmp_path / "sftc"
+    run("sft", f"model={work / 'model'}", f"data={work / 'long.jsonl'}", f"out_dir={out_dir}",
+        "lr=1e-2", "batch_size=4", "micro_batch_size=2", "steps=30", "sft_compressed=true",
+        "policy=gkv", "budget=8", "window=2", "divide_length=4")
+    loss = series(out_dir, "loss")
+    assert mean(loss[-5:]) < 0.8 * mean(loss[:5]), loss
+
+
+def test_distill_kl_falls_with_a_compressed_student(work, tmp_path):
+    out_dir = tmp_path / "distill"
+    run("distill", f"model={work / 'model'}", f"teacher={work / 'other'}", f"data={work / 'long.jsonl'}",
+        f"out_dir={out_dir}", "lr=1e-2", "batch_size=4", "micro_batch_size=4", "steps=30",
+        "policy=snapkv", "budget=8", "window=2", "divide_length=4", "distill_temperature=2.0")
+    kl = series(out_dir, "loss")
+    assert min(kl) >= 0 and mean(kl[-5:]) < 0.5 * mean(kl[:5]), kl
+
+
+def test_distill_from_the_initial_weights_on_teacher_generated_responses(work, tmp_path):
+    out_dir = tmp_path / "self"
+    run("distill", f"model={work / 'model'}", f"data={work / 'say.jsonl'}", f"out_dir={out_dir}",
+        "lr=1e-3", "batch_size=4", "micro_batch_size=2", "steps=3", "distill_generate=true",
+        "max_new_tokens=24", "policy=gkv", "budget=6", "window=2", "divide_length=4")
+    kl = series(out_dir, "loss")
+    # Step 1: the student is the teacher; any KL is the compressed cache's alone.
+    assert len(kl) == 3 and kl[0] >= 0 and all(k == k for k in kl)
+
+
+def test_grpo_reward_rises_under_a_compressed_cache(work, tmp_path):
+    out_dir = tmp_path / "rl"
+    eval_data = work / "say.jsonl"
+    run("rl", f"model={work / 'model'}", f"data={work / 'say.jsonl'}", f"out_dir={out_dir}",
+        f"eval_data={eval_data}", "eval_every=20", "eval_max_new_tokens=1", "lr=2e-2",
+        "lr_schedule=constant", "batch_size=4", "micro_batch_size=2", "group_size=8", "steps=40",
+        "max_new_tokens=1", "temperature=1.0", "policy=h2o", "budget=2", "divide_length=1",
+        "ppo_epochs=2", "kl_coef=0.01")
+    reward = series(out_dir, "reward")
+    assert len(reward) == 40 and mean(reward[-8:]) > mean(reward[:8]) + 0.3, reward
+    for key in ("length", "entropy", "clip_frac", "kl", "truncated"):
+        assert len(series(out_dir, key)) == 40, key
+    assert max(series(out_dir, "clip_frac")) > 0  # the second epoch's ratio moves
+    acc = series(out_dir, "eval_accuracy")
+    assert len(acc) == 3 and acc[-1] > acc[0] and len(series(out_dir, "eval_accuracy_fullkv")) == 3
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path):
+    args = ["steps=6", "batch_size=8", "micro_batch_size=2"]
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(
+            [str(BINARY), "sft", *sft_args(work, tmp_path / f"dp{rank}", *args)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    if any("gloo was not built" in err for _, err in outs):
+        pytest.skip("gkv-train was built without Gloo (apt install libgloo-dev, then rebuild)")
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    run("sft", *sft_args(work, tmp_path / "one", *args, "micro_batch_size=4"))
+    one = weights(tmp_path / "one" / "step-00000006")
+    two = weights(tmp_path / "dp0" / "step-00000006")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5)
+    assert not (tmp_path / "dp1" / "step-00000006").exists()  # rank 0 writes checkpoints

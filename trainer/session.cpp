@@ -90,6 +90,14 @@ Session::Session(Config config, int64_t updates_per_step)
       if (dp_.is_main()) std::cerr << "gkv-train: resumed from " << dir->string() << "\n";
     }
   }
+  // Every rank resumes from the same checkpoint: out_dir must be one directory they all see.
+  const auto resumed = at::tensor({state_.step, state_.updates, state_.cursor}, at::kLong).to(device());
+  std::vector<at::Tensor> rank0{resumed.clone()};
+  dp_.broadcast(rank0);
+  if (!at::equal(resumed, rank0[0])) {
+    throw std::invalid_argument("config key 'out_dir': rank " + std::to_string(dp_.rank()) +
+                                " resumed at another step than rank 0; out_dir must be shared by all ranks");
+  }
   // Identical weights on every rank, whatever each loaded.
   dp_.broadcast(params_);
   if (dp_.is_main()) {
@@ -163,7 +171,22 @@ void Session::log(const nlohmann::json& record) const {
 }
 
 void Session::checkpoint() {
+  check_ranks_agree();
   if (dp_.is_main()) save_checkpoint(config_.out_dir, *model_, *optimizer_, state_, config_);
+}
+
+void Session::check_ranks_agree() const {
+  if (dp_.world() == 1) return;
+  // One fp64 sum per parameter: rank 0's are broadcast and compared exactly.
+  std::vector<at::Tensor> sums;
+  for (const auto& p : params_) sums.push_back(p.detach().to(at::kDouble).sum().reshape({1}));
+  const auto mine = at::cat(sums);
+  std::vector<at::Tensor> theirs{mine.clone()};
+  dp_.broadcast(theirs);
+  if (!at::equal(mine, theirs[0])) {
+    throw std::runtime_error("rank " + std::to_string(dp_.rank()) + "'s weights differ from rank 0's at step " +
+                             std::to_string(state_.step));
+  }
 }
 
 void Session::evaluate() {

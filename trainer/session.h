@@ -73,6 +73,8 @@ class Session {
   void evaluate();
   void log(const nlohmann::json& record) const;
   void checkpoint();
+  // Throws when this rank's weights are not bitwise rank 0's (data parallelism broke).
+  void check_ranks_agree() const;
 
   Config config_;
   DataParallel dp_;

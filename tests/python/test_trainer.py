@@ -273,3 +273,28 @@ def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
     assert not all(torch.equal(one[k], weights(work / "model")[k]) for k in one)
+
+
+@pytest.mark.parametrize("script", ["rl.sh", "distill.sh"])
+def test_scripts_run_a_job_end_to_end(work, tmp_path, script):
+    """scripts/rl.sh and distill.sh on prepared data (train.jsonl, test.jsonl, vocab.json)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    source = work / ("say.jsonl" if script == "rl.sh" else "long.jsonl")
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(source.read_text())
+    (data / "vocab.json").write_text((work / "vocab.json").read_text())
+    if script == "distill.sh":  # answers for the evaluation
+        rows = [dict(json.loads(line), answer="t4", answer_kind="exact")
+                for line in source.read_text().splitlines()]
+        write_jsonl(data / "test.jsonl", rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GKV_TRAIN": str(BINARY), "MODEL": str(work / "model"),
+           "DATA_DIR": str(data), "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "BF16": "false",
+           "BUDGET": "8", "WINDOW": "2", "DIVIDE_LENGTH": "4", "STEPS": "2", "BATCH": "2",
+           "MICRO_BATCH": "1", "GROUP": "2", "MAX_NEW_TOKENS": "4", "EVAL_EVERY": "2",
+           "EVAL_SAMPLES": "2", "SAVE_EVERY": "1", "LR": "1e-3", "WARMUP": "0"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "out" / "step-00000002" / "model.safetensors").exists()
+    assert len(series(tmp_path / "out", "eval_accuracy")) == 2

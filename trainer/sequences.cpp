@@ -1,6 +1,7 @@
 #include "trainer/sequences.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <c10/util/Exception.h>
 #include <ATen/core/grad_mode.h>
 
@@ -18,7 +19,13 @@ constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
 at::Tensor LifetimeAttention::forward(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  return std::get<0>(gkv::lifetime_attention(q, k, v, death_.select(1, layer).contiguous(), scale));
+  // Under autocast the projections are bf16 but RoPE's fp32 tables promote q and k back to fp32:
+  // the op needs one dtype, the autocast one (custom ops get no autocast casts of their own).
+  const auto device = q.device().type();
+  const auto dtype = at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device)
+                                                               : q.scalar_type();
+  return std::get<0>(gkv::lifetime_attention(q.to(dtype), k.to(dtype), v.to(dtype),
+                                              death_.select(1, layer).contiguous(), scale));
 }
 
 SequenceBatch make_batch(const std::vector<Sequence>& rows, const model::ModelConfig& config,

@@ -250,8 +250,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path):
-    args = ["steps=6", "batch_size=8", "micro_batch_size=2"]
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and gkv-train built with CUDA)")
+
+
+@pytest.mark.parametrize("backend, device", [
+    ("gloo", "cpu"),
+    pytest.param("nccl", "cuda", marks=pytest.mark.skipif(
+        not CUDA or torch.cuda.device_count() < 2, reason="NCCL data parallel needs 2 GPUs")),
+])
+def test_two_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path, backend, device):
+    args = ["steps=6", "batch_size=8", "micro_batch_size=2", f"device={device}", f"dist_backend={backend}"]
     port = str(free_port())
     procs = []
     for rank in range(2):
@@ -261,11 +270,12 @@ def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path):
             [str(BINARY), "sft", *sft_args(work, tmp_path / "dp", *args)], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
-    if any("gloo was not built" in err for _, err in outs):
-        pytest.skip("gkv-train was built without Gloo (apt install libgloo-dev, then rebuild)")
+    if any(f"{backend} was not built" in err for _, err in outs):
+        pytest.skip(f"gkv-train was built without {backend} (gloo: apt install libgloo-dev; "
+                    "nccl: the nvidia-nccl pip package), rebuild")
     # Each rank checks its weights against rank 0's bitwise before every checkpoint (exit != 0).
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    run("sft", *sft_args(work, tmp_path / "one", *args, "micro_batch_size=4"))
+    run("sft", *sft_args(work, tmp_path / "one", *args[:-1], "micro_batch_size=4"))
     one = weights(tmp_path / "one" / "step-00000006")
     two = weights(tmp_path / "dp" / "step-00000006")
     # Equal up to summation order: Adam's g / sqrt(v) magnifies 1e-7 gradient differences where
@@ -273,6 +283,25 @@ def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
     assert not all(torch.equal(one[k], weights(work / "model")[k]) for k in one)
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", ["sft", "rl"])
+def test_cuda_bf16_autocast_runs_learn(work, tmp_path, recipe):
+    out_dir = tmp_path / recipe
+    common = [f"model={work / 'model'}", f"out_dir={out_dir}", "device=cuda", "bf16=true",
+              "policy=gkv", "budget=8", "window=2", "divide_length=4", "lr=1e-2"]
+    if recipe == "sft":
+        run("sft", *common, f"data={work / 'long.jsonl'}", "batch_size=4", "micro_batch_size=2",
+            "steps=30", "sft_compressed=true")
+        loss = series(out_dir, "loss")
+        assert mean(loss[-5:]) < 0.8 * mean(loss[:5]), loss
+    else:
+        run("rl", *common, f"data={work / 'say.jsonl'}", "lr=2e-2", "lr_schedule=constant",
+            "batch_size=4", "micro_batch_size=2", "group_size=8", "steps=40", "max_new_tokens=1",
+            "temperature=1.0")
+        reward = series(out_dir, "reward")
+        assert mean(reward[-8:]) > mean(reward[:8]) + 0.3, reward
 
 
 @pytest.mark.parametrize("script", ["rl.sh", "distill.sh"])

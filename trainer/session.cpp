@@ -12,6 +12,7 @@
 #include <stdexcept>
 
 #include "engine/generate.h"
+#include "trainer/sequences.h"
 
 namespace gkv::trainer {
 
@@ -190,30 +191,38 @@ void Session::check_ranks_agree() const {
 }
 
 void Session::evaluate() {
-  if (!dp_.is_main() || eval_data_.empty()) return;
+  if (eval_data_.empty()) return;
   at::NoGradGuard no_grad;
   engine::GenerateOptions o;
   o.max_new_tokens = config_.eval_max_new_tokens;  // greedy
-  nlohmann::json record = {{"step", state_.step}, {"eval_examples", eval_data_.size()}};
-  const std::pair<const char*, cache::Policy> runs[] = {{"eval_accuracy", policy_},
+  // Each rank scores every world-th example; the counts are summed.
+  std::vector<Example> mine;
+  for (size_t i = dp_.rank(); i < eval_data_.size(); i += dp_.world()) mine.push_back(eval_data_[i]);
+  const std::pair<std::string, cache::Policy> runs[] = {{"eval_accuracy", policy_},
                                                          {"eval_accuracy_fullkv", cache::Policy::full_kv()}};
+  std::vector<at::Tensor> correct;
   for (const auto& [name, policy] : runs) {
-    double correct = 0;
-    for (const auto& micro : micro_batches(eval_data_)) {
+    double n = 0;
+    for (const auto& micro : micro_batches(mine)) {
       std::vector<std::vector<int64_t>> prompts;
       for (const auto& e : micro) prompts.push_back(e.prompt);
-      const auto gen = engine::generate(*model_, prompts, policy, o);
-      const auto tokens = gen.tokens.cpu(), lengths = gen.lengths.cpu();
+      const auto rows = rollout_sequences(prompts, engine::generate(*model_, prompts, policy, o));
       for (size_t b = 0; b < micro.size(); ++b) {
-        const auto row = tokens[b].narrow(0, 0, lengths[b].item<int64_t>()).contiguous();
-        correct += reward(micro[b], {row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()});
+        n += reward(micro[b], {rows[b].tokens.begin() + rows[b].prompt_length, rows[b].tokens.end()});
       }
     }
-    record[name] = correct / static_cast<double>(eval_data_.size());
+    correct.push_back(at::tensor(n, at::kDouble).to(device()));
   }
-  std::cerr << "eval step " << state_.step << ": accuracy " << record["eval_accuracy"].get<double>()
-            << " (" << policy_.name << "), " << record["eval_accuracy_fullkv"].get<double>()
-            << " (fullkv)\n";
+  dp_.allreduce_sum(correct);
+  nlohmann::json record = {{"step", state_.step}, {"eval_examples", eval_data_.size()}};
+  for (size_t r = 0; r < correct.size(); ++r) {
+    record[runs[r].first] = correct[r].item<double>() / static_cast<double>(eval_data_.size());
+  }
+  if (dp_.is_main()) {
+    std::cerr << "eval step " << state_.step << ": accuracy " << record["eval_accuracy"].get<double>()
+              << " (" << policy_.name << "), " << record["eval_accuracy_fullkv"].get<double>()
+              << " (fullkv)\n";
+  }
   log(record);
 }
 

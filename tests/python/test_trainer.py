@@ -260,7 +260,8 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and gk
         not CUDA or torch.cuda.device_count() < 2, reason="NCCL data parallel needs 2 GPUs")),
 ])
 def test_two_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path, backend, device):
-    args = ["steps=6", "batch_size=8", "micro_batch_size=2", f"device={device}", f"dist_backend={backend}"]
+    args = ["steps=6", "batch_size=8", f"eval_data={work / 'say.jsonl'}", "eval_every=3",
+            "eval_max_new_tokens=2", "micro_batch_size=2", f"device={device}", f"dist_backend={backend}"]
     port = str(free_port())
     procs = []
     for rank in range(2):
@@ -283,6 +284,9 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path, backe
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
     assert not all(torch.equal(one[k], weights(work / "model")[k]) for k in one)
+    # Evaluation is sharded over the ranks and summed.
+    assert len(series(tmp_path / "dp", "eval_accuracy")) == 3
+    assert series(tmp_path / "dp", "eval_accuracy_fullkv") == series(tmp_path / "one", "eval_accuracy_fullkv")
 
 
 @requires_cuda

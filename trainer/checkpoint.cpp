@@ -7,9 +7,11 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -63,18 +65,31 @@ fs::path save_checkpoint(const fs::path& out_dir, const model::Decoder& model,
   return dir;
 }
 
-std::optional<fs::path> latest_checkpoint(const fs::path& out_dir) {
-  std::optional<fs::path> best;
-  int64_t best_step = -1;
-  if (!fs::is_directory(out_dir)) return best;
-  for (const auto& entry : fs::directory_iterator(out_dir)) {
-    const auto step = step_of(entry.path());
-    if (entry.is_directory() && step && *step > best_step) {
-      best_step = *step;
-      best = entry.path();
+// out_dir's checkpoints, oldest first.
+std::vector<fs::path> checkpoints(const fs::path& out_dir) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  if (fs::is_directory(out_dir)) {
+    for (const auto& entry : fs::directory_iterator(out_dir)) {
+      const auto step = step_of(entry.path());
+      if (entry.is_directory() && step) found.emplace_back(*step, entry.path());
     }
   }
-  return best;
+  std::sort(found.begin(), found.end());
+  std::vector<fs::path> out;
+  for (auto& [step, path] : found) out.push_back(std::move(path));
+  return out;
+}
+
+void prune_checkpoints(const fs::path& out_dir, int64_t keep) {
+  const auto all = checkpoints(out_dir);
+  if (keep <= 0 || static_cast<int64_t>(all.size()) <= keep) return;
+  for (size_t i = 0; i + keep < all.size(); ++i) fs::remove_all(all[i]);
+}
+
+std::optional<fs::path> latest_checkpoint(const fs::path& out_dir) {
+  const auto all = checkpoints(out_dir);
+  if (all.empty()) return std::nullopt;
+  return all.back();
 }
 
 TrainerState load_checkpoint(const fs::path& dir, model::Decoder& model,

@@ -28,6 +28,9 @@ std::filesystem::path save_checkpoint(const std::filesystem::path& out_dir, cons
                                       torch::optim::Optimizer& optimizer, const TrainerState& state,
                                       const Config& config);
 
+// Deletes all but the newest `keep` checkpoints of out_dir (keep = 0: none deleted).
+void prune_checkpoints(const std::filesystem::path& out_dir, int64_t keep);
+
 // The checkpoint with the highest step in out_dir, if any.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& out_dir);
 

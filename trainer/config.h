@@ -61,6 +61,7 @@ struct Config {
   int64_t eval_samples = 0;  // examples of eval_data used; 0 = all
   int64_t eval_max_new_tokens = 64;
   int64_t save_every = 0;    // 0 = only at the end
+  int64_t keep_checkpoints = 0;  // newest checkpoints kept in out_dir; 0 = all
 
   // sft
   bool sft_compressed = false;  // cross-entropy under teacher-forced compression

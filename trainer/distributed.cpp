@@ -34,6 +34,7 @@ int env_int(const char* name, int fallback) {
   return static_cast<int>(x);
 }
 
+#if defined(GKV_WITH_GLOO) || defined(GKV_WITH_NCCL)
 std::string env_str(const char* name) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') {
@@ -42,6 +43,7 @@ std::string env_str(const char* name) {
   }
   return v;
 }
+#endif
 
 }  // namespace
 

@@ -146,6 +146,7 @@ StepStats grpo_step(Session& s, const Trajectory& trajectory, const model::Decod
 
 int run_grpo(const Config& c) {
   Session s(c, /*updates_per_step=*/c.ppo_epochs);
+  s.require_rewards(s.data(), "data");
   std::shared_ptr<model::Decoder> reference;
   if (c.kl_coef > 0) reference = s.frozen_copy(c.model);
   const RewardFn reward = [&](const Example& e, const std::vector<int64_t>& r) { return s.reward(e, r); };

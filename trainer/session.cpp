@@ -79,6 +79,7 @@ Session::Session(Config config, int64_t updates_per_step)
   } else if (!c.vocab.empty()) {
     throw std::invalid_argument("config key 'vocab': " + c.vocab + " does not exist");
   }
+  if (!eval_data_.empty()) require_rewards(eval_data_, "eval_data");
   state_.seed = c.seed;
   if (c.resume) {
     if (auto dir = latest_checkpoint(c.out_dir)) {
@@ -154,11 +155,20 @@ engine::GenerateOptions Session::rollout_options(int64_t salt) const {
   return o;
 }
 
-double Session::reward(const Example& example, const std::vector<int64_t>& response) const {
+void Session::require_rewards(const std::vector<Example>& examples, const std::string& key) const {
   if (!vocab_) {
-    throw std::invalid_argument("config key 'vocab': rewards need vocab.json (beside data or named)");
+    throw std::invalid_argument("config key 'vocab': rewards of " + key +
+                                " need vocab.json (beside data, or named by 'vocab')");
   }
-  if (example.answer.empty()) throw std::invalid_argument("rewards need an 'answer' in every example");
+  for (size_t i = 0; i < examples.size(); ++i) {
+    if (examples[i].answer.empty()) {
+      throw std::invalid_argument("config key '" + key + "': example " + std::to_string(i + 1) +
+                                  " has no 'answer' to reward");
+    }
+  }
+}
+
+double Session::reward(const Example& example, const std::vector<int64_t>& response) const {
   return tasks::reward(example.answer_kind, vocab_->decode(response), example.answer);
 }
 
@@ -173,7 +183,9 @@ void Session::log(const nlohmann::json& record) const {
 
 void Session::checkpoint() {
   check_ranks_agree();
-  if (dp_.is_main()) save_checkpoint(config_.out_dir, *model_, *optimizer_, state_, config_);
+  if (!dp_.is_main()) return;
+  save_checkpoint(config_.out_dir, *model_, *optimizer_, state_, config_);
+  prune_checkpoints(config_.out_dir, config_.keep_checkpoints);
 }
 
 void Session::check_ranks_agree() const {

@@ -61,7 +61,11 @@ class Session {
   std::map<std::string, double> update();
   // Generation options of rollouts at this step (the seed depends on seed, step, rank and `salt`).
   engine::GenerateOptions rollout_options(int64_t salt) const;
-  // Reward of a response through the task verifiers (gkv::tasks::reward on the decoded text).
+  // Throws, naming `key`, unless every example has an answer and vocab.json was found.
+  void require_rewards(const std::vector<Example>& examples, const std::string& key) const;
+  const std::vector<Example>& data() const { return data_; }
+  // Reward of a response through the task verifiers (gkv::tasks::reward on the decoded text);
+  // require_rewards has checked the example.
   double reward(const Example& example, const std::vector<int64_t>& response) const;
   // A frozen copy of the initial (or resumed-from, before any step of this run) weights.
   std::shared_ptr<model::Decoder> frozen_copy(const std::string& path) const;

@@ -160,15 +160,22 @@ def test_bad_config_file_and_data_name_the_problem(work, tmp_path):
     assert out.returncode != 0 and "bad.jsonl:2: 'prompt' holds 999" in out.stderr
     out = run("sft", *sft_args(work, tmp_path / "o2"), f"data={work / 'say.jsonl'}", check=False)
     assert out.returncode != 0 and "need a 'response'" in out.stderr
+    out = run("rl", *sft_args(work, tmp_path / "o3"), check=False)
+    assert out.returncode != 0 and "config key 'data': example 1 has no 'answer'" in out.stderr
+    out = run("sft", *sft_args(work, tmp_path / "o4"), f"eval_data={work / 'say.jsonl'}",
+              f"vocab={tmp_path / 'none.json'}", check=False)
+    assert out.returncode != 0 and "config key 'vocab':" in out.stderr
 
 
 def test_sft_lowers_the_loss_and_checkpoints_load_in_transformers(work, tmp_path):
     out_dir = tmp_path / "sft"
-    out = run("sft", *sft_args(work, out_dir, "steps=40", "log_every=10"))
+    out = run("sft", *sft_args(work, out_dir, "steps=40", "log_every=10", "save_every=10",
+                               "keep_checkpoints=2"))
     assert "step 40/40 loss" in out.stderr and "tok/s" in out.stderr and "eta" in out.stderr
     loss = series(out_dir, "loss")
     assert len(loss) == 40 and mean(loss[-5:]) < 0.75 * mean(loss[:5]), loss
     ckpt = out_dir / "step-00000040"
+    assert sorted(p.name for p in out_dir.iterdir() if p.is_dir()) == ["step-00000030", "step-00000040"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     trained = weights(ckpt)
     assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"],

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_dir
+
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -320,6 +322,30 @@ def test_cuda_bf16_autocast_runs_learn(work, tmp_path, recipe):
             "temperature=1.0")
         reward = series(out_dir, "reward")
         assert mean(reward[-8:]) > mean(reward[:8]) + 0.3, reward
+
+
+STORIES = shared_dir() / "models" / "stories260k" / "tinystories_260k_v1.bin"
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason=f"stories260K not found at {STORIES} (../shared/DATA.md)")
+def test_stories260k_trains_from_its_llama2ts_file_and_saves_a_transformers_checkpoint(tmp_path):
+    """The real pretrained model: sft under a G-KV cache on a repeated sequence of its own
+    vocabulary; the saved checkpoint is a transformers LlamaForCausalLM with tied embeddings."""
+    rng = random.Random(1)
+    rows = []
+    for _ in range(8):
+        x = [rng.randrange(3, 512) for _ in range(12)]
+        rows.append({"prompt": [1] + x, "response": x + x})
+    data = write_jsonl(tmp_path / "rep.jsonl", rows)
+    out_dir = tmp_path / "out"
+    run("sft", f"model={STORIES}", f"data={data}", f"out_dir={out_dir}", "lr=3e-3", "batch_size=4",
+        "micro_batch_size=4", "steps=12", "sft_compressed=true", "policy=gkv", "budget=16",
+        "window=4", "divide_length=4")
+    loss = series(out_dir, "loss")
+    assert mean(loss[-3:]) < mean(loss[:3]), loss
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "step-00000012")
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
 
 @pytest.mark.parametrize("script", ["rl.sh", "distill.sh"])

@@ -2,7 +2,8 @@
 
 Importing the package loads the compiled library, which registers the ``torch.ops.gkv`` ops;
 ``gkv_ext.ops`` has their typed wrappers, ``gkv_ext.policies`` the eviction policies, and
-``generate`` / ``load_model`` the native engine.
+``generate`` / ``load_model`` the native engine, ``gkv_ext.hf`` (imported on first use: it needs
+transformers) compressed-cache generation for transformers models.
 """
 import torch  # noqa: F401  (loads libtorch before our library)
 
@@ -15,3 +16,10 @@ built_with_cuda: bool = _C.built_with_cuda
 
 __all__ = ["ops", "policies", "built_with_cuda", "Model", "ModelConfig", "Tokenizer", "Policy",
            "CompressedKVCache", "Generation", "generate", "load_model", "teacher_forced"]
+
+
+def __getattr__(name):
+    if name == "hf":  # transformers is optional: import it only when asked for
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'gkv_ext' has no attribute {name!r}")

@@ -45,6 +45,18 @@ at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return at::matmul(p, v.to(at::kFloat).unsqueeze(2)).reshape({B, Hq, T, d}).to(q.scalar_type());
 }
 
+// The prompt's causal attention through gkv::lifetime_attention: O(P) mask state instead of the
+// P x P mask, so prompts of many thousand tokens fit. Pads (pos -1) die at their own slot, so no
+// query sees them; a pad query sees nothing and gets 0 (unused).
+// q [B,Hq,P,d], k/v [B,Hkv,P,d], pos [B,Hkv,P] int32 -> out [B,Hq,P,d]
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& pos) {
+  const auto slot = at::arange(pos.size(2), pos.options()).expand_as(pos);
+  const auto death = at::where(pos.ge(0), at::full_like(pos, kNever), slot).contiguous();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  return std::get<0>(gkv::lifetime_attention(q, k, v, death, scale));
+}
+
 }  // namespace
 
 CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens)
@@ -73,6 +85,8 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   }
   death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
                     kv_opts.dtype(at::kInt));
+  // "cuda" means the current device: name it, so device checks compare like with like.
+  shape_.device = death_.device();
 }
 
 const CompressedKVCache::Layer& CompressedKVCache::layer_at(int64_t layer) const {
@@ -165,7 +179,8 @@ at::Tensor CompressedKVCache::prefill(Layer& s, int64_t layer, const at::Tensor&
   const bool accumulate = policy_.observation == Observation::accumulate;
   std::optional<at::Tensor> acc;
   if (accumulate) acc = at::zeros({shape_.batch, shape_.kv_heads, P}, s.score.options());
-  const auto out = masked_attention(q, k, v, new_pos_, acc);
+  // Accumulating policies need every query's probabilities, hence the dense path.
+  const auto out = acc ? masked_attention(q, k, v, new_pos_, acc) : prompt_attention(q, k, v, new_pos_);
   push_queries(s, q);
   if (!policy_.budget || P <= *policy_.budget) {
     s.k.narrow(2, 0, P).copy_(k);

@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 #include <variant>
 
+#include "cache/kv_cache.h"
+#include "engine/generate.h"
 #include "model/decoder.h"
 #include "model/llama2ts.h"
 
@@ -15,17 +17,30 @@ using namespace gkv::model;
 namespace {
 
 // tokens [B,T] int64, positions [B,T] int64 (default: from the mask, else 0..T-1), attention_mask
-// [B,T] (nonzero = real token) -> logits [B,T,V]
+// [B,T] (nonzero = real token) -> logits [B,T,V]; with a cache, through it (see the binding).
 at::Tensor forward(const Decoder& model, const at::Tensor& tokens,
-                   std::optional<at::Tensor> positions, std::optional<at::Tensor> attention_mask) {
+                   std::optional<at::Tensor> positions, std::optional<at::Tensor> attention_mask,
+                   gkv::cache::CompressedKVCache* cache, bool last_only) {
   py::gil_scoped_release no_gil;
+  if (cache) {
+    TORCH_CHECK(positions && !attention_mask,
+                "forward: with a cache, pass the positions its begin_prefill / begin_decode "
+                "returned, and no attention_mask (the cache has it)");
+    gkv::engine::CacheAttention attention(*cache);
+    auto hidden = model.hidden_states(tokens, *positions, attention);
+    cache->end_forward();
+    if (last_only) hidden = hidden.narrow(1, hidden.size(1) - 1, 1);
+    return model.logits(hidden);
+  }
   if (!positions) {
     positions = attention_mask
                     ? positions_from_mask(attention_mask->to(tokens.device()))
                     : at::arange(tokens.size(-1), tokens.options().dtype(at::kLong)).expand(tokens.sizes());
   }
   CausalAttention attention(attention_mask);
-  return model.forward(tokens, *positions, attention);
+  auto hidden = model.hidden_states(tokens, *positions, attention);
+  if (last_only) hidden = hidden.narrow(1, hidden.size(1) - 1, 1);
+  return model.logits(hidden);
 }
 
 }  // namespace
@@ -79,11 +94,27 @@ void bind_model(py::module& m) {
       .def_property_readonly("config", &Decoder::config)
       .def_property_readonly("device", &Decoder::device)
       .def_property_readonly("dtype", [](const Decoder& d) { return d.config().dtype; })
+      .def_static("from_tensors",
+                  [](const ModelConfig& config, const std::map<std::string, at::Tensor>& tensors) {
+                    return Decoder::from_named(config, [&](const std::string& name, c10::IntArrayRef) {
+                      const auto it = tensors.find(name);
+                      TORCH_CHECK(it != tensors.end(), "Model.from_tensors: tensors has no '", name, "'");
+                      return it->second;
+                    });
+                  },
+                  py::arg("config"), py::arg("tensors"),
+                  "A decoder over the given tensors (named as in transformers' checkpoints, as "
+                  "state_dict() returns them); shapes are checked against the config.")
       .def("forward", &forward, py::arg("tokens"), py::arg("positions") = py::none(),
-           py::arg("attention_mask") = py::none(),
-           "tokens [B,T] int64 -> logits [B,T,V]; full causal attention, pads masked.")
+           py::arg("attention_mask") = py::none(), py::arg("cache") = nullptr,
+           py::arg("last_only") = false,
+           "tokens [B,T] int64 -> logits [B,T,V] (or [B,1,V] for the last token with last_only).\n"
+           "Without a cache: full causal attention among the tokens, pads masked. With a "
+           "CompressedKVCache: one forward through it, after its begin_prefill / begin_decode "
+           "(whose positions are passed here); the forward is ended before returning.")
       .def("__call__", &forward, py::arg("tokens"), py::arg("positions") = py::none(),
-           py::arg("attention_mask") = py::none())
+           py::arg("attention_mask") = py::none(), py::arg("cache") = nullptr,
+           py::arg("last_only") = false)
       .def("to",
            [](Decoder& d, std::optional<std::variant<std::string, at::Device>> device,
               std::optional<at::ScalarType> dtype) -> Decoder& {

@@ -1,17 +1,20 @@
 """The README's main command (scripts/bench_ops.py --quick) runs end to end on this machine and
 writes its table, JSON and plot."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The checkout's package first, whether or not it is pip-installed.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_bench_ops_quick(tmp_path):
     out = tmp_path / "bench"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ops.py"), "--quick",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "### decode_attention" in run.stdout and "### compression" in run.stdout
     results = json.loads(out.with_suffix(".json").read_text())
@@ -19,4 +22,26 @@ def test_bench_ops_quick(tmp_path):
         assert results[section], section
         assert all(v == v for row in results[section] for k, v in row.items()
                    if k.startswith("gkv") and k.endswith("_ms")), section  # no NaN timings
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_generate_quick(tmp_path):
+    """scripts/bench_generate.py on a tiny model: every row measured, G-KV's KV memory is the
+    same at every generated length while FullKV's grows."""
+    out = tmp_path / "gen"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--batches", "2", "--points", "160,400", "--steps", "8", "--hf-steps", "4",
+                          "--only", "engine,transformers", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Decode step of our engine" in run.stdout and "transformers" in run.stdout
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["policy"], r["generated"]): r for r in result["engine"]}
+    assert set(rows) == {(p, g) for p in ("FullKV", "G-KV@32", "G-KV@64") for g in (160, 400)}
+    assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows.values())
+    assert rows["FullKV", 400]["live_slots"] > rows["FullKV", 160]["live_slots"]
+    for b in (32, 64):
+        assert rows[f"G-KV@{b}", 400]["kv_mb"] == rows[f"G-KV@{b}", 160]["kv_mb"]
+        assert rows[f"G-KV@{b}", 400]["live_slots"] <= b + 128
+    assert len(result["transformers"]) == 1
     assert out.with_suffix(".png").stat().st_size > 0

@@ -14,6 +14,7 @@ import torch
 
 import gkv_ext
 from gkv_ext import CompressedKVCache, Policy, policies
+from conftest import requires_cuda
 
 INT32_MAX = 2**31 - 1
 TIE = 1e-5  # reference and cache scores agree to ~1e-6 in fp32; closer candidates may swap
@@ -175,9 +176,10 @@ def check_selection(score, cands, ours, keep):
 
 
 def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=True, chunked=False,
-              shape=SHAPE):
+              shape=SHAPE, device="cpu"):
     """Drives a CompressedKVCache with random tensors, one token per decode forward or (chunked) in chunks
-    that end at the compression steps; returns (cache, death oracle)."""
+    that end at the compression steps; returns (cache, death oracle). On CUDA the cache runs the
+    CUDA kernels and is checked against the same fp32 formula."""
     B, Hq, Hkv, d = shape
     g = torch.Generator().manual_seed(seed)
     T = prompt + steps
@@ -186,7 +188,7 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
     # A few near-copies so the redundancy term has something to find.
     K[:, :, :, 7::9] = K[:, :, :, 3:4] + 0.1 * K[:, :, :, 7::9]
     V = torch.randn(layers, B, Hkv, T, d, generator=g)
-    cache = CompressedKVCache(policy, layers, B, Hq, Hkv, d, max_tokens=T)
+    cache = CompressedKVCache(policy, layers, B, Hq, Hkv, d, max_tokens=T, device=device)
     refs = [Reference(policy, pads, Hq, Hkv) for _ in range(layers)]
     ptrs = [(cache.keys(l).data_ptr(), cache.values(l).data_ptr(), cache.positions(l).data_ptr(),
              cache.scores(l).data_ptr()) for l in range(layers)]
@@ -195,6 +197,7 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
     mask = torch.ones(B, prompt, dtype=torch.long)
     for b, p in enumerate(pads):
         mask[b, :p] = 0
+    mask = mask.to(device)
     t0 = 0
     D = policy.divide_length
     f = 0  # index of the next forward
@@ -212,20 +215,21 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
         f += 1 if f == 0 else n
         for l in range(layers):
             sl = slice(t0, t0 + n)
-            out = cache.attend(l, Q[l, :, :, sl], K[l, :, :, sl], V[l, :, :, sl])
+            out = cache.attend(l, *(x[l, :, :, sl].to(device) for x in (Q, K, V)))
             assert torch.isfinite(out).all()
         cache.end_forward()
         for l in range(layers):
-            pos = cache.positions(l)[:, :, :cache.length]
+            pos = cache.positions(l)[:, :, :cache.length].cpu()
+            keys, values = cache.keys(l).cpu(), cache.values(l).cpu()
 
-            def cache_kept(b, h, pos=pos, l=l):
+            def cache_kept(b, h, pos=pos, keys=keys):
                 # Pads all read -1: find which pad each is by its key.
                 out = []
                 for i, q in enumerate(pos[b, h].tolist()):
                     if q >= 0:
                         out.append(q + pads[b])
                     else:
-                        key = cache.keys(l)[b, h, i]
+                        key = keys[b, h, i]
                         out.append(next(t for t in range(pads[b]) if torch.equal(K[l, b, h, t], key)))
                 return out
 
@@ -238,8 +242,8 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
                 for h in range(Hkv):
                     kept = refs[l].kept[b][h]
                     assert cache_kept(b, h) == kept
-                    assert torch.equal(cache.keys(l)[b, h, :len(kept)], K[l, b, h, kept])
-                    assert torch.equal(cache.values(l)[b, h, :len(kept)], V[l, b, h, kept])
+                    assert torch.equal(keys[b, h, :len(kept)], K[l, b, h, kept])
+                    assert torch.equal(values[b, h, :len(kept)], V[l, b, h, kept])
                     seen = (before[b][h] if before else []) + times
                     for t in set(seen) - set(kept):
                         if t >= pads[b] and oracle[b, l, h, t - pads[b]] == INT32_MAX:
@@ -251,34 +255,37 @@ def run_cache(policy, layers=2, prompt=20, steps=45, seed=0, pads=PADS, check=Tr
     return cache, oracle
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_decisions_equal_dense_formula(name):
+def test_decisions_equal_dense_formula(name, device):
     policy = POLICIES[name]
-    cache, oracle = run_cache(policy)
+    cache, oracle = run_cache(policy, device=device)
     # 20 prompt + 45 steps with D = 8: compressions at forwards 8, 16, ..., 40 (the first one
     # where the cache exceeds 24); memory never grows past budget + D.
     assert cache.capacity == policy.budget + policy.divide_length
     assert cache.length <= cache.capacity
-    assert torch.equal(cache.death(), oracle)
+    assert torch.equal(cache.death().cpu(), oracle)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("name", ["gkv-max", "rkv", "h2o-accumulate"])
 @pytest.mark.parametrize("shape, pads", [((1, 7, 1, 8), [0]), ((3, 8, 4, 8), [0, 19, 3])],
                          ids=["G7", "B3-G2-long-pad"])
-def test_other_shapes_and_padding(name, shape, pads):
+def test_other_shapes_and_padding(name, shape, pads, device):
     """GQA group 7 with one KV head; a row whose prompt is a single real token after 19 pads."""
-    cache, oracle = run_cache(POLICIES[name], layers=1, shape=shape, pads=pads)
-    assert torch.equal(cache.death(), oracle)
+    cache, oracle = run_cache(POLICIES[name], layers=1, shape=shape, pads=pads, device=device)
+    assert torch.equal(cache.death().cpu(), oracle)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("name", ["gkv-max", "rkv", "h2o-sampled", "h2o-accumulate", "tova"])
-def test_chunked_decode_makes_the_same_decisions(name):
+def test_chunked_decode_makes_the_same_decisions(name, device):
     """Chunks ending at the compression steps (teacher forcing) against the same formula, and
     the same eviction log as one token per forward."""
     policy = POLICIES[name]
-    _, by_token = run_cache(policy, layers=1)
-    cache, oracle = run_cache(policy, layers=1, chunked=True)
-    assert torch.equal(cache.death(), oracle)
+    _, by_token = run_cache(policy, layers=1, device=device)
+    cache, oracle = run_cache(policy, layers=1, chunked=True, device=device)
+    assert torch.equal(cache.death().cpu(), oracle)
     assert torch.equal(oracle, by_token)
 
 

@@ -19,9 +19,10 @@ import torch
 import gkv_ext  # noqa: F401  (loads the extension)
 from gkv_ext._C import Model, ModelConfig, Tokenizer
 
-from conftest import shared_dir
+from conftest import requires_cuda, shared_dir
 
 transformers = pytest.importorskip("transformers")
+from hf_models import SMALL, random_hf  # noqa: E402  (needs transformers)
 
 STORIES = shared_dir() / "models" / "stories260k"
 STORIES_BIN = STORIES / "tinystories_260k_v1.bin"
@@ -33,8 +34,6 @@ requires_stories = pytest.mark.skipif(
 PROMPT = "Once upon a time, there was a little"
 CONTINUATION = "girl named Lily. She loved to play outside in the park."
 
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=97,
-             max_position_embeddings=256)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 # name -> (transformers config class name, extra config keys)
@@ -63,17 +62,7 @@ TOLERANCES = {torch.float32: 1e-4 / 5, torch.bfloat16: 10 * 2**-8, torch.float16
 
 def make_hf(name, tmp_path, dtype=torch.float32):
     """A transformers model with random weights of a visible size, saved into tmp_path/name."""
-    cls_name, extra = CONFIGS[name]
-    config = getattr(transformers, cls_name)(**SMALL, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # the default init (std 0.02, norms 1) would hide most mistakes
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15)
-    model = model.to(dtype)
+    model = random_hf(*CONFIGS[name], dtype=dtype)
     path = tmp_path / name
     model.save_pretrained(path, safe_serialization=True)
     return model, path
@@ -150,6 +139,26 @@ def test_low_precision_logits_match_transformers(name, dtype, tmp_path):
     assert model.dtype == dtype and model.config.dtype == dtype
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 23), generator=torch.Generator().manual_seed(3))
     assert_close(model.forward(tokens), hf_logits(hf, tokens), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cuda_logits_match_transformers_on_cuda(name, dtype, tmp_path):
+    """The decoder on the GPU against transformers on the GPU, left-padded batch included."""
+    hf, path = make_hf(name, tmp_path, dtype)
+    hf = hf.to("cuda")
+    model = Model.load(path).to("cuda")
+    assert model.device.type == "cuda"
+    tokens = torch.randint(0, SMALL["vocab_size"], (3, 29), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(tokens)
+    mask[1, :7] = 0
+    tokens, mask = tokens.cuda(), mask.cuda()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    ours = model.forward(tokens, attention_mask=mask)
+    ref = hf_logits(hf, tokens, mask, positions)
+    real = mask.bool()
+    assert_close(ours[real], ref[real], dtype)
 
 
 def test_to_casts_and_keeps_tied_weights(tmp_path):

@@ -1,0 +1,404 @@
+"""Benchmark of batched generation: our engine under FullKV and G-KV against transformers' generate.
+
+  python scripts/bench_generate.py            # GPU: Qwen2.5-7B-shaped model, random bf16 weights
+  python scripts/bench_generate.py --quick    # a tiny model on any device (CPU included)
+
+Measured in one run, on one set of random weights (the model's shape is what matters for speed;
+the weights are random and the text is meaningless):
+  1. Decode step time of our engine at B in --batches, for FullKV and G-KV at --budgets, after
+     --prompt prompt tokens and g generated tokens for g in --points. The cache is brought to each
+     point by chunked forwards (teacher forcing in chunks that end at the compression steps, the
+     schedule of generation), then --steps decode steps are timed one by one with device events:
+     the mean step time, the share of it spent in the steps that compress (score + select +
+     compact: their excess over the median step), the KV memory and the bandwidth floor
+     (bytes of weights + live KV) / the measured copy bandwidth.
+  2. transformers' own generate (full cache, sdpa) on the same weights at the same batch sizes,
+     timed over its first --hf-steps generated tokens: its cheapest steps (its cache is smallest
+     there and grows by torch.cat), so the ratio against it is conservative.
+  3. Equal GPU memory: the largest batch that FullKV and G-KV at the largest budget each fit for
+     --max-new generated tokens, and the tokens/s each sustains over that generation (FullKV's
+     step time integrated over the measured points; G-KV's is flat, so it is measured once, at
+     the second point, after several compressions).
+G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
+most budget + divide_length slots from then on, so later points cost the same (the flat KV column
+shows it) while bringing a large batch there by teacher forcing would dominate the run time.
+Tables go to stdout; --out PREFIX writes PREFIX.json and PREFIX.png (step time vs generated
+length per batch size and policy).
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import gkv_ext
+from gkv_ext import policies
+
+transformers = None  # imported in main(): only this script needs it
+
+SHAPES = {
+    # Qwen2.5-7B-Instruct's config.json (the sizes only).
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, max_position_embeddings=8192),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Per-step elapsed milliseconds: device events on CUDA, the wall clock elsewhere."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self):
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def copy_bandwidth(device, nbytes):
+    """GB/s of a large device copy, bytes read + written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    for _ in range(3):
+        dst.copy_(src)
+    timer.mark()
+    for _ in range(10):
+        dst.copy_(src)
+        timer.mark()
+    return 2 * nbytes / statistics.median(timer.intervals()) / 1e6
+
+
+def build_models(shape, device, dtype):
+    """(transformers model, our model) over the same weight tensors."""
+    config = transformers.Qwen2Config(**SHAPES[shape])
+    config.dtype = dtype
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                           attn_implementation="sdpa").eval()
+    ours = gkv_ext.Model.from_tensors(gkv_ext.ModelConfig.from_json(config.to_json_string()),
+                                      dict(hf.state_dict()))
+    return hf, ours
+
+
+def weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def kv_bytes_per_slot(config, dtype):
+    """K and V bytes of one token in every layer and KV head."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+class Run:
+    """One batch of random prompts stepped through our model and a CompressedKVCache."""
+
+    def __init__(self, model, policy, batch, prompt, max_new, device, seed=0):
+        c = model.config
+        self.model, self.policy, self.device = model, policy, device
+        self.D = policy.divide_length
+        g = torch.Generator().manual_seed(seed)
+        self.vocab = c.vocab_size
+        tokens = torch.randint(0, self.vocab, (batch, prompt), generator=g).to(device)
+        self.cache = gkv_ext.CompressedKVCache(policy, c.num_layers, batch, c.num_heads,
+                                               c.num_kv_heads, c.head_dim,
+                                               max_tokens=prompt + max_new + 1,
+                                               dtype=c.dtype, device=str(device))
+        positions = self.cache.begin_prefill(torch.ones_like(tokens))
+        self.logits = self.model(tokens, positions, cache=self.cache, last_only=True)
+        self.generated = 0
+
+    def fill_to(self, generated):
+        """Teacher-forces random tokens up to `generated` tokens, in chunks ending at the
+        compression steps (the cache's decisions are those of decoding them one by one)."""
+        while self.generated < generated:
+            f = self.cache.forwards
+            n = min(((f - 1) // self.D + 1) * self.D - f + 1, generated - self.generated)
+            chunk = torch.randint(0, self.vocab, (self.logits.shape[0], n), device=self.device)
+            self.logits = self.model(chunk, self.cache.begin_decode(n), cache=self.cache,
+                                     last_only=True)
+            self.generated += n
+
+    def decode(self, steps):
+        """Times `steps` greedy decode steps; returns their milliseconds and whether each one
+        compressed the cache."""
+        timer = Timer(self.device)
+        compressed = []
+        timer.mark()
+        for _ in range(steps):
+            nxt = self.logits[:, -1].argmax(-1, keepdim=True)
+            f = self.cache.forwards
+            full = self.cache.length + 1 > (self.policy.budget or 1 << 62)
+            self.logits = self.model(nxt, self.cache.begin_decode(1), cache=self.cache)
+            compressed.append(full and f % self.D == 0)
+            timer.mark()
+        self.generated += steps
+        return timer.intervals(), compressed
+
+
+def cache_bytes(cache, layers):
+    return sum(t.numel() * t.element_size() for l in range(layers)
+               for t in (cache.keys(l), cache.values(l), cache.positions(l), cache.scores(l)))
+
+
+def measure_point(run, steps, bw, wbytes, slot_bytes):
+    times, compressed = run.decode(steps)
+    plain = [t for t, c in zip(times, compressed) if not c]
+    median = statistics.median(plain)
+    excess = sum(t - median for t, c in zip(times, compressed) if c)
+    step = sum(times) / len(times)
+    live = run.cache.length
+    floor = (wbytes + live * run.logits.shape[0] * slot_bytes) / bw / 1e6
+    return dict(step_ms=step, tokens_per_s=run.logits.shape[0] / step * 1e3,
+                compress_share=excess / sum(times), live_slots=live,
+                kv_mb=cache_bytes(run.cache, run.model.config.num_layers) / 2**20,
+                floor_ms=floor, vs_floor=step / floor,
+                allocated_mb=torch.cuda.memory_allocated() / 2**20 if run.device.type == "cuda" else None)
+
+
+def is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def bench_engine(model, args, device, bw):
+    wbytes = weight_bytes(model)
+    slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
+    rows = []
+    configs = [("FullKV", policies.FullKV())] + [(f"G-KV@{b}", policies.GKV(b)) for b in args.budgets]
+    jobs = [(B, name, policy) for B in args.batches for name, policy in configs]
+    for B, name, policy in tqdm(jobs, desc="engine", unit="run"):
+        # G-KV's cache is flat once it holds the budget: the first two points show it.
+        points = args.points if policy.budget is None else args.points[:2]
+        try:
+            run = Run(model, policy, B, args.prompt, max(points) + args.steps, device)
+            for g in points:
+                run.fill_to(g)
+                rows.append(dict(batch=B, policy=name, generated=g,
+                                 **measure_point(run, args.steps, bw, wbytes, slot_bytes)))
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            rows.append(dict(batch=B, policy=name, generated=None, oom=True))
+        run = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_transformers(hf, args, device):
+    rows = []
+    for B in tqdm(args.batches, desc="transformers", unit="batch"):
+        ids = torch.randint(0, hf.config.vocab_size, (B, args.prompt),
+                            generator=torch.Generator().manual_seed(1)).to(device)
+
+        def gen(n):
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+            sync(device)
+            return (time.perf_counter() - t0) * 1e3
+
+        gen(2)  # warm-up
+        # The first token comes from the prefill: the difference leaves the decode steps only.
+        step = (gen(args.hf_steps + 1) - gen(1)) / args.hf_steps
+        rows.append(dict(batch=B, step_ms=step, tokens_per_s=B / step * 1e3))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def largest_batch(model, policy, args, device):
+    """The largest batch whose cache and one decode step fit for --max-new generated tokens
+    (doubling, then bisection; the allocations are real)."""
+    def fits(B):
+        try:
+            run = Run(model, policy, B, args.prompt, args.max_new, device)
+            run.fill_to(args.divide)  # chunk forwards and the first compression fit too
+            run.decode(2)
+            return True
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            return False
+        finally:
+            run = None
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // 16):  # within 1/16: enough for a throughput ratio
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def mean_step_over_generation(points, steps_ms, total):
+    """Mean step time over generated lengths 0..total from step times at the measured points
+    (linear in between, flat before the first point: FullKV's step time grows with its cache)."""
+    xs, ys = [0] + list(points), [steps_ms[0]] + list(steps_ms)
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return area / xs[-1] if xs[-1] == total else None
+
+
+def bench_equal_memory(model, args, device, bw):
+    wbytes = weight_bytes(model)
+    slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
+    out = []
+    budget = max(args.budgets)
+    for name, policy in [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]:
+        B = largest_batch(model, policy, args, device)
+        points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
+        run = Run(model, policy, B, args.prompt, args.max_new + args.steps, device)
+        steps = []
+        for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
+            run.fill_to(g)
+            steps.append(measure_point(run, args.steps, bw, wbytes, slot_bytes)["step_ms"])
+        mean = (mean_step_over_generation(points, steps, args.max_new) if policy.budget is None
+                else steps[0])
+        out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3))
+        run = None
+        torch.cuda.empty_cache()
+    return out
+
+
+def print_tables(result):
+    print(f"\n{result['device']}, copy bandwidth {result['copy_gbps']:.0f} GB/s; model "
+          f"{result['shape']} with random {result['dtype']} weights ({result['weight_gb']:.2f} GB); "
+          f"prompt {result['prompt']}")
+    print("\nDecode step of our engine (mean over the timed steps; floor = (weights + live KV) / copy bandwidth)")
+    print(f"{'B':>4} {'policy':>11} {'generated':>9} {'live':>6} {'step ms':>8} {'floor ms':>8} "
+          f"{'x floor':>7} {'tok/s':>9} {'KV MiB':>8} {'compress':>8}")
+    for r in result["engine"]:
+        if r.get("oom"):
+            print(f"{r['batch']:>4} {r['policy']:>11} {'out of memory':>20}")
+            continue
+        print(f"{r['batch']:>4} {r['policy']:>11} {r['generated']:>9} {r['live_slots']:>6} "
+              f"{r['step_ms']:>8.2f} {r['floor_ms']:>8.2f} {r['vs_floor']:>7.2f} "
+              f"{r['tokens_per_s']:>9.0f} {r['kv_mb']:>8.0f} {100 * r['compress_share']:>7.1f}%")
+    if result.get("transformers"):
+        print(f"\ntransformers {transformers.__version__} generate (full cache, sdpa), "
+              f"first {result['hf_steps']} generated tokens")
+        print(f"{'B':>4} {'step ms':>8} {'tok/s':>9} {'ours FullKV tok/s':>18} {'ratio':>6}")
+        for r in result["transformers"]:
+            ours = [e for e in result["engine"] if e["batch"] == r["batch"]
+                    and e["policy"] == "FullKV" and not e.get("oom")]
+            mine = ours[0]["tokens_per_s"] if ours else float("nan")
+            print(f"{r['batch']:>4} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.0f} {mine:>18.0f} "
+                  f"{mine / r['tokens_per_s']:>6.1f}")
+    if result.get("equal_memory"):
+        print(f"\nEqual GPU memory: the largest batch for {result['max_new']} generated tokens")
+        print(f"{'policy':>11} {'batch':>6} {'mean step ms':>12} {'tok/s':>9}")
+        for r in result["equal_memory"]:
+            print(f"{r['policy']:>11} {r['batch']:>6} {r['mean_step_ms']:>12.2f} {r['tokens_per_s']:>9.0f}")
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    batches = sorted({r["batch"] for r in result["engine"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
+    for ax, B in zip(axes[0], batches):
+        for name in dict.fromkeys(r["policy"] for r in result["engine"]):
+            pts = [r for r in result["engine"] if r["batch"] == B and r["policy"] == name and not r.get("oom")]
+            if pts:
+                ax.plot([r["generated"] for r in pts], [r["step_ms"] for r in pts], "o-", label=name)
+        hf = [r for r in result.get("transformers", []) if r["batch"] == B]
+        if hf:
+            ax.axhline(hf[0]["step_ms"], color="gray", ls="--", label="transformers (first tokens)")
+        ax.set_title(f"B={B}")
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel("decode step (ms)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result['shape']} (random {result['dtype']} weights), {result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None):
+    global transformers
+    import transformers as _transformers
+    transformers = _transformers
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes, any device")
+    ap.add_argument("--shape", choices=list(SHAPES), default=None)
+    ap.add_argument("--batches", type=ints, default=None)
+    ap.add_argument("--budgets", type=ints, default=None)
+    ap.add_argument("--points", type=ints, default=None, help="generated lengths to measure at")
+    ap.add_argument("--prompt", type=int, default=None)
+    ap.add_argument("--max-new", type=int, default=None, help="generated tokens of the equal-memory runs")
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
+    ap.add_argument("--hf-steps", type=int, default=None)
+    ap.add_argument("--only", default="engine,transformers,memory")
+    ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda else "cpu")
+    quick = args.quick or device.type != "cuda"
+    defaults = dict(shape="tiny", batches=[1, 4], budgets=[32, 64], points=[64, 256], prompt=48,
+                    max_new=256, steps=32, hf_steps=16) if quick else \
+        dict(shape="qwen2.5-7b", batches=[1, 16, 64], budgets=[512, 1024, 2048],
+             points=[1024, 4096, 8192, 16384], prompt=512, max_new=16384, steps=128, hf_steps=64)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.divide = policies.GKV(max(args.budgets)).divide_length
+    only = set(args.only.split(","))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    hf, model = build_models(args.shape, device, dtype)
+    bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+                  copy_gbps=bw, shape=args.shape, dtype=str(dtype).replace("torch.", ""),
+                  weight_gb=weight_bytes(model) / 1e9, prompt=args.prompt, max_new=args.max_new,
+                  hf_steps=args.hf_steps, torch=torch.__version__,
+                  transformers_version=transformers.__version__)
+    with torch.no_grad():
+        if "engine" in only:
+            result["engine"] = bench_engine(model, args, device, bw)
+        if "transformers" in only:
+            result["transformers"] = bench_transformers(hf, args, device)
+        if "memory" in only and device.type == "cuda":
+            result["equal_memory"] = bench_equal_memory(model, args, device, bw)
+    result.setdefault("engine", [])
+    print_tables(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+        if result["engine"]:
+            plot(result, args.out + ".png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Benchmark of gkv_ext.hf.generate (G-KV cache) against plain transformers generate, same run.
+
+  python scripts/bench_hf.py                  # GPU: Qwen2.5-1.5B shape, bf16, 8K and 16K new
+                                              # tokens, batch 1 and 16 -> docs/benchmarks_hf.*
+  python scripts/bench_hf.py --batches 16 --new-tokens 16384 --out /tmp/b16   # one point
+  python scripts/bench_hf.py --quick          # tiny config, any device (CPU included)
+  python scripts/bench_hf.py --merge /tmp/a.json /tmp/b.json   # one table/plot from several runs
+
+A 16K point takes minutes per side on one GPU (transformers' eager decode step is a few ms), so
+the full grid may be run one point per command and merged; both sides of a point always run in
+the same process, one after the other. ``--context 8192,16384`` is the quick form of the same
+question: the context is reached by a prompt of that length, then --new-tokens decode steps are
+timed (tokens/s of the decode alone: the run minus a one-token run of the same prompt), so the
+rate at 16K of context costs seconds instead of minutes.
+
+Both sides run the same transformers model with random weights (the timing and memory do not
+depend on the weights; the table says so): plain is ``model.generate`` with its default
+DynamicCache and the sdpa attention, greedy, every row forced to max_new_tokens; gkv is
+``gkv_ext.hf.generate`` with ``GKV(budget)``, greedy, no EOS. Reported per point: tokens/s
+(batch x new tokens / wall time, prefill included), peak memory allocated above the weights, and
+the KV bytes each cache holds at the end (plain: every token; gkv: the budget + D slots it
+preallocated).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+import gkv_ext
+import gkv_ext.hf
+from gkv_ext.policies import GKV
+
+# Qwen2.5-1.5B(-Instruct) / DeepSeek-R1-Distill-Qwen-1.5B shape.
+QWEN25_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                   max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True)
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=97, max_position_embeddings=1024)
+
+
+def build_model(shape, dtype, device):
+    config = transformers.Qwen2Config(**shape, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def kv_bytes(model, batch, slots):
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * slots * head_dim * \
+        model.dtype.itemsize
+
+
+def measure(run, device):
+    """(seconds, peak bytes allocated above what was allocated before) of run()."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
+    return seconds, peak
+
+
+def bench_point(model, batch, prompt_len, new_tokens, budget, divide_length, device,
+                decode_only=False):
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(batch))
+    mask = torch.ones_like(ids)
+
+    def plain(n):
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+
+    def gkv(n):
+        gkv_ext.hf.generate(model, ids, mask, policy=GKV(budget, divide_length=divide_length),
+                            max_new_tokens=n, eos_token_id=[])
+
+    row = {"B": batch, "prompt": prompt_len, "new_tokens": new_tokens, "budget": budget}
+    for name, run in (("plain", plain), ("gkv", gkv)):
+        seconds, peak = measure(lambda: run(new_tokens), device)
+        if decode_only:  # the prefill and first token cancel out
+            seconds -= measure(lambda: run(1), device)[0]
+            row[f"{name}_tok_s"] = batch * (new_tokens - 1) / seconds
+        else:
+            row[f"{name}_tok_s"] = batch * new_tokens / seconds
+        row[f"{name}_peak_MB"] = peak / 2**20
+    row["plain_kv_MB"] = kv_bytes(model, batch, prompt_len + new_tokens) / 2**20
+    row["gkv_kv_MB"] = kv_bytes(model, batch, min(prompt_len + new_tokens,
+                                                  budget + divide_length)) / 2**20
+    row["speedup"] = row["gkv_tok_s"] / row["plain_tok_s"]
+    return row
+
+
+def table(rows, title):
+    cols = list(rows[0])
+    fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = [f"\n### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"B={r['B']}\n{r['prompt']}+{r['new_tokens']} tok" for r in rows]
+    x = range(len(rows))
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for offset, name in ((-0.2, "plain"), (0.2, "gkv")):
+        speed.bar([i + offset for i in x], [r[f"{name}_tok_s"] for r in rows], 0.4, label=name)
+        memory.bar([i + offset for i in x], [r[f"{name}_kv_MB"] for r in rows], 0.4, label=name)
+    for ax, ylabel in ((speed, "tokens/s"), (memory, "KV cache MB at the end")):
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny config, CPU-friendly sizes")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    parser.add_argument("--new-tokens", default=None, help="comma-separated generated lengths")
+    parser.add_argument("--budget", type=int, default=None, help="G-KV budget (default 2048)")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt length (default 128)")
+    parser.add_argument("--context", default=None,
+                        help="comma-separated prompt lengths: time --new-tokens decode steps "
+                             "after each (decode tokens/s only)")
+    parser.add_argument("--out", default="docs/benchmarks_hf", help="JSON/PNG path prefix")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no run: merge the rows of earlier runs' JSON files")
+    args = parser.parse_args()
+    if args.merge:
+        try:
+            runs = [json.loads(Path(p).read_text()) for p in args.merge]
+            keys = {(r["device"], r["torch"], r["transformers"]) for r in runs}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"bench_hf --merge: not a bench_hf JSON file: {e!r}")
+        if len(keys) != 1:
+            raise SystemExit("bench_hf --merge: the runs differ in device, torch or transformers")
+        report(runs[0], [row for r in runs for row in r["rows"]], Path(args.out))
+        return
+
+    device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda
+                          else "cpu")
+    if args.quick:
+        shape, dtype, batches, lengths, budget, prompt, D = TINY, torch.float32, [1, 2], \
+            [48, 96], 24, 16, 8
+    else:
+        shape, dtype, batches, lengths, budget, prompt, D = QWEN25_1_5B, torch.bfloat16, \
+            [1, 16], [8192, 16384], 2048, 128, 128
+    parse = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    batches = parse(args.batches) if args.batches else batches
+    lengths = parse(args.new_tokens) if args.new_tokens else lengths
+    budget = args.budget or budget
+    prompt = args.prompt or prompt
+    if min(batches + lengths) < 1 or budget < 1 or prompt < 1:
+        raise SystemExit("bench_hf: batches, new tokens, budget and prompt must be >= 1")
+
+    model = build_model(shape, dtype, device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    title = (f"{'tiny Qwen2' if args.quick else 'Qwen2.5-1.5B-shaped'} model, RANDOM weights, "
+             f"{str(dtype).removeprefix('torch.')}, {name}; plain = transformers "
+             f"{transformers.__version__} generate (DynamicCache, sdpa), gkv = gkv_ext.hf "
+             f"GKV(budget={budget}, D={D})")
+    if args.context:  # (prompt, new tokens) points, decode rate only
+        points = [(b, c, lengths[0]) for c in parse(args.context) for b in batches]
+        title += f"; context from the prompt, decode tokens/s over {lengths[0]} new tokens"
+    else:
+        points = [(b, prompt, n) for n in lengths for b in batches]
+    for b in batches:  # warm-up: kernels loaded, allocator primed, for every batch size
+        bench_point(model, b, prompt, 2 * D, budget, D, device)
+    rows = [bench_point(model, b, p, n, budget, D, device, decode_only=bool(args.context))
+            for b, p, n in tqdm(points, desc="bench_hf", unit="point")]
+    report({"title": title, "device": name, "torch": torch.__version__,
+            "transformers": transformers.__version__, "random_weights": True}, rows,
+           Path(args.out))
+
+
+def report(meta, rows, out):
+    """Prints the table, writes out.json (meta + rows) and out.png."""
+    print(meta["title"])
+    print(table(rows, "gkv_ext.hf.generate vs transformers generate"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    plot(rows, meta["title"], out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -333,11 +333,16 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     batches = sorted({r["batch"] for r in result["engine"]})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
+    names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}  # one color per policy in every panel
     for ax, B in zip(axes[0], batches):
-        for name in dict.fromkeys(r["policy"] for r in result["engine"]):
+        for name in names:
             pts = [r for r in result["engine"] if r["batch"] == B and r["policy"] == name and not r.get("oom")]
             if pts:
-                ax.plot([r["generated"] for r in pts], [r["step_ms"] for r in pts], "o-", label=name)
+                ax.plot([r["generated"] for r in pts], [r["step_ms"] for r in pts], "o-",
+                        color=colors[name], label=name)
+            elif any(r["batch"] == B and r["policy"] == name for r in result["engine"]):
+                ax.plot([], [], "x", color=colors[name], label=f"{name}: out of memory")
         hf = [r for r in result.get("transformers", []) if r["batch"] == B]
         if hf:
             ax.axhline(hf[0]["step_ms"], color="gray", ls="--", label="transformers (first tokens)")

@@ -158,7 +158,17 @@ def test_cuda_logits_match_transformers_on_cuda(name, dtype, tmp_path):
     ours = model.forward(tokens, attention_mask=mask)
     ref = hf_logits(hf, tokens, mask, positions)
     real = mask.bool()
-    assert_close(ours[real], ref[real], dtype)
+    if dtype == torch.float32:
+        assert_close(ours[real], ref[real], dtype)
+        return
+    # Low precision: both sides round differently, so each is measured against the fp32 result
+    # of the same weights; ours may not be worse than transformers' own rounding error (the
+    # llama3-rope config's bf16 error is 0.045 of max |logit| in transformers, 0.029 in ours).
+    truth = hf_logits(make_hf(name, tmp_path / "fp32")[0].to("cuda"), tokens, mask, positions)[real]
+    err_ours = (ours[real].float() - truth).abs().max().item()
+    err_hf = (ref[real].float() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    assert err_ours <= max(TOLERANCES[dtype] * scale, 1.25 * err_hf), (err_ours, err_hf, scale)
 
 
 def test_to_casts_and_keeps_tied_weights(tmp_path):

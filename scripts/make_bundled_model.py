@@ -36,7 +36,7 @@ MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_at
              num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
              rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
-SFT = dict(steps=1500, batch_size=16, micro_batch_size=16, max_seq_len=320, lr=3e-3,
+SFT = dict(steps=3500, batch_size=16, micro_batch_size=16, max_seq_len=320, lr=3e-3,
            warmup_steps=50, lr_schedule="cosine", min_lr_ratio=0.05, weight_decay=0.01,
            grad_clip=1.0, seed=0, log_every=10, save_every=100, keep_checkpoints=2, resume=True)
 
@@ -77,15 +77,16 @@ def train(gkv_train: Path, work: Path, data: Path, init: Path, steps: int) -> Pa
 
 
 def export(checkpoint: Path, data: Path, out: Path) -> None:
-    """bfloat16 weights (half the size of the trainer's fp32 master copy), the tokenizer, and
-    task.json: the task's difficulty and the eval split's seeds, from which gkv_ext.demo and
-    `python -m gkv_ext eval --data synthetic` re-make the eval examples."""
+    """bfloat16 weights (half the size of the trainer's fp32 master copy), the tokenizer (in
+    tokenizer/), vocab.json and task.json: the task's difficulty and the eval split's seeds, from
+    which gkv_ext.demo and `python -m gkv_ext eval --data synthetic` re-make the eval examples."""
     if out.exists():
         shutil.rmtree(out)
     model = load_model(checkpoint, dtype=torch.bfloat16)
     model.save(str(out))
-    for f in (data / "tokenizer").iterdir():
-        shutil.copy(f, out / f.name)
+    # In a subdirectory: beside config.json (model_type qwen2) transformers 5 loads it as a
+    # Qwen2Tokenizer, which drops the newlines (use --tokenizer <out>/tokenizer with eval).
+    shutil.copytree(data / "tokenizer", out / "tokenizer")
     shutil.copy(data / "vocab.json", out / "vocab.json")
     task = {"task": "synthetic", "synthetic_length": SYNTHETIC_LENGTH,
             "eval_seed": TRAIN_EXAMPLES, "eval_examples": EVAL_EXAMPLES}

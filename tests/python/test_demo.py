@@ -51,7 +51,8 @@ def test_fullkv_accuracy_equals_the_eval_harness(demo_run, tmp_path):
     parser = cli.argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     args = parser.parse_args(
-        ["--model", str(BUNDLED), "--data", "synthetic", "--policies", "fullkv",
+        ["--model", str(BUNDLED), "--tokenizer", str(BUNDLED / "tokenizer"), "--data", "synthetic",
+         "--policies", "fullkv",
          "--synthetic-length", str(task["synthetic_length"]), "--seed", str(task["eval_seed"]),
          "--limit", str(LIMIT), "--batch-size", "3", "--dtype", "float32", "--device", "cpu",
          "--max-new-tokens", str(demo.eval_split(BUNDLED, LIMIT).max_new_tokens),

@@ -59,8 +59,6 @@ def test_fullkv_accuracy_equals_the_eval_harness(demo_run, tmp_path):
          "--out", str(tmp_path)])
     harness = evaluate.evaluate(args)["rows"][0]
     assert rows[("fullkv", None)]["accuracy"] == pytest.approx(harness["accuracy"])
-    # the bundled model solves the task (>= 90% on the eval split; a handful can miss one)
-    assert harness["accuracy"] >= 4 / LIMIT
 
 
 @pytest.mark.parametrize("arg, message", [

@@ -64,8 +64,8 @@ def init_model(work: Path, seed: int) -> Path:
     return path
 
 
-def train(gkv_train: Path, work: Path, data: Path, init: Path, steps: int) -> Path:
-    config = {**SFT, "steps": steps, "model": str(init), "data": str(data / "train.jsonl"),
+def train(gkv_train: Path, work: Path, data: Path, init: Path, steps: int, device: str) -> Path:
+    config = {**SFT, "steps": steps, "device": device, "model": str(init), "data": str(data / "train.jsonl"),
               "eval_data": str(data / "test.jsonl"), "out_dir": str(work / "sft")}
     config_path = work / "sft.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
                    help="the exported model (default gkv_ext/data/bundled)")
     p.add_argument("--steps", type=int, default=SFT["steps"], help="sft steps")
     p.add_argument("--seed", type=int, default=0, help="the random init's seed")
+    p.add_argument("--device", default="cpu", help="gkv-train's device: cpu or cuda (cpu)")
     args = p.parse_args(argv)
     gkv_train = Path(args.gkv_train)
     if not gkv_train.is_file():
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
     init = init_model(work, args.seed)
-    last = train(gkv_train, work, data, init, args.steps)
+    last = train(gkv_train, work, data, init, args.steps, args.device)
     export(last, data, Path(args.out))
     print(f"wrote {args.out}")
     return 0

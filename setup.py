@@ -70,6 +70,7 @@ os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 setup(
     packages=find_packages(include=["gkv_ext", "gkv_ext.*"]),
+    package_data={"gkv_ext": ["data/bundled/*", "data/bundled/tokenizer/*"]},  # the demo's model
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -2,16 +2,18 @@
 
     python -m gkv_ext generate --model PATH --prompt TEXT --policy gkv --budget N
     python -m gkv_ext eval --model PATH --policies gkv,fullkv --budgets 64,128 --data tinystories
+    python -m gkv_ext demo      # the bundled model: accuracy, KV memory, tokens/s; FullKV vs G-KV
 
 The tokenizer is transformers' AutoTokenizer for a checkpoint directory that has one, or the
 llama2.c tokenizer (tok512.bin beside the model, else the model file's own vocabulary) for a
-llama2.ts .bin model (gkv_ext.tasks.load_tokenizer). ``eval`` is gkv_ext/evaluate.py.
+llama2.ts .bin model (gkv_ext.tasks.load_tokenizer). ``eval`` is gkv_ext/evaluate.py, ``demo``
+gkv_ext/demo.py.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from . import evaluate, policies, tasks
+from . import demo, evaluate, policies, tasks
 from .engine import generate, load_model
 
 
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="policies x budgets: accuracy, agreement with FullKV, NLL")
     evaluate.add_arguments(e)
     e.set_defaults(func=evaluate.run)
+    d = sub.add_parser("demo", help="the bundled model: FullKV vs G-KV accuracy, KV memory, "
+                                    "tokens/s")
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,124 @@
+"""Re-creates the bundled model (gkv_ext/data/bundled): a small Qwen2 trained with `gkv-train sft`
+on the synthetic long chain-of-thought task.
+
+    python scripts/make_bundled_model.py --gkv-train build/gkv-train --work out/bundled
+
+Steps, each skipped when its output exists in --work (so a killed run continues):
+  1. data: scripts/prepare_data.py --data synthetic --tokenizer char (train and test splits);
+  2. init: a randomly initialised Qwen2ForCausalLM (transformers) saved as a checkpoint dir;
+  3. sft:  gkv-train sft with the config below (written to <work>/sft.json), resuming;
+  4. the last checkpoint cast to bfloat16 and written with its tokenizer to --out.
+
+Needs transformers (the init and the tokenizer files) and a built gkv-train.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gkv_ext import tasks  # noqa: E402
+from gkv_ext.engine import load_model  # noqa: E402
+
+# The default difficulty of the bundled task: examples of about 256 characters (= tokens), which
+# options_for_length makes 26 shuffled definitions and a chain of 4 lookups.
+SYNTHETIC_LENGTH = 256
+TRAIN_EXAMPLES, EVAL_EXAMPLES = 20000, 256  # seeds 0.. train, the next ones the eval split
+# head_dim 64 (256 / 4) with 2 KV heads: GQA like the real reasoning models, small enough to
+# train on a CPU in about half an hour.
+MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
+             rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SFT = dict(steps=3500, batch_size=16, micro_batch_size=16, max_seq_len=320, lr=3e-3,
+           warmup_steps=50, lr_schedule="cosine", min_lr_ratio=0.05, weight_decay=0.01,
+           grad_clip=1.0, seed=0, log_every=10, save_every=100, keep_checkpoints=2, resume=True)
+
+
+def prepare_data(work: Path) -> Path:
+    data = work / "data"
+    if not (data / "train.jsonl").is_file() or not (data / "test.jsonl").is_file():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"),
+                        "--data", "synthetic", "--tokenizer", "char",
+                        "--synthetic-length", str(SYNTHETIC_LENGTH),
+                        "--splits", f"train={TRAIN_EXAMPLES},test={EVAL_EXAMPLES}",
+                        "--out", str(data)], check=True)
+    return data
+
+
+def init_model(work: Path, seed: int) -> Path:
+    path = work / "init"
+    if not (path / "config.json").is_file():
+        import transformers
+        if MODEL["vocab_size"] < len(tasks.CHAR_VOCABULARY):
+            raise ValueError("MODEL vocab_size is smaller than the character vocabulary")
+        torch.manual_seed(seed)
+        config = transformers.Qwen2Config(**MODEL)
+        transformers.Qwen2ForCausalLM(config).save_pretrained(str(path))
+    return path
+
+
+def train(gkv_train: Path, work: Path, data: Path, init: Path, steps: int, device: str) -> Path:
+    config = {**SFT, "steps": steps, "device": device, "model": str(init), "data": str(data / "train.jsonl"),
+              "eval_data": str(data / "test.jsonl"), "out_dir": str(work / "sft")}
+    config_path = work / "sft.json"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    subprocess.run([str(gkv_train), "sft", "--config", str(config_path)], check=True)
+    last = work / "sft" / f"step-{steps}"
+    if not (last / "config.json").is_file():
+        raise RuntimeError(f"gkv-train finished without writing {last}")
+    return last
+
+
+def export(checkpoint: Path, data: Path, out: Path) -> None:
+    """bfloat16 weights (half the size of the trainer's fp32 master copy), the tokenizer (in
+    tokenizer/), vocab.json and task.json: the task's difficulty and the eval split's seeds, from
+    which gkv_ext.demo and `python -m gkv_ext eval --data synthetic` re-make the eval examples."""
+    if out.exists():
+        shutil.rmtree(out)
+    model = load_model(checkpoint, dtype=torch.bfloat16)
+    model.save(str(out))
+    # In a subdirectory: beside config.json (model_type qwen2) transformers 5 loads it as a
+    # Qwen2Tokenizer, which drops the newlines (use --tokenizer <out>/tokenizer with eval).
+    shutil.copytree(data / "tokenizer", out / "tokenizer")
+    shutil.copy(data / "vocab.json", out / "vocab.json")
+    task = {"task": "synthetic", "synthetic_length": SYNTHETIC_LENGTH,
+            "eval_seed": TRAIN_EXAMPLES, "eval_examples": EVAL_EXAMPLES}
+    (out / "task.json").write_text(json.dumps(task, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gkv-train", default=str(ROOT / "build" / "gkv-train"),
+                   help="the gkv-train binary (default build/gkv-train)")
+    p.add_argument("--work", default=str(ROOT / "out" / "bundled"),
+                   help="data, init checkpoint and training run (default out/bundled)")
+    p.add_argument("--out", default=str(ROOT / "gkv_ext" / "data" / "bundled"),
+                   help="the exported model (default gkv_ext/data/bundled)")
+    p.add_argument("--steps", type=int, default=SFT["steps"], help="sft steps")
+    p.add_argument("--seed", type=int, default=0, help="the random init's seed")
+    p.add_argument("--device", default="cpu", help="gkv-train's device: cpu or cuda (cpu)")
+    args = p.parse_args(argv)
+    gkv_train = Path(args.gkv_train)
+    if not gkv_train.is_file():
+        print(f"error: --gkv-train {gkv_train} not found (build it: cmake --build build "
+              "--target gkv-train)", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(work)
+    init = init_model(work, args.seed)
+    last = train(gkv_train, work, data, init, args.steps, args.device)
+    export(last, data, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,10 +56,7 @@ DEVICE=${DEVICE:-cuda}
 BF16=${BF16:-true}
 
 ensure_binary
-template=()
-[ "$CHAT_TEMPLATE" = 1 ] && template=(--chat-template)
-ensure_data "$DATA_DIR" "$DATA" "$TOKENIZER" "$SPLITS" "${template[@]}"
-[ "$POLICY" = fullkv ] && BUDGET=0
+ensure_job_data
 launch rl model="$MODEL" data="$DATA_DIR/train.jsonl" eval_data="$DATA_DIR/test.jsonl" \
   out_dir="$OUT" policy="$POLICY" budget="$BUDGET" window="$WINDOW" \
   divide_length="$DIVIDE_LENGTH" group_size="$GROUP" max_new_tokens="$MAX_NEW_TOKENS" \

@@ -23,6 +23,13 @@ ensure_data() {
   fi
 }
 
+# ensure_job_data: ensure_data with the job's DATA_DIR, DATA, TOKENIZER, SPLITS and CHAT_TEMPLATE.
+ensure_job_data() {
+  local template=()
+  [ "$CHAT_TEMPLATE" = 1 ] && template=(--chat-template)
+  ensure_data "$DATA_DIR" "$DATA" "$TOKENIZER" "$SPLITS" "${template[@]}"
+}
+
 # launch RECIPE key=value ...: one rank, or NPROC ranks on this host.
 launch() {
   if [ "${NPROC:-1}" -gt 1 ]; then

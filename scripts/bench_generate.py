@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import gkv_ext
+from bench_ops import copy_bandwidth  # scripts/ is on the path when a script runs
 from gkv_ext import policies
 
 transformers = None  # imported in main(): only this script needs it
@@ -74,20 +75,6 @@ class Timer:
             self.marks[-1].synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-
-def copy_bandwidth(device, nbytes):
-    """GB/s of a large device copy, bytes read + written."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    timer = Timer(device)
-    for _ in range(3):
-        dst.copy_(src)
-    timer.mark()
-    for _ in range(10):
-        dst.copy_(src)
-        timer.mark()
-    return 2 * nbytes / statistics.median(timer.intervals()) / 1e6
 
 
 def build_models(shape, device, dtype):

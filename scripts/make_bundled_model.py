@@ -52,23 +52,27 @@ def prepare_data(work: Path) -> Path:
     return data
 
 
-def init_model(work: Path, seed: int) -> Path:
+def init_model(work: Path, seed: int, layers: int) -> Path:
     path = work / "init"
     if not (path / "config.json").is_file():
         import transformers
         if MODEL["vocab_size"] < len(tasks.CHAR_VOCABULARY):
             raise ValueError("MODEL vocab_size is smaller than the character vocabulary")
         torch.manual_seed(seed)
-        config = transformers.Qwen2Config(**MODEL)
+        config = transformers.Qwen2Config(**{**MODEL, "num_hidden_layers": layers})
         transformers.Qwen2ForCausalLM(config).save_pretrained(str(path))
     return path
 
 
-def train(gkv_train: Path, work: Path, data: Path, init: Path, steps: int, device: str) -> Path:
-    config = {**SFT, "steps": steps, "device": device, "model": str(init), "data": str(data / "train.jsonl"),
+def write_config(work: Path, data: Path, init: Path, overrides: dict) -> Path:
+    config = {**SFT, **overrides, "model": str(init), "data": str(data / "train.jsonl"),
               "eval_data": str(data / "test.jsonl"), "out_dir": str(work / "sft")}
     config_path = work / "sft.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return config_path
+
+
+def train(gkv_train: Path, work: Path, config_path: Path, steps: int) -> Path:
     subprocess.run([str(gkv_train), "sft", "--config", str(config_path)], check=True)
     last = work / "sft" / f"step-{steps}"
     if not (last / "config.json").is_file():
@@ -102,19 +106,30 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "gkv_ext" / "data" / "bundled"),
                    help="the exported model (default gkv_ext/data/bundled)")
     p.add_argument("--steps", type=int, default=SFT["steps"], help="sft steps")
+    p.add_argument("--batch-size", type=int, default=SFT["batch_size"], help="sft examples per step")
+    p.add_argument("--lr", type=float, default=SFT["lr"], help="sft peak learning rate")
+    p.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"], help="decoder layers")
     p.add_argument("--seed", type=int, default=0, help="the random init's seed")
     p.add_argument("--device", default="cpu", help="gkv-train's device: cpu or cuda (cpu)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="stop after writing the data, the init checkpoint and sft.json")
     args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(work)
+    init = init_model(work, args.seed, args.layers)
+    config = write_config(work, data, init, {
+        "steps": args.steps, "batch_size": args.batch_size,
+        "micro_batch_size": args.batch_size, "lr": args.lr, "device": args.device})
+    if args.prepare_only:
+        print(f"wrote {config}")
+        return 0
     gkv_train = Path(args.gkv_train)
     if not gkv_train.is_file():
         print(f"error: --gkv-train {gkv_train} not found (build it: cmake --build build "
               "--target gkv-train)", file=sys.stderr)
         return 2
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(work)
-    init = init_model(work, args.seed)
-    last = train(gkv_train, work, data, init, args.steps, args.device)
+    last = train(gkv_train, work, config, args.steps)
     export(last, data, Path(args.out))
     print(f"wrote {args.out}")
     return 0

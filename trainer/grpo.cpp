@@ -4,6 +4,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 
@@ -151,8 +152,17 @@ int run_grpo(const Config& c) {
   if (c.kl_coef > 0) reference = s.frozen_copy(c.model);
   const RewardFn reward = [&](const Example& e, const std::vector<int64_t>& r) { return s.reward(e, r); };
   s.train("rl", [&](Session& session) {
+    // Both phases end in host reads of their results, so wall time is device time here.
+    const auto start = std::chrono::steady_clock::now();
     const auto trajectory = generate_rollouts(session, session.next_batch(), reward);
-    return grpo_step(session, trajectory, reference.get());
+    const auto rolled = std::chrono::steady_clock::now();
+    auto stats = grpo_step(session, trajectory, reference.get());
+    const std::chrono::duration<double> rollout_s = rolled - start;
+    const std::chrono::duration<double> train_s = std::chrono::steady_clock::now() - rolled;
+    const double generated = std::accumulate(trajectory.lengths.begin(), trajectory.lengths.end(), 0.0);
+    stats.metrics["rollout_tokens_per_s"] = generated / rollout_s.count();
+    stats.metrics["train_tokens_per_s"] = static_cast<double>(stats.tokens) / train_s.count();
+    return stats;
   });
   return 0;
 }

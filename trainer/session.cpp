@@ -76,6 +76,11 @@ Session::Session(Config config, int64_t updates_per_step)
   const fs::path vocab = c.vocab.empty() ? fs::path(c.data).parent_path() / "vocab.json" : fs::path(c.vocab);
   if (fs::exists(vocab)) {
     vocab_ = tasks::Vocab::load(vocab);
+    if (vocab_->size() > model_->config().vocab_size) {
+      throw std::invalid_argument("config key 'vocab': " + vocab.string() + " has " +
+                                  std::to_string(vocab_->size()) + " tokens, more than the model's " +
+                                  std::to_string(model_->config().vocab_size));
+    }
   } else if (!c.vocab.empty()) {
     throw std::invalid_argument("config key 'vocab': " + c.vocab + " does not exist");
   }
@@ -169,7 +174,8 @@ void Session::require_rewards(const std::vector<Example>& examples, const std::s
 }
 
 double Session::reward(const Example& example, const std::vector<int64_t>& response) const {
-  return tasks::reward(example.answer_kind, vocab_->decode(response), example.answer);
+  return tasks::reward(example.answer_kind, vocab_->decode(response, model_->config().vocab_size),
+                       example.answer);
 }
 
 std::shared_ptr<model::Decoder> Session::frozen_copy(const std::string& path) const {

@@ -35,8 +35,13 @@ void bind_tasks(py::module& parent) {
            py::arg("tokens"))
       .def_property_readonly("size", &Vocab::size)
       .def("__len__", &Vocab::size)
-      .def("decode", [](const Vocab& v, const std::vector<int64_t>& ids) { return py::bytes(v.decode(ids)); },
-           py::arg("ids"), "The concatenated bytes of the ids.");
+      .def("decode",
+           [](const Vocab& v, const std::vector<int64_t>& ids, int64_t padded_size) {
+             return py::bytes(v.decode(ids, padded_size));
+           },
+           py::arg("ids"), py::arg("padded_size") = 0,
+           "The concatenated bytes of the ids; ids in [size, padded_size) (a model's padding rows) "
+           "have no text.");
 
   namespace syn = synthetic;
   py::class_<syn::Options>(m, "SyntheticOptions", "Knobs of the synthetic task (csrc/tasks/synthetic.h).")

@@ -191,14 +191,15 @@ Vocab Vocab::load(const std::filesystem::path& path) {
   return Vocab(std::move(tokens));
 }
 
-std::string Vocab::decode(const std::vector<int64_t>& ids) const {
+std::string Vocab::decode(const std::vector<int64_t>& ids, int64_t padded_size) const {
+  const int64_t limit = std::max(size(), padded_size);
   std::string out;
   for (const int64_t id : ids) {
-    if (id < 0 || id >= size()) {
+    if (id < 0 || id >= limit) {
       throw std::out_of_range("Vocab::decode: token id " + std::to_string(id) + " outside [0, " +
-                              std::to_string(size()) + ")");
+                              std::to_string(limit) + ")");
     }
-    out += tokens_[static_cast<size_t>(id)];
+    if (id < size()) out += tokens_[static_cast<size_t>(id)];
   }
   return out;
 }

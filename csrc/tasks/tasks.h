@@ -45,8 +45,10 @@ class Vocab {
   static Vocab load(const std::filesystem::path& path);  // throws naming the file and the problem
   explicit Vocab(std::vector<std::string> token_bytes);
   int64_t size() const { return static_cast<int64_t>(tokens_.size()); }
-  // Concatenated bytes of the ids; throws on an id outside [0, size()).
-  std::string decode(const std::vector<int64_t>& ids) const;
+  // Concatenated bytes of the ids. Ids in [size(), padded_size) are a model's padding rows
+  // (embeddings are often rounded up past the tokenizer's vocabulary) and have no text; any other id
+  // outside [0, size()) throws.
+  std::string decode(const std::vector<int64_t>& ids, int64_t padded_size = 0) const;
 
  private:
   std::vector<std::string> tokens_;

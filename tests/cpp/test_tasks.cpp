@@ -73,6 +73,8 @@ TEST_CASE("vocab.json: hex bytes per token; errors name the file", "[tasks]") {
   CHECK(v.decode({0, 1, 2}) == "Hhi");
   CHECK(v.decode({3}) == "\xe2\x82");  // partial UTF-8 stays bytes
   REQUIRE_THROWS_WITH(v.decode({0, 4}), gkv_test::contains("token id 4 outside [0, 4)"));
+  CHECK(v.decode({0, 4, 5, 1}, 6) == "Hhi");  // a padded embedding's extra rows have no text
+  REQUIRE_THROWS_WITH(v.decode({6}, 6), gkv_test::contains("token id 6 outside [0, 6)"));
   REQUIRE_THROWS_WITH(v.decode({-1}), gkv_test::contains("token id -1"));
 
   const auto missing = std::filesystem::temp_directory_path() / "gkv_vocab_missing.json";

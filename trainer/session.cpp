@@ -174,7 +174,9 @@ void Session::require_rewards(const std::vector<Example>& examples, const std::s
 }
 
 double Session::reward(const Example& example, const std::vector<int64_t>& response) const {
-  return tasks::reward(example.answer_kind, vocab_->decode(response, model_->config().vocab_size),
+  const auto& m = model_->config();
+  return tasks::reward(example.answer_kind,
+                       tasks::response_text(*vocab_, response, m.eos_token_ids, m.vocab_size),
                        example.answer);
 }
 

@@ -159,6 +159,14 @@ double reward(AnswerKind kind, std::string_view response, std::string_view refer
 
 Vocab::Vocab(std::vector<std::string> token_bytes) : tokens_(std::move(token_bytes)) {}
 
+std::string response_text(const Vocab& vocab, std::vector<int64_t> response,
+                          const std::vector<int64_t>& stop_ids, int64_t padded_size) {
+  if (!response.empty() && std::find(stop_ids.begin(), stop_ids.end(), response.back()) != stop_ids.end()) {
+    response.pop_back();
+  }
+  return vocab.decode(response, padded_size);
+}
+
 Vocab Vocab::load(const std::filesystem::path& path) {
   const auto fail = [&](const std::string& why) {
     return std::runtime_error("vocab file " + path.string() + ": " + why);

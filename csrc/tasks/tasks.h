@@ -54,4 +54,9 @@ class Vocab {
   std::vector<std::string> tokens_;
 };
 
+// A generated response's text for extract_answer / reward: the ids decoded without a final stop
+// token (one of stop_ids; its text, "<eos>" say, would stick to the answer).
+std::string response_text(const Vocab& vocab, std::vector<int64_t> response,
+                          const std::vector<int64_t>& stop_ids, int64_t padded_size = 0);
+
 }  // namespace gkv::tasks

@@ -75,6 +75,10 @@ TEST_CASE("vocab.json: hex bytes per token; errors name the file", "[tasks]") {
   REQUIRE_THROWS_WITH(v.decode({0, 4}), gkv_test::contains("token id 4 outside [0, 4)"));
   CHECK(v.decode({0, 4, 5, 1}, 6) == "Hhi");  // a padded embedding's extra rows have no text
   REQUIRE_THROWS_WITH(v.decode({6}, 6), gkv_test::contains("token id 6 outside [0, 6)"));
+  // A response's final stop token is not part of its text; a stop token inside it is.
+  CHECK(response_text(v, {0, 1, 2}, {2}) == "Hhi");
+  CHECK(response_text(v, {2, 0, 1}, {2}) == "Hhi");
+  CHECK(response_text(v, {}, {2}).empty());
   REQUIRE_THROWS_WITH(v.decode({-1}), gkv_test::contains("token id -1"));
 
   const auto missing = std::filesystem::temp_directory_path() / "gkv_vocab_missing.json";

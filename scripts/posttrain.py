@@ -54,14 +54,15 @@ def train(args, work: Path, data: Path, name: str) -> Path:
     out_dir = work / name
     shared = {"model": args.model, "data": data / "train.jsonl", "out_dir": out_dir,
               "device": args.device, "seed": 0, "max_seq_len": 320, "lr_schedule": "constant",
-              "warmup_steps": 0, "log_every": 10, "save_every": args.steps, "budget": args.budget,
+              "warmup_steps": 0, "log_every": 10, "budget": args.budget,
               "divide_length": args.divide_length}
     if recipe == "rl":  # prompts x group samples; the reference responses are not used
         shared.update(steps=args.rl_steps, save_every=args.rl_steps, lr=args.rl_lr, batch_size=4,
                       micro_batch_size=4, group_size=8, max_new_tokens=args.max_new_tokens,
                       temperature=1.0)
     else:
-        shared.update(steps=args.steps, lr=args.lr, batch_size=16, micro_batch_size=16)
+        steps = args.distill_steps if recipe == "distill" else args.steps
+        shared.update(steps=steps, save_every=steps, lr=args.lr, batch_size=16, micro_batch_size=16)
     if keys["policy"] == "fullkv":
         shared.pop("budget")
     overrides = [f"{k}={v}" for k, v in {**shared, **keys}.items()]
@@ -135,14 +136,15 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help=f"subset of {','.join(RUNS)}")
     p.add_argument("--budget", type=int, default=32, help="training budget (default 32)")
     p.add_argument("--divide-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=150, help="sft / distill steps (batch 16)")
+    p.add_argument("--steps", type=int, default=150, help="sft steps (batch 16)")
+    p.add_argument("--distill-steps", type=int, default=150, help="distill steps (batch 16)")
     p.add_argument("--lr", type=float, default=1e-4, help="sft / distill learning rate")
     p.add_argument("--rl-steps", type=int, default=60, help="rl steps (4 prompts x 8 samples)")
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--train-examples", type=int, default=4000)
     p.add_argument("--eval-budgets", default="32,64")
-    p.add_argument("--eval-limit", type=int, default=64, help="eval examples")
+    p.add_argument("--eval-limit", type=int, default=64, help="eval examples (default 64)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if not Path(args.gkv_train).is_file():

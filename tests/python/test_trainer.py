@@ -371,3 +371,44 @@ def test_scripts_run_a_job_end_to_end(work, tmp_path, script):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "out" / "step-00000002" / "model.safetensors").exists()
     assert len(series(tmp_path / "out", "eval_accuracy")) == 2
+
+
+def test_posttrain_compares_compressed_and_full_cache_runs(tmp_path):
+    """scripts/posttrain.py on the bundled model, one step per run: every run trains (its weights
+    differ from the start: their teacher-forced NLL changes), and the report has every model at
+    every budget plus FullKV, in a table, JSON and a plot."""
+    out = tmp_path / "report"
+    args = ["--gkv-train", str(BINARY), "--work", str(tmp_path / "work"), "--out", str(out),
+            "--steps", "1", "--distill-steps", "1", "--rl-steps", "1", "--lr", "1e-3", "--eval-limit", "4",
+            "--train-examples", "16", "--eval-budgets", "32,64", "--max-new-tokens", "40"]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["python", str(ROOT / "scripts" / "posttrain.py"), *args], env=run_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["initial", "sft-fullkv", "sft-gkv", "distill-gkv", "rl-fullkv", "rl-gkv"]
+    for name, rows in results.items():
+        assert sorted((r["policy"], r["budget"]) for r in rows if r["policy"] == "gkv") == \
+            [("gkv", 32), ("gkv", 64)], name
+        assert [r["policy"] for r in rows].count("fullkv") == 1, name
+    nll = {name: [r["nll"] for r in rows] for name, rows in results.items()}
+    for name in ("sft-fullkv", "sft-gkv", "distill-gkv"):
+        assert nll[name] != nll["initial"], name
+    assert (out / "results.png").stat().st_size > 0 and "| rl-gkv |" in (out / "results.md").read_text()
+    bad = subprocess.run(["python", str(ROOT / "scripts" / "posttrain.py"), *args, "--runs", "sft,rl"],
+                         env=run_env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--runs: unknown ['rl', 'sft']" in bad.stderr
+
+
+def test_plot_metrics_draws_each_key_and_names_a_missing_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_accuracy": 0.5}])
+    script = ["python", str(ROOT / "scripts" / "plot_metrics.py"), str(run / "metrics.jsonl")]
+    done = subprocess.run([*script, "--keys", "loss,eval_accuracy", "--out", str(tmp_path / "c.png")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c.png").stat().st_size > 0
+    missing = subprocess.run([*script, "--keys", "reward", "--out", str(tmp_path / "d.png")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no record has the key 'reward'" in missing.stderr

@@ -1,9 +1,9 @@
 // Every schema of the gkv operator library, and nothing else. Backends register their kernels in
-// their own files (csrc/ops/*.cpp: CPU, Meta, Autograd; csrc/cuda/*.cu: CUDA).
+// their own files (csrc/ops/*.cpp: CPU, Meta, Autograd, Autocast; csrc/cuda/*.cu: CUDA).
 // Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq / Hkv, C cache slots, N keys, W window
-// queries, T tokens, K kept slots, d head_dim. A slot whose pos (or death row) is < 0 is empty or
-// padding: it is never attended to and never kept. Section numbers refer to
-// ../shared/reference/gkv-method.md.
+// queries, T tokens, K kept slots, d head_dim, D the normalised size of rms_norm. A slot whose pos
+// (or death row) is < 0 is empty or padding: it is never attended to and never kept. Section
+// numbers refer to ../shared/reference/gkv-method.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(gkv, m) {

@@ -1,7 +1,8 @@
 """Typed wrappers of the gkv custom ops (``torch.ops.gkv.*``).
 
 Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv (query head ``h*G + g`` reads KV
-head ``h``), C cache slots, N keys, W window queries, T tokens, K kept slots, d head_dim.
+head ``h``), C cache slots, N keys, W window queries, T tokens, K kept slots, d head_dim, D the
+size that ``rms_norm`` normalises.
 A slot whose ``pos`` is < 0 is empty or padding: it is never attended to and never kept.
 Every op runs on CPU and CUDA and has a Meta kernel (so it traces under torch.compile).
 """

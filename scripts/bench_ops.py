@@ -203,11 +203,12 @@ def bench_fused(device, dtype, batches, reps, hidden=3584, hq=28, d=128, eps=1e-
         angles = torch.rand(b, 1, 1, d // 2, device=device) * 100
         emb = torch.cat([angles, angles], dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        rows.append({"B": b,
-                     "gkv_rms_norm_ms": timed(lambda: ops.rms_norm(h, weight, eps), reps),
-                     "composite_rms_norm_ms": timed(lambda: composite_rms_norm(h, weight, eps), reps),
-                     "gkv_rope_ms": timed(lambda: ops.apply_rope(q, cos, sin), reps),
-                     "composite_rope_ms": timed(lambda: composite_rope(q, cos, sin), reps)})
+        rows.append({
+            "B": b,
+            "gkv_rms_norm_ms": timed(lambda: ops.rms_norm(h, weight, eps), reps),
+            "composite_rms_norm_ms": timed(lambda: composite_rms_norm(h, weight, eps), reps),
+            "gkv_rope_ms": timed(lambda: ops.apply_rope(q, cos, sin), reps),
+            "composite_rope_ms": timed(lambda: composite_rope(q, cos, sin), reps)})
     return rows
 
 
@@ -279,7 +280,8 @@ def main():
     titles = {"decode_attention": "decode_attention (bf16, Hq=28, Hkv=4, d=128)",
               "lifetime_attention": "lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",
               "compression": "compression of one layer (bf16, d=128)",
-              "fused_ops": "fused rms_norm / apply_rope at a decode step (bf16, D=3584, Hq=28, d=128)"}
+              "fused_ops": "fused rms_norm / apply_rope at a decode step "
+                           "(bf16, D=3584, Hq=28, d=128)"}
     for key, title in titles.items():
         if key in results:
             print(table(title, results[key]))

@@ -1,6 +1,7 @@
 // CUDA adapter of gkv::apply_rope: checks (shared with the CPU kernel), strides (x is read in
 // place through its strides, cos/sin through broadcast strides; only an innermost stride other
-// than 1 costs a copy), dtype and vector-width dispatch, launch on the current stream.
+// than 1 costs a copy), dtype and vector-width dispatch, launch on the current stream. It makes
+// no views: at a decode step every extra ATen call is host time the fusion is meant to save.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,9 +16,12 @@ namespace {
 
 constexpr const char* kOp = "apply_rope";
 
-// t with innermost stride 1, broadcast to `sizes` (stride 0 on broadcast dims).
-at::Tensor rows_readable(const at::Tensor& t, at::IntArrayRef sizes) {
-  return (t.stride(3) == 1 ? t : t.contiguous()).expand(sizes);
+// t with innermost stride 1 (a copy only when it is not).
+at::Tensor rows_readable(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+// The strides of dims 0..2 of t broadcast to x: 0 where t has size 1.
+void broadcast_strides(const at::Tensor& t, int64_t* strides) {
+  for (int i = 0; i < 3; ++i) strides[i] = t.size(i) == 1 ? 0 : t.stride(i);
 }
 
 // x [B,H,T,d], cos/sin [B|1,H|1,T|1,d] -> [B,H,T,d] contiguous
@@ -25,19 +29,17 @@ at::Tensor apply_rope_cuda(const at::Tensor& x_in, const at::Tensor& cos_in,
                            const at::Tensor& sin_in) {
   check_apply_rope(x_in, cos_in, sin_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = rows_readable(x_in, x_in.sizes());
-  const at::Tensor cos = rows_readable(cos_in, x.sizes()), sin = rows_readable(sin_in, x.sizes());
+  const at::Tensor x = rows_readable(x_in);
+  const at::Tensor cos = rows_readable(cos_in), sin = rows_readable(sin_in);
   at::Tensor out = at::empty(x.sizes(), x.options());
   kernels::RopeParams p{};
   p.x = x.data_ptr();
   p.cos = cos.data_ptr();
   p.sin = sin.data_ptr();
   p.out = out.data_ptr();
-  for (int i = 0; i < 3; ++i) {
-    p.x_stride[i] = x.stride(i);
-    p.cos_stride[i] = cos.stride(i);
-    p.sin_stride[i] = sin.stride(i);
-  }
+  broadcast_strides(x, p.x_stride);
+  broadcast_strides(cos, p.cos_stride);
+  broadcast_strides(sin, p.sin_stride);
   p.H = x.size(1);
   p.T = x.size(2);
   p.half = x.size(3) / 2;

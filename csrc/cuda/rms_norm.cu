@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "cuda/dispatch.h"
 #include "kernels/rms_norm.cuh"
@@ -34,10 +35,13 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
     const auto* wp = static_cast<const scalar_t*>(wc.data_ptr());
     auto* op = static_cast<scalar_t*>(out.data_ptr());
     const float e = static_cast<float>(eps);
+    const auto launch = [&](auto vec) {
+      return kernels::rms_norm_launch<scalar_t, decltype(vec)::value>(xp, wp, op, rows, D, e, stream);
+    };
     if (vectorizable(kVec, {D}, {xp, wp, op})) {
-      GKV_CUDA_CHECK(kOp, (kernels::rms_norm_launch<scalar_t, kVec>(xp, wp, op, rows, D, e, stream)));
+      GKV_CUDA_CHECK(kOp, launch(std::integral_constant<int, kVec>{}));
     } else {
-      GKV_CUDA_CHECK(kOp, (kernels::rms_norm_launch<scalar_t, 1>(xp, wp, op, rows, D, e, stream)));
+      GKV_CUDA_CHECK(kOp, launch(std::integral_constant<int, 1>{}));
     }
   });
   return out;

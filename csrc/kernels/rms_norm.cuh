@@ -61,7 +61,8 @@ template <typename T, int kVec>
 cudaError_t rms_norm_launch(const T* x, const T* weight, T* out, int64_t rows, int64_t D, float eps,
                             cudaStream_t stream) {
   const int64_t vecs = D / kVec;
-  const int threads = static_cast<int>(std::clamp<int64_t>((vecs + 31) / 32 * 32, 32, kRmsMaxThreads));
+  const int64_t warps_needed = (vecs + 31) / 32;
+  const int threads = static_cast<int>(std::clamp<int64_t>(warps_needed * 32, 32, kRmsMaxThreads));
   rms_norm_kernel<T, kVec><<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, weight, out, D,
                                                                                 eps);
   return cudaGetLastError();

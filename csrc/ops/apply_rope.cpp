@@ -86,12 +86,20 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
 };
 
 at::Tensor apply_rope_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  // Decoding runs with nothing requiring grad: skip building an autograd node (host time).
+  const bool wants_grad = x.requires_grad() || cos.requires_grad() || sin.requires_grad();
+  if (!at::GradMode::is_enabled() || !wants_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gkv::apply_rope(x, cos, sin);
+  }
   return ApplyRopeFunction::apply(x, cos, sin);
 }
 
 at::Tensor apply_rope_autocast(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  return call_promoted<3>({x, cos, sin}, [](const at::Tensor& a, const at::Tensor& c,
-                                            const at::Tensor& s) { return gkv::apply_rope(a, c, s); });
+  const auto op = [](const at::Tensor& a, const at::Tensor& c, const at::Tensor& s) {
+    return gkv::apply_rope(a, c, s);
+  };
+  return call_promoted<3>({x, cos, sin}, op);
 }
 
 }  // namespace

@@ -90,13 +90,19 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
 };
 
 at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  // Decoding runs with nothing requiring grad: skip building an autograd node (host time).
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || weight.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gkv::rms_norm(x, weight, eps);
+  }
   return RmsNormFunction::apply(x, weight, eps);
 }
 
 at::Tensor rms_norm_autocast(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  return call_promoted<2>({x, weight}, [](const at::Tensor& a, const at::Tensor& b, double e) {
-    return gkv::rms_norm(a, b, e);
-  }, eps);
+  const auto op = [](const at::Tensor& a, const at::Tensor& w, double e) {
+    return gkv::rms_norm(a, w, e);
+  };
+  return call_promoted<2>({x, weight}, op, eps);
 }
 
 }  // namespace

@@ -156,7 +156,8 @@ def test_apply_rope_gradcheck():
     cos, sin = rope_tables(2, 5, 8, torch.float64)
     assert torch.autograd.gradcheck(lambda a: ops.apply_rope(a, cos, sin), (x,))
     # General (not duplicated-half) tables: the backward is the transpose of rotate_half.
-    cos, sin = torch.randn(1, 3, 5, 8, dtype=torch.float64), torch.randn(2, 1, 1, 8, dtype=torch.float64)
+    cos = torch.randn(1, 3, 5, 8, dtype=torch.float64)
+    sin = torch.randn(2, 1, 1, 8, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a: ops.apply_rope(a, cos, sin), (x,))
 
 

@@ -54,9 +54,9 @@ at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double e
 }
 
 // Differentiable in x and weight. The backward recomputes the row scale r = rsqrt(mean(x^2) + eps)
-// from x instead of saving it (one row reduction against a saved [..., 1] tensor per call);
-// with n = x * r: dweight = sum over rows of g * cast(n), dx = r * (gn - n * mean(gn * n)) where
-// gn = g * weight. The cast to x's dtype is treated as the identity, as autograd treats .to().
+// from x rather than saving it (one more row reduction, one less tensor kept alive). With
+// n = x * r and gn = g * weight: dweight = sum over rows of g * cast(n),
+// dx = r * (gn - n * mean(gn * n)). The cast to x's dtype counts as the identity, as for .to().
 class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,

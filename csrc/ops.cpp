@@ -74,4 +74,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifetime_attention_backward(
   return handle.call(grad_out, q, k, v, death, out, lse, scale);
 }
 
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("gkv::rms_norm");
+  return handle.call(x, weight, eps);
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "gkv::apply_rope");
+  return handle.call(x, cos, sin);
+}
+
 }  // namespace gkv

@@ -43,4 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifetime_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& death, const at::Tensor& out, const at::Tensor& lse, double scale);
 
+// x [..., D], weight [D] -> [..., D]
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// x [B,H,T,d], cos/sin [B|1,H|1,T|1,d] -> [B,H,T,d]
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
 }  // namespace gkv

@@ -1,9 +1,9 @@
 // Every schema of the gkv operator library, and nothing else. Backends register their kernels in
-// their own files (csrc/ops/*.cpp: CPU, Meta, Autograd; csrc/cuda/*.cu: CUDA).
+// their own files (csrc/ops/*.cpp: CPU, Meta, Autograd, Autocast; csrc/cuda/*.cu: CUDA).
 // Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq / Hkv, C cache slots, N keys, W window
-// queries, T tokens, K kept slots, d head_dim. A slot whose pos (or death row) is < 0 is empty or
-// padding: it is never attended to and never kept. Section numbers refer to
-// ../shared/reference/gkv-method.md.
+// queries, T tokens, K kept slots, d head_dim, D the normalised size of rms_norm. A slot whose pos
+// (or death row) is < 0 is empty or padding: it is never attended to and never kept. Section
+// numbers refer to ../shared/reference/gkv-method.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(gkv, m) {
@@ -55,4 +55,15 @@ TORCH_LIBRARY(gkv, m) {
   m.def(
       "lifetime_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor death, "
       "Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // RMSNorm of the decoder (transformers' Llama/Qwen2 RMSNorm): per row, the mean of squares in
+  // fp32, x * rsqrt(mean + eps) in fp32, cast to x's dtype, then times weight in x's dtype.
+  // x [..., D], weight [D] (dtype of x) -> [..., D] (dtype of x).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+
+  // Rotary position embedding, rotate-half convention: x * cos + rotate_half(x) * sin with
+  // rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]), in x's dtype. cos/sin broadcast over B, H
+  // and T; they get no gradient. x [B,H,T,d] (any strides), cos/sin [B|1,H|1,T|1,d] (dtype of x)
+  // -> [B,H,T,d] contiguous.
+  m.def("apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }

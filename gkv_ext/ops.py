@@ -1,7 +1,8 @@
 """Typed wrappers of the gkv custom ops (``torch.ops.gkv.*``).
 
 Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv (query head ``h*G + g`` reads KV
-head ``h``), C cache slots, N keys, W window queries, T tokens, K kept slots, d head_dim.
+head ``h``), C cache slots, N keys, W window queries, T tokens, K kept slots, d head_dim, D the
+size that ``rms_norm`` normalises.
 A slot whose ``pos`` is < 0 is empty or padding: it is never attended to and never kept.
 Every op runs on CPU and CUDA and has a Meta kernel (so it traces under torch.compile).
 """
@@ -122,3 +123,39 @@ def lifetime_attention(q: Tensor, k: Tensor, v: Tensor, death: Tensor,
         logits). A row that sees no key gives out = 0 and lse = -inf.
     """
     return _ops.lifetime_attention(q, k, v, death, scale)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The decoder's RMSNorm (transformers' Llama/Qwen2 RMSNorm), fused into one op.
+
+    Per row: the mean of squares in float32, ``x * rsqrt(mean + eps)`` in float32, cast to
+    ``x``'s dtype, then multiplied by ``weight`` in ``x``'s dtype. Differentiable in ``x`` and
+    ``weight``; under autocast, ``x`` and ``weight`` are first cast to their promoted dtype.
+
+    Args:
+        x: ``[..., D]`` float32, bfloat16 or float16 (any strides; read as contiguous).
+        weight: ``[D]``, dtype of ``x``.
+        eps: ``>= 0``.
+
+    Returns:
+        ``[..., D]`` contiguous, dtype of ``x``.
+    """
+    return _ops.rms_norm(x, weight, eps)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding (rotate-half convention), fused into one op.
+
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2])``,
+    rounded in ``x``'s dtype like the composite formula. Differentiable in ``x``; ``cos`` and
+    ``sin`` (functions of the positions) get no gradient and must not require one.
+
+    Args:
+        x: ``[B, H, T, d]`` float32, bfloat16 or float16, d even, any strides (the CUDA kernel
+            reads them in place).
+        cos, sin: ``[B or 1, H or 1, T or 1, d]``, dtype of ``x`` (broadcast to ``x``).
+
+    Returns:
+        ``[B, H, T, d]`` contiguous, dtype of ``x``.
+    """
+    return _ops.apply_rope(x, cos, sin)

@@ -10,6 +10,10 @@ Sections (issue 2):
      peak memory.
   3. One layer's compression (redundancy_scores + select_keep + compact_) at N=2176, B*Hkv=32,
      against the reference's eager PyTorch pipeline (similarity, topk, sort, gather).
+  4. The decoder's fused elementwise ops at a Qwen2.5-7B decode step (T=1, D=3584, Hq=28,
+     Hkv=4, d=128), bf16: rms_norm of the hidden state and apply_rope of q (a transposed view, as
+     the decoder passes it), each against its composite ATen formula (the decoder's former code).
+     At these sizes both are bound by launch overhead, which is what the fusion removes.
 The device copy bandwidth (bytes read + written by a large device-to-device copy) is measured
 first and is the yardstick of the memory-bound rows.
 """
@@ -179,6 +183,35 @@ def bench_compression(device, dtype, n, batch, reps, hkv=4, d=128, window=16, in
                  lambda: reference_compression(k, v, pos, score, keep, window), reps)}]
 
 
+def composite_rms_norm(x, weight, eps):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def composite_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def bench_fused(device, dtype, batches, reps, hidden=3584, hq=28, d=128, eps=1e-6):
+    """One decode step's rms_norm and q rope (T = 1) per batch size, against the composites."""
+    rows = []
+    for b in tqdm(batches, desc="fused ops"):
+        h = torch.randn(b, 1, hidden, device=device, dtype=dtype)
+        weight = torch.randn(hidden, device=device, dtype=dtype)
+        q = torch.randn(b, 1, hq, d, device=device, dtype=dtype).transpose(1, 2)  # [B,Hq,1,d]
+        angles = torch.rand(b, 1, 1, d // 2, device=device) * 100
+        emb = torch.cat([angles, angles], dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        rows.append({
+            "B": b,
+            "gkv_rms_norm_ms": timed(lambda: ops.rms_norm(h, weight, eps), reps),
+            "composite_rms_norm_ms": timed(lambda: composite_rms_norm(h, weight, eps), reps),
+            "gkv_rope_ms": timed(lambda: ops.apply_rope(q, cos, sin), reps),
+            "composite_rope_ms": timed(lambda: composite_rope(q, cos, sin), reps)})
+    return rows
+
+
 def table(title, rows):
     cols = list(rows[0])
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
@@ -211,7 +244,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU-friendly)")
     parser.add_argument("--out", default="docs/benchmarks_ops", help="JSON/PNG path prefix")
-    parser.add_argument("--only", default="decode,lifetime,compression",
+    parser.add_argument("--only", default="decode,lifetime,compression,fused",
                         help="comma-separated sections to run")
     args = parser.parse_args()
 
@@ -224,6 +257,7 @@ def main():
     else:
         batches, lengths, t_lengths, reps, comp_batch, comp_n = (
             [1, 8, 32, 64], [2048, 4096, 8192, 16384, 32768], [4096, 8192, 16384], 20, 8, 2176)
+    fused_batches = [1, 4] if args.quick else [1, 16, 64]
     bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
     print(f"device: {name}, torch {torch.__version__}; measured copy bandwidth {bw:.0f} GB/s")
     sections = {
@@ -232,6 +266,7 @@ def main():
                                lambda: bench_lifetime(device, dtype, t_lengths, max(3, reps // 4))),
         "compression": ("compression",
                         lambda: bench_compression(device, dtype, comp_n, comp_batch, reps)),
+        "fused_ops": ("fused", lambda: bench_fused(device, dtype, fused_batches, reps)),
     }
     chosen = set(args.only.split(","))
     results = {"device": name, "torch": torch.__version__, "copy_GBps": bw}
@@ -244,7 +279,9 @@ def main():
     print(f"\ndevice: {name}; copy bandwidth {bw:.0f} GB/s; times in ms (median)")
     titles = {"decode_attention": "decode_attention (bf16, Hq=28, Hkv=4, d=128)",
               "lifetime_attention": "lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",
-              "compression": "compression of one layer (bf16, d=128)"}
+              "compression": "compression of one layer (bf16, d=128)",
+              "fused_ops": "fused rms_norm / apply_rope at a decode step "
+                           "(bf16, D=3584, Hq=28, d=128)"}
     for key, title in titles.items():
         if key in results:
             print(table(title, results[key]))

@@ -1,4 +1,5 @@
-// Dtype and head_dim dispatch for the CUDA adapters (csrc/cuda/*.cu), with a loud default branch.
+// Dtype and head_dim dispatch for the CUDA adapters (csrc/cuda/*.cu), with a loud default branch,
+// and the test for 16-byte vector access.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -6,6 +7,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
 
 // Runs __VA_ARGS__ with `scalar_t` bound to the CUDA type of a float32/bfloat16/float16 tensor.
 #define GKV_DISPATCH_FLOATING(op, dtype, ...)                                                   \
@@ -66,3 +70,20 @@
     TORCH_CHECK(gkv_err_ == cudaSuccess, "gkv::", op, ": CUDA error: ",                        \
                 cudaGetErrorString(gkv_err_));                                                  \
   } while (0)
+
+namespace gkv {
+
+// True when rows can be read in 16-byte vectors of `vec` elements: every element count (sizes,
+// strides) is a multiple of vec and every pointer is 16-byte aligned.
+inline bool vectorizable(int64_t vec, std::initializer_list<int64_t> counts,
+                         std::initializer_list<const void*> pointers) {
+  for (int64_t c : counts) {
+    if (c % vec != 0) return false;
+  }
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+}  // namespace gkv

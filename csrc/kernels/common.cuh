@@ -37,6 +37,12 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// N consecutive elements moved as one aligned vector load/store (16 bytes when N * sizeof(T) = 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 }  // namespace gkv::kernels

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "model/llama2ts.h"
+#include "ops.h"
 
 namespace gkv::model {
 
@@ -95,13 +96,6 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
     const GlobalSlot& s = kGlobalSlots[i];
     if (s.present(c)) fn(s.name, w.*s.field, s.shape(c));
   }
-}
-
-// RMSNorm in fp32, cast back before the weight multiply, as transformers does.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  at::Tensor xf = x.to(at::kFloat);
-  at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * normed.to(x.scalar_type());
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
@@ -211,12 +205,6 @@ NamedTensors Decoder::named_tensors() const {
   return out;
 }
 
-at::Tensor Decoder::rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
-}
-
 at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& positions,
                                   Attention& attention) const {
   const ModelConfig& c = config_;
@@ -232,23 +220,23 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
   at::Tensor h = at::embedding(weights_.embed, tokens);  // [B,T,D]
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    at::Tensor x = rms_norm(h, w.attn_norm, c.rms_eps);
+    at::Tensor x = gkv::rms_norm(h, w.attn_norm, c.rms_eps);
     at::Tensor q = linear(x, w.wq, w.bq).view({batch, t, c.num_heads, d});     // [B,T,Hq,d]
     at::Tensor k = linear(x, w.wk, w.bk).view({batch, t, c.num_kv_heads, d});  // [B,T,Hkv,d]
     at::Tensor v = linear(x, w.wv, w.bv).view({batch, t, c.num_kv_heads, d});
     if (c.qk_norm) {
-      q = rms_norm(q, w.q_norm, c.rms_eps);
-      k = rms_norm(k, w.k_norm, c.rms_eps);
+      q = gkv::rms_norm(q, w.q_norm, c.rms_eps);
+      k = gkv::rms_norm(k, w.k_norm, c.rms_eps);
     }
-    q = rope(q.transpose(1, 2), cos, sin);  // [B,Hq,T,d]
-    k = rope(k.transpose(1, 2), cos, sin);  // [B,Hkv,T,d]
+    q = gkv::apply_rope(q.transpose(1, 2), cos, sin);  // [B,Hq,T,d]
+    k = gkv::apply_rope(k.transpose(1, 2), cos, sin);  // [B,Hkv,T,d]
     at::Tensor o = attention.forward(l, q, k, v.transpose(1, 2));  // [B,Hq,T,d]
     o = o.transpose(1, 2).reshape({batch, t, c.num_heads * d});
     h = h + linear(o, w.wo, w.bo);
-    x = rms_norm(h, w.mlp_norm, c.rms_eps);
+    x = gkv::rms_norm(h, w.mlp_norm, c.rms_eps);
     h = h + at::linear(at::silu(at::linear(x, w.w_gate)) * at::linear(x, w.w_up), w.w_down);
   }
-  return rms_norm(h, weights_.final_norm, c.rms_eps);
+  return gkv::rms_norm(h, weights_.final_norm, c.rms_eps);
 }
 
 at::Tensor Decoder::logits(const at::Tensor& hidden) const {

@@ -105,9 +105,6 @@ class Decoder {
   void to(std::optional<c10::Device> device, std::optional<c10::ScalarType> dtype);
 
  private:
-  // x [B,H,T,d], cos/sin [B,1,T,d] -> x rotated (rotate-half convention)
-  static at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-
   ModelConfig config_;
   Weights weights_;
   at::Tensor inv_freq_;  // [d/2] fp32, with llama3 scaling applied

@@ -108,6 +108,27 @@ TEST_CASE("lifetime_attention without evictions is causal attention") {
   REQUIRE(lse.scalar_type() == at::kFloat);
 }
 
+TEST_CASE("rms_norm and apply_rope match their formulas and differentiate through C++ autograd") {
+  at::manual_seed(4);
+  auto x = torch::randn({3, 5, 64}, torch::requires_grad());
+  auto weight = torch::randn({64}, torch::requires_grad());
+  auto normed = gkv::rms_norm(x, weight, 1e-6);
+  REQUIRE(close(normed, weight * x * at::rsqrt(x.pow(2).mean(-1, true) + 1e-6)));
+  // q [B,H,T,d] as a transposed view, cos/sin [B,1,T,d]; rotate_half(q) = cat(-q2, q1).
+  auto q = normed.view({3, 5, 4, 16}).transpose(1, 2);
+  auto angles = at::randn({3, 1, 5, 8});
+  auto cos = at::cat({angles, angles}, -1).cos(), sin = at::cat({angles, angles}, -1).sin();
+  auto rotated = gkv::apply_rope(q, cos, sin);
+  auto half = q.split(8, -1);
+  REQUIRE(close(rotated, q * cos + at::cat({-half[1], half[0]}, -1) * sin));
+  rotated.square().sum().backward();
+  // A rotation keeps every pair's norm, so the loss is sum(normed^2) and so are its gradients.
+  auto x2 = x.detach().requires_grad_(), w2 = weight.detach().requires_grad_();
+  (w2 * x2 * at::rsqrt(x2.pow(2).mean(-1, true) + 1e-6)).square().sum().backward();
+  REQUIRE(close(x.grad(), x2.grad(), 1e-4));
+  REQUIRE(close(weight.grad(), w2.grad(), 1e-4));
+}
+
 TEST_CASE("bad arguments raise errors naming the argument") {
   auto k = at::randn({1, 2, 5, 8});
   auto pos = positions(1, 2, 5);
@@ -117,4 +138,6 @@ TEST_CASE("bad arguments raise errors naming the argument") {
   // keep larger than the number of candidates
   REQUIRE_THROWS_WITH(gkv::select_keep(at::randn({1, 2, 5}), 6, 0),
                       gkv_test::contains("keep"));
+  REQUIRE_THROWS_WITH(gkv::rms_norm(k, at::ones({4}), 1e-6), gkv_test::contains("weight"));
+  REQUIRE_THROWS_WITH(gkv::apply_rope(at::randn({1, 2, 5, 7}), k, k), gkv_test::contains("even"));
 }

@@ -19,8 +19,9 @@ def test_bench_ops_quick(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "### decode_attention" in run.stdout and "### compression" in run.stdout
+    assert "### fused rms_norm" in run.stdout
     results = json.loads(out.with_suffix(".json").read_text())
-    for section in ("decode_attention", "lifetime_attention", "compression"):
+    for section in ("decode_attention", "lifetime_attention", "compression", "fused_ops"):
         assert results[section], section
         assert all(v == v for row in results[section] for k, v in row.items()
                    if k.startswith("gkv") and k.endswith("_ms")), section  # no NaN timings

@@ -1,6 +1,6 @@
 """The demo: what G-KV buys on the bundled reasoning model, in a few minutes on a CPU.
 
-``python -m gkv_ext demo [--budgets 32,64,96] [--limit 64] [--device cuda]``
+``python -m gkv_ext demo [--budgets 64,128,192] [--limit 64] [--device cuda]``
 
 The bundled model (gkv_ext/data/bundled, made by scripts/make_bundled_model.py) is a small Qwen2
 trained on the synthetic long chain-of-thought task: each answer needs definitions from far back
@@ -184,7 +184,7 @@ def demo(args) -> Dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(BUNDLED_MODEL),
                    help="a model made by scripts/make_bundled_model.py (default: the bundled one)")
-    p.add_argument("--budgets", default="32,64,96", help="G-KV budgets (default 32,64,96)")
+    p.add_argument("--budgets", default="64,128,192", help="G-KV budgets (default 64,128,192)")
     p.add_argument("--policies", default="gkv,streamingllm",
                    help="policies run at each budget besides FullKV (default gkv,streamingllm)")
     # The bundled task's responses are about 70 tokens: compressing every 128 (the default for

@@ -49,7 +49,9 @@ Trajectory generate_rollouts(Session& s, const std::vector<Example>& prompts, co
   std::vector<const Example*> examples;
   at::NoGradGuard no_grad;
   int64_t salt = 0;
-  for (const auto& micro : s.micro_batches(prompts)) {
+  // Named, not a temporary of the loop: `examples` points into it until the rewards are computed.
+  const auto micro_batches = s.micro_batches(prompts);
+  for (const auto& micro : micro_batches) {
     std::vector<std::vector<int64_t>> rows;
     for (const auto& e : micro) {
       for (int64_t g = 0; g < c.group_size; ++g) {

@@ -27,7 +27,7 @@ from gkv_ext import tasks  # noqa: E402
 from gkv_ext.engine import load_model  # noqa: E402
 
 # The default difficulty of the bundled task: examples of about 256 characters (= tokens), which
-# options_for_length makes 36 shuffled definitions with one-letter names and a chain of 4 lookups.
+# options_for_length makes 26 shuffled definitions (two-letter names) and a chain of 4 lookups.
 SYNTHETIC_LENGTH = 256
 # Seeds 0.. train, the next ones the eval split. 100K examples: the run sees each about 10 times
 # (20K examples were seen 40 times by the same run, enough for a model to start memorising).

@@ -9,13 +9,13 @@ import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _C  # noqa: F401  (registers torch.ops.gkv.*)
 from . import ops, policies
-from ._C import CompressedKVCache, Model, ModelConfig, Policy, Tokenizer
+from ._C import CompressedKVCache, DecodeStepper, Model, ModelConfig, Policy, Tokenizer
 from .engine import Generation, generate, load_model, teacher_forced
 
 built_with_cuda: bool = _C.built_with_cuda
 
 __all__ = ["ops", "policies", "built_with_cuda", "Model", "ModelConfig", "Tokenizer", "Policy",
-           "CompressedKVCache", "Generation", "generate", "load_model", "teacher_forced"]
+           "CompressedKVCache", "DecodeStepper", "Generation", "generate", "load_model", "teacher_forced"]
 
 
 def __getattr__(name):

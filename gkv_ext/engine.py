@@ -50,7 +50,7 @@ def generate(model: _C.Model, prompts: Union[Sequence[int], Sequence[Sequence[in
              policy: Optional[Policy] = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              eos_token_ids: Optional[Sequence[int]] = None, stop_token_ids: Sequence[int] = (),
-             pad_token_id: Optional[int] = None) -> Generation:
+             pad_token_id: Optional[int] = None, cuda_graph: bool = True) -> Generation:
     """Batched generation with a compressed KV cache.
 
     Args:
@@ -59,11 +59,12 @@ def generate(model: _C.Model, prompts: Union[Sequence[int], Sequence[Sequence[in
         temperature: 0 for greedy; otherwise sampling with ``top_p`` / ``top_k`` and ``seed``.
         eos_token_ids: end a row; default the model config's. ``stop_token_ids`` end it too.
         pad_token_id: fills finished rows and left padding; default the first EOS id, else 0.
+        cuda_graph: on CUDA, replay a captured decode step (same results; False: all eager).
     """
     r = _C.generate(model, _prompt_lists(prompts), policy if policy is not None else FullKV(),
                     max_new_tokens, temperature, top_p, top_k, seed,
                     None if eos_token_ids is None else list(eos_token_ids),
-                    list(stop_token_ids), pad_token_id)
+                    list(stop_token_ids), pad_token_id, cuda_graph)
     return Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
 
 

@@ -8,7 +8,9 @@ the weights are random and the text is meaningless):
   1. Decode step time of our engine at B in --batches, for FullKV and G-KV at --budgets, after
      --prompt prompt tokens and g generated tokens for g in --points. The cache is brought to each
      point by chunked forwards (teacher forcing in chunks that end at the compression steps, the
-     schedule of generation), then --steps decode steps are timed one by one with device events:
+     schedule of generation), then, for each of --modes (graph: the decode step replayed from a
+     CUDA graph, as generate does; eager: launched op by op), two untimed steps and --steps decode
+     steps timed one by one with device events:
      the mean step time, the share of it spent in the steps that compress (score + select +
      compact: their excess over the median step), the KV memory and the bandwidth floor
      (bytes of weights + live KV) / the measured copy bandwidth.
@@ -114,8 +116,9 @@ class Run:
                                                max_tokens=prompt + max_new + 1,
                                                dtype=c.dtype, device=str(device))
         positions = self.cache.begin_prefill(torch.ones_like(tokens))
-        self.logits = self.model(tokens, positions, cache=self.cache, last_only=True)
+        self.logits = self.model(tokens, positions, cache=self.cache, last_only=True)[:, -1]
         self.generated = 0
+        self.steppers = {}
 
     def fill_to(self, generated, chunk=None):
         """Teacher-forces random tokens up to `generated` tokens, in chunks of at most `chunk`
@@ -127,23 +130,29 @@ class Run:
                     chunk or self.D)
             forced = torch.randint(0, self.vocab, (self.logits.shape[0], n), device=self.device)
             self.logits = self.model(forced, self.cache.begin_decode(n), cache=self.cache,
-                                     last_only=True)
+                                     last_only=True)[:, -1]
             self.generated += n
 
-    def decode(self, steps):
-        """Times `steps` greedy decode steps; returns their milliseconds and whether each one
-        compressed the cache."""
+    def decode(self, steps, graph=True, warmup=2):
+        """Times `steps` greedy decode steps after `warmup` untimed ones (a CUDA graph's capture);
+        returns their milliseconds and whether each one compressed the cache."""
+        if graph not in self.steppers:
+            self.steppers[graph] = gkv_ext.DecodeStepper(self.model, self.cache, cuda_graph=graph)
+        stepper = self.steppers[graph]
+        replays = stepper.replays
         timer = Timer(self.device)
         compressed = []
-        timer.mark()
-        for _ in range(steps):
-            nxt = self.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(warmup + steps):
+            if i == warmup:
+                timer.mark()
             f = self.cache.forwards
             full = self.cache.length + 1 > (self.policy.budget or 1 << 62)
-            self.logits = self.model(nxt, self.cache.begin_decode(1), cache=self.cache)
-            compressed.append(full and f % self.D == 0)
-            timer.mark()
-        self.generated += steps
+            self.logits = stepper.step(self.logits.argmax(-1))
+            if i >= warmup:
+                compressed.append(full and f % self.D == 0)
+                timer.mark()
+        self.generated += warmup + steps
+        self.replayed = (stepper.replays - replays) / (warmup + steps)
         return timer.intervals(), compressed
 
 
@@ -152,8 +161,8 @@ def cache_bytes(cache, layers):
                for t in (cache.keys(l), cache.values(l), cache.positions(l), cache.scores(l)))
 
 
-def measure_point(run, steps, bw, wbytes, slot_bytes):
-    times, compressed = run.decode(steps)
+def measure_point(run, steps, bw, wbytes, slot_bytes, graph=True):
+    times, compressed = run.decode(steps, graph)
     plain = [t for t, c in zip(times, compressed) if not c]
     median = statistics.median(plain)
     excess = sum(t - median for t, c in zip(times, compressed) if c)
@@ -163,7 +172,7 @@ def measure_point(run, steps, bw, wbytes, slot_bytes):
     return dict(step_ms=step, tokens_per_s=run.logits.shape[0] / step * 1e3,
                 compress_share=excess / sum(times), live_slots=live,
                 kv_mb=cache_bytes(run.cache, run.model.config.num_layers) / 2**20,
-                floor_ms=floor, vs_floor=step / floor,
+                floor_ms=floor, vs_floor=step / floor, replayed=run.replayed,
                 allocated_mb=torch.cuda.memory_allocated() / 2**20 if run.device.type == "cuda" else None)
 
 
@@ -181,15 +190,17 @@ def bench_engine(model, args, device, bw):
         # G-KV's cache is flat once it holds the budget: the first two points show it.
         points = args.points if policy.budget is None else args.points[:2]
         try:
-            run = Run(model, policy, B, args.prompt, max(points) + args.steps, device)
+            run = Run(model, policy, B, args.prompt, max(points) + len(args.modes) * (args.steps + 2), device)
             for g in points:
                 run.fill_to(g)
-                rows.append(dict(batch=B, policy=name, generated=g,
-                                 **measure_point(run, args.steps, bw, wbytes, slot_bytes)))
+                for mode in args.modes:
+                    rows.append(dict(batch=B, policy=name, mode=mode, generated=g,
+                                     **measure_point(run, args.steps, bw, wbytes, slot_bytes,
+                                                     graph=mode == "graph")))
         except RuntimeError as e:
             if not is_oom(e):
                 raise
-            rows.append(dict(batch=B, policy=name, generated=None, oom=True))
+            rows.append(dict(batch=B, policy=name, mode=None, generated=None, oom=True))
         run = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -264,7 +275,7 @@ def bench_equal_memory(model, args, device, bw):
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt, args.max_new + args.steps, device)
+                run = Run(model, policy, B, args.prompt, args.max_new + args.steps + 2, device)
                 steps = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=args.divide // 4)
@@ -288,13 +299,13 @@ def print_tables(result):
           f"{result['shape']} with random {result['dtype']} weights ({result['weight_gb']:.2f} GB); "
           f"prompt {result['prompt']}")
     print("\nDecode step of our engine (mean over the timed steps; floor = (weights + live KV) / copy bandwidth)")
-    print(f"{'B':>4} {'policy':>11} {'generated':>9} {'live':>6} {'step ms':>8} {'floor ms':>8} "
-          f"{'x floor':>7} {'tok/s':>9} {'KV MiB':>8} {'compress':>8}")
+    print(f"{'B':>4} {'policy':>11} {'mode':>6} {'generated':>9} {'live':>6} {'step ms':>8} "
+          f"{'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'KV MiB':>8} {'compress':>8}")
     for r in result["engine"]:
         if r.get("oom"):
-            print(f"{r['batch']:>4} {r['policy']:>11} {'out of memory':>20}")
+            print(f"{r['batch']:>4} {r['policy']:>11} {'out of memory':>27}")
             continue
-        print(f"{r['batch']:>4} {r['policy']:>11} {r['generated']:>9} {r['live_slots']:>6} "
+        print(f"{r['batch']:>4} {r['policy']:>11} {r['mode']:>6} {r['generated']:>9} {r['live_slots']:>6} "
               f"{r['step_ms']:>8.2f} {r['floor_ms']:>8.2f} {r['vs_floor']:>7.2f} "
               f"{r['tokens_per_s']:>9.0f} {r['kv_mb']:>8.0f} {100 * r['compress_share']:>7.1f}%")
     if result.get("transformers"):
@@ -303,7 +314,7 @@ def print_tables(result):
         print(f"{'B':>4} {'step ms':>8} {'tok/s':>9} {'ours FullKV tok/s':>18} {'ratio':>6}")
         for r in result["transformers"]:
             ours = [e for e in result["engine"] if e["batch"] == r["batch"]
-                    and e["policy"] == "FullKV" and not e.get("oom")]
+                    and e["policy"] == "FullKV" and e["mode"] == "graph" and not e.get("oom")]
             mine = ours[0]["tokens_per_s"] if ours else float("nan")
             print(f"{r['batch']:>4} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.0f} {mine:>18.0f} "
                   f"{mine / r['tokens_per_s']:>6.1f}")
@@ -322,13 +333,16 @@ def plot(result, path):
     fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
     names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
     colors = {name: f"C{i}" for i, name in enumerate(names)}  # one color per policy in every panel
+    modes = {"graph": "o-", "eager": "s:"}
     for ax, B in zip(axes[0], batches):
         for name in names:
-            pts = [r for r in result["engine"] if r["batch"] == B and r["policy"] == name and not r.get("oom")]
-            if pts:
-                ax.plot([r["generated"] for r in pts], [r["step_ms"] for r in pts], "o-",
-                        color=colors[name], label=name)
-            elif any(r["batch"] == B and r["policy"] == name for r in result["engine"]):
+            rows = [r for r in result["engine"] if r["batch"] == B and r["policy"] == name]
+            for mode, style in modes.items():
+                pts = [r for r in rows if r["mode"] == mode]
+                if pts:
+                    ax.plot([r["generated"] for r in pts], [r["step_ms"] for r in pts], style,
+                            color=colors[name], label=f"{name} ({mode})")
+            if rows and all(r.get("oom") for r in rows):
                 ax.plot([], [], "x", color=colors[name], label=f"{name}: out of memory")
         hf = [r for r in result.get("transformers", []) if r["batch"] == B]
         if hf:
@@ -362,6 +376,8 @@ def main(argv=None):
     ap.add_argument("--max-new", type=int, default=None, help="generated tokens of the equal-memory runs")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per point")
     ap.add_argument("--hf-steps", type=int, default=None)
+    ap.add_argument("--modes", default="graph,eager",
+                    help="decode step modes of the engine section: graph (CUDA graph replay), eager")
     ap.add_argument("--only", default="engine,transformers,memory")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
@@ -375,6 +391,7 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.divide = policies.GKV(max(args.budgets)).divide_length
+    args.modes = args.modes.split(",")
     only = set(args.only.split(","))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every CUDA source of csrc/sources.txt with nvcc, compile only (no GPU needed), against
+# Compiles every CUDA source of csrc/sources.txt (and the CUDA branches of C++ files) with nvcc, compile only (no GPU needed), against
 # the installed torch's headers, so CUDA code cannot rot unseen on CPU-only machines.
 # Usage: scripts/check_cuda_compile.sh [file.cu ...]   (default: all of them)
 set -euo pipefail
@@ -12,7 +12,10 @@ ABI=$(python -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 ARCH=${GKV_CUDA_ARCHS:-90a}
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
-  mapfile -t files < <(grep -E '\.cu$' csrc/sources.txt)
+  # The .cu files, and the C++ files with a CUDA-only branch (nvcc hands those to the host
+  # compiler with the CUDA headers on the path).
+  mapfile -t files < <(grep -E '\.cu$' csrc/sources.txt; grep -lE '^#if(def)? .*GKV_WITH_CUDA' \
+    $(grep -E '\.cpp$' csrc/sources.txt) csrc/python/*.cpp)
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

@@ -85,6 +85,11 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   }
   death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
                     kv_opts.dtype(at::kInt));
+  const auto i64 = kv_opts.dtype(at::kLong);
+  live_slot_ = at::zeros({1}, i64);
+  ring_slot_ = at::zeros({1}, i64);
+  step_pos_ = at::zeros({s.batch, 1}, i64);
+  step_new_pos_ = at::zeros({s.batch, s.kv_heads, 1}, kv_opts.dtype(at::kInt));
   // "cuda" means the current device: name it, so device checks compare like with like.
   shape_.device = death_.device();
 }
@@ -112,14 +117,13 @@ at::Tensor CompressedKVCache::begin_prefill(const at::Tensor& attention_mask) {
   const auto positions = real.to(at::kLong).cumsum(1) - 1;     // [B,P]
   new_pos_ = at::where(real, positions, -1).to(at::kInt).unsqueeze(1).expand(
       {shape_.batch, shape_.kv_heads, P}).contiguous();
-  death_value_ = next_pos_.to(at::kInt);
   tokens_ = P;
   compress_ = true;
   done_.assign(shape_.layers, false);
   return positions.clamp_min(0);
 }
 
-at::Tensor CompressedKVCache::begin_decode(int64_t tokens) {
+void CompressedKVCache::check_decode(int64_t tokens) const {
   TORCH_CHECK(forwards_ >= 1 && tokens_ == 0,
               "begin_decode: needs a finished prefill and no forward in progress");
   TORCH_CHECK(tokens >= 1, "begin_decode: tokens must be >= 1, got ", tokens);
@@ -130,15 +134,45 @@ at::Tensor CompressedKVCache::begin_decode(int64_t tokens) {
   // No multiple of D in [first, last - 1]; first >= 1 after the prefill.
   TORCH_CHECK((last - 1) / D == (first - 1) / D, "begin_decode: forwards ", first, "..", last,
               " cross a compression step (every ", D, "); only the last token of a chunk may be one");
-  const auto positions = next_pos_.unsqueeze(1) + at::arange(tokens, next_pos_.options());  // [B,T]
-  new_pos_ = positions.to(at::kInt).unsqueeze(1).expand({shape_.batch, shape_.kv_heads, tokens})
-                 .contiguous();
-  next_pos_ = next_pos_ + tokens;
-  death_value_ = next_pos_.to(at::kInt);
+}
+
+bool CompressedKVCache::decode_compresses(int64_t tokens) const {
+  const int64_t last = forwards_ + tokens - 1;
+  return last % policy_.divide_length == 0 && policy_.budget && length_ + tokens > *policy_.budget;
+}
+
+int64_t CompressedKVCache::decode_span() const {
+  if (policy_.budget) return cap_;
+  return std::min(cap_, (length_ + kSpanQuantum) / kSpanQuantum * kSpanQuantum);
+}
+
+at::Tensor CompressedKVCache::begin_decode(int64_t tokens) {
+  check_decode(tokens);
+  at::Tensor positions;  // [B,T]
+  if (tokens == 1) {
+    step_pos_.copy_(next_pos_.unsqueeze(1));
+    step_new_pos_.copy_(step_pos_.unsqueeze(1));
+    positions = step_pos_;
+    new_pos_ = step_new_pos_;
+  } else {
+    positions = next_pos_.unsqueeze(1) + at::arange(tokens, next_pos_.options());
+    new_pos_ = positions.to(at::kInt).unsqueeze(1).expand({shape_.batch, shape_.kv_heads, tokens})
+                   .contiguous();
+  }
+  next_pos_.add_(tokens);
   tokens_ = tokens;
-  compress_ = last % D == 0;
+  compress_ = (forwards_ + tokens - 1) % policy_.divide_length == 0;
   done_.assign(shape_.layers, false);
   return positions;
+}
+
+void CompressedKVCache::account_replayed_decode() {
+  check_decode(1);
+  TORCH_CHECK(!decode_compresses(1), "account_replayed_decode: forward ", forwards_,
+              " compresses the cache, so it cannot be a replay");
+  length_ += 1;
+  q_count_ += 1;
+  forwards_ += 1;
 }
 
 void CompressedKVCache::check_qkv(int64_t layer, const at::Tensor& q, const at::Tensor& k,
@@ -209,18 +243,23 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
                                      const at::Tensor& k, const at::Tensor& v) {
   const int64_t T = tokens_, N0 = length_, N = N0 + T;
   const bool accumulate = policy_.observation == Observation::accumulate;
-  s.k.narrow(2, N0, T).copy_(k);
-  s.v.narrow(2, N0, T).copy_(v);
-  s.pos.narrow(2, N0, T).copy_(new_pos_);
-  if (accumulate) s.score.narrow(2, N0, T).zero_();
   const auto kN = s.k.narrow(2, 0, N), vN = s.v.narrow(2, 0, N), posN = s.pos.narrow(2, 0, N);
   at::Tensor out;
-  if (T == 1) {
+  if (T == 1) {  // graph-safe: slot and span come from device memory and decode_span
+    s.k.index_copy_(2, live_slot_, k);
+    s.v.index_copy_(2, live_slot_, v);
+    s.pos.index_copy_(2, live_slot_, new_pos_);
+    if (accumulate) s.score.index_fill_(2, live_slot_, 0.0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
     std::optional<at::Tensor> acc;
     if (accumulate) acc = s.score;
-    out = gkv::decode_attention(q.select(2, 0), s.k, s.v, s.pos, N, scale, acc).unsqueeze(2);
+    out = gkv::decode_attention(q.select(2, 0), s.k, s.v, s.pos, decode_span(), scale, acc)
+              .unsqueeze(2);
   } else {
+    s.k.narrow(2, N0, T).copy_(k);
+    s.v.narrow(2, N0, T).copy_(v);
+    s.pos.narrow(2, N0, T).copy_(new_pos_);
+    if (accumulate) s.score.narrow(2, N0, T).zero_();
     std::optional<at::Tensor> acc;
     if (accumulate) acc = s.score.narrow(2, 0, N);
     out = masked_attention(q, kN, vN, posN, acc);
@@ -236,12 +275,18 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
   log_evictions(layer, posN, sel.idx);
   if (!accumulate) s.score.narrow(2, 0, C).copy_(sel.F);
   gkv::compact_(s.k, s.v, s.pos, s.score, sel.idx);
+  const int64_t budget = *policy_.budget;
+  s.pos.narrow(2, budget, cap_ - budget).fill_(-1);  // decode_span reads past the live slots
   return out;
 }
 
 void CompressedKVCache::push_queries(Layer& s, const at::Tensor& q) const {
   if (!s.q_ring.defined()) return;
   const int64_t W = s.q_ring.size(2), T = q.size(2);
+  if (T == 1) {
+    s.q_ring.index_copy_(2, ring_slot_, q);
+    return;
+  }
   const int64_t m = std::min(T, W);  // only the last W of this forward can matter
   int64_t n = q_count_ + T - m;      // index of the first query written
   int64_t t = T - m;
@@ -264,7 +309,8 @@ void CompressedKVCache::log_evictions(int64_t layer, const at::Tensor& pos, cons
   auto evicted = kept.logical_not_().logical_and_(pos.ge(0));  // [B,Hkv,N]
   // Kept slots and pads all write into the spare last column, which is never read.
   const auto target = at::where(evicted, pos.to(at::kLong), max_tokens_);
-  const auto value = death_value_.view({-1, 1, 1}).expand(target.sizes());
+  // next_pos_ is already past this forward: the first position that no longer sees the key.
+  const auto value = next_pos_.to(at::kInt).view({-1, 1, 1}).expand(target.sizes());
   death_.select(1, layer).scatter_(2, target, value);
 }
 
@@ -279,6 +325,14 @@ void CompressedKVCache::end_forward() {
   if (compressed) history_len_ = *policy_.budget - policy_.window;
   q_count_ += tokens_;
   forwards_ += forwards_ == 0 ? 1 : tokens_;
+  const int64_t W = policy_.observed_queries();
+  if (tokens_ == 1 && !compressed) {  // in place, as a replayed graph does it
+    live_slot_.add_(1);
+    if (W > 0) ring_slot_.add_(1).remainder_(W);
+  } else {
+    live_slot_.fill_(length_);
+    if (W > 0) ring_slot_.fill_(q_count_ % W);
+  }
   tokens_ = 0;
 }
 

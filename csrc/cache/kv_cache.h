@@ -12,6 +12,12 @@
 // Eviction log: death[b, l, h, p] = the first query position that no longer sees the key at
 // position p (the position after the forward that evicted it), INT32_MAX if never evicted.
 //
+// One-token decode forwards keep their per-step state in device memory (the write slot, the
+// query ring slot, the positions), updated in place, and attend over a span fixed in advance
+// (decode_span) rather than the live length: such a forward launches the same kernels with the
+// same arguments every step, so a CUDA graph of it can be replayed (engine::DecodeStepper).
+// Slots past the live length hold pos -1, so the span's extra slots are masked.
+//
 // Symbols: B batch, L layers, Hq / Hkv query / KV heads, G = Hq / Hkv, d head_dim, P prompt
 // length (padding included), T tokens in this forward, cap slots per head, W queries remembered.
 #pragma once
@@ -46,8 +52,18 @@ class CompressedKVCache {
   // for RoPE (pads get 0). Forward 0: compression is tried.
   at::Tensor begin_prefill(const at::Tensor& attention_mask);
   // T new tokens per row -> positions [B,T] int64. The tokens are the forwards i+1 .. i+T; a
-  // compression step (a multiple of divide_length) may only be the last of them.
+  // compression step (a multiple of divide_length) may only be the last of them. For T = 1 the
+  // positions are the cache's own buffer, valid until the next begin_decode.
   at::Tensor begin_decode(int64_t tokens);
+  // Whether a forward of T new tokens would compress (select and compact) the cache.
+  bool decode_compresses(int64_t tokens) const;
+  // The slots a one-token forward attends over (masked past the live length): the capacity under
+  // a budget, else the live length rounded up to kSpanQuantum, so it changes rarely.
+  int64_t decode_span() const;
+  static constexpr int64_t kSpanQuantum = 512;
+  // The host bookkeeping of one one-token forward that does not compress (begin_decode(1), every
+  // layer's attend, end_forward) without its device work, which a replayed graph does.
+  void account_replayed_decode();
   // q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,Hq,T,d] in the dtype of q.
   at::Tensor attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
   void end_forward();
@@ -86,6 +102,7 @@ class CompressedKVCache {
   at::Tensor window_queries(const Layer& s) const;
   // pos [B,Hkv,N] int32 of the scored slots, idx [B,Hkv,budget] the kept ones.
   void log_evictions(int64_t layer, const at::Tensor& pos, const at::Tensor& idx);
+  void check_decode(int64_t tokens) const;
 
   Policy policy_;
   CacheShape shape_;
@@ -94,6 +111,11 @@ class CompressedKVCache {
   std::vector<Layer> layers_;
   at::Tensor death_;     // [B,L,Hkv,max_tokens+1] int32; the last column absorbs kept slots
   at::Tensor next_pos_;  // [B] int64: position of the next token of each row
+  // Device copies of the per-step state, updated in place (see the top of this file).
+  at::Tensor live_slot_;     // [1] int64: = length_, where a one-token forward writes
+  at::Tensor ring_slot_;     // [1] int64: = q_count_ % W, where it writes its query
+  at::Tensor step_pos_;      // [B,1] int64: positions of a one-token forward
+  at::Tensor step_new_pos_;  // [B,Hkv,1] int32: the same per KV head
 
   // State of the forward in progress, shared by its layers.
   int64_t length_ = 0;        // live slots before this forward
@@ -103,7 +125,6 @@ class CompressedKVCache {
   int64_t tokens_ = 0;        // T of the forward in progress; 0 when none is
   bool compress_ = false;     // this forward is a compression step
   at::Tensor new_pos_;        // [B,Hkv,T] int32 positions of this forward's tokens, -1 pads
-  at::Tensor death_value_;    // [B] int32: the position after this forward, per row
   std::vector<bool> done_;    // layers attended in this forward
 };
 

@@ -78,19 +78,10 @@ at::Tensor sample(const at::Tensor& logits, const SamplingOptions& o, at::Genera
   return at::multinomial(x.softmax(-1), 1, /*replacement=*/false, gen).squeeze(1);
 }
 
-// One forward through the cache: tokens [B,T] -> hidden [B,T,D].
-at::Tensor run(const model::Decoder& model, cache::CompressedKVCache& cache,
-               const at::Tensor& tokens, const at::Tensor& positions) {
-  CacheAttention attention(cache);
-  auto hidden = model.hidden_states(tokens, positions, attention);
-  cache.end_forward();
-  return hidden;
-}
-
 // Prefill; returns the logits [B,V] fp32 of the last prompt token.
 at::Tensor prefill(const model::Decoder& model, cache::CompressedKVCache& cache, const Batch& batch) {
   const auto positions = cache.begin_prefill(batch.mask);
-  const auto hidden = run(model, cache, batch.tokens, positions);
+  const auto hidden = cached_forward(model, cache, batch.tokens, positions);
   return model.logits(hidden.narrow(1, hidden.size(1) - 1, 1)).select(1, 0).to(at::kFloat);
 }
 
@@ -123,6 +114,7 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
   gen.set_current_seed(options.sampling.seed);
 
   cache::CompressedKVCache cache(policy, shape_of(model, B), P + T);
+  DecodeStepper stepper(model, cache, options.cuda_graph);
   auto logits = prefill(model, cache, batch);  // [B,V]
   auto out_tokens = at::full({B, T}, pad, batch.tokens.options());
   auto out_logprobs = at::zeros({B, T}, logits.options());
@@ -140,9 +132,7 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
     ++steps;
     // The only host sync of a step: whether every row is done (none without stop tokens).
     if (steps == T || (!stop_ids.empty() && finished.all().item<bool>())) break;
-    const auto positions = cache.begin_decode(1);
-    const auto hidden = run(model, cache, next.unsqueeze(1), positions);
-    logits = model.logits(hidden).select(1, 0).to(at::kFloat);
+    logits = stepper.step(next);
   }
   return {out_tokens.narrow(1, 0, steps), out_logprobs.narrow(1, 0, steps), lengths, batch.lengths,
           cache.death(), cache.capacity()};
@@ -179,7 +169,7 @@ ForcedResult teacher_forced(const model::Decoder& model,
     const int64_t n = std::min(step - f + 1, T - 1 - fed);
     const auto chunk = forced.narrow(1, fed, n);         // [B,n]
     const auto positions = cache.begin_decode(n);
-    const auto hidden = run(model, cache, chunk, positions);
+    const auto hidden = cached_forward(model, cache, chunk, positions);
     const auto lp = model.logits(hidden).to(at::kFloat).log_softmax(-1);  // [B,n,V]
     const auto next = forced.narrow(1, fed + 1, n).unsqueeze(2);  // [B,n,1]: what each predicts
     logprobs.narrow(1, fed + 1, n).copy_(lp.gather(2, next).squeeze(2));

@@ -15,6 +15,7 @@
 
 #include "cache/kv_cache.h"
 #include "cache/policy.h"
+#include "engine/decode_step.h"
 #include "model/decoder.h"
 
 namespace gkv::engine {
@@ -32,6 +33,7 @@ struct GenerateOptions {
   std::optional<std::vector<int64_t>> eos_token_ids;  // default: the model config's
   std::vector<int64_t> stop_token_ids;                // also end a row (kept in its output)
   std::optional<int64_t> pad_token_id;                // default: the first EOS id, else 0
+  bool cuda_graph = true;  // on CUDA, replay a captured decode step (DecodeStepper)
 };
 
 struct GenerateResult {
@@ -61,18 +63,5 @@ ForcedResult teacher_forced(const model::Decoder& model,
                             const std::vector<std::vector<int64_t>>& prompts,
                             const at::Tensor& tokens, const cache::Policy& policy,
                             std::optional<int64_t> pad_token_id = std::nullopt);
-
-// The model's attention step backed by a cache.
-class CacheAttention final : public model::Attention {
- public:
-  explicit CacheAttention(cache::CompressedKVCache& cache) : cache_(cache) {}
-  at::Tensor forward(int64_t layer, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v) override {
-    return cache_.attend(layer, q, k, v);
-  }
-
- private:
-  cache::CompressedKVCache& cache_;
-};
 
 }  // namespace gkv::engine

@@ -129,13 +129,15 @@ void bind_engine(py::module& m) {
       [](const gkv::model::Decoder& model, const std::vector<std::vector<int64_t>>& prompts,
          const Policy& policy, int64_t max_new_tokens, double temperature, double top_p,
          int64_t top_k, uint64_t seed, std::optional<std::vector<int64_t>> eos_token_ids,
-         std::vector<int64_t> stop_token_ids, std::optional<int64_t> pad_token_id) {
+         std::vector<int64_t> stop_token_ids, std::optional<int64_t> pad_token_id,
+         bool cuda_graph) {
         gkv::engine::GenerateOptions o;
         o.max_new_tokens = max_new_tokens;
         o.sampling = {temperature, top_p, top_k, seed};
         o.eos_token_ids = std::move(eos_token_ids);
         o.stop_token_ids = std::move(stop_token_ids);
         o.pad_token_id = pad_token_id;
+        o.cuda_graph = cuda_graph;
         py::gil_scoped_release no_gil;
         return gkv::engine::generate(model, prompts, policy, o);
       },
@@ -143,6 +145,7 @@ void bind_engine(py::module& m) {
       py::arg("temperature") = 0.0, py::arg("top_p") = 1.0, py::arg("top_k") = 0,
       py::arg("seed") = 0, py::arg("eos_token_ids") = py::none(),
       py::arg("stop_token_ids") = std::vector<int64_t>{}, py::arg("pad_token_id") = py::none(),
+      py::arg("cuda_graph") = true,
       "Batched generation with a compressed KV cache (csrc/engine/generate.h).");
   m.def(
       "teacher_forced",
@@ -154,4 +157,22 @@ void bind_engine(py::module& m) {
       py::arg("model"), py::arg("prompts"), py::arg("tokens"), py::arg("policy"),
       py::arg("pad_token_id") = py::none(),
       "Runs given tokens [B,T] after the prompts in chunks ending at the compression steps.");
+
+  using gkv::engine::DecodeStepper;
+  py::class_<DecodeStepper>(m, "DecodeStepper",
+                            "One-token decode steps of a model through its cache, replayed from a "
+                            "CUDA graph where possible (csrc/engine/decode_step.h).")
+      .def(py::init<const gkv::model::Decoder&, CompressedKVCache&, bool>(), py::arg("model"),
+           py::arg("cache"), py::arg("cuda_graph") = true,
+           py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def(
+          "step",
+          [](DecodeStepper& s, const at::Tensor& tokens) {
+            py::gil_scoped_release no_gil;
+            return s.step(tokens);
+          },
+          py::arg("tokens"),
+          "tokens [B] int64 -> logits [B,V] fp32 (overwritten by the next step)")
+      .def_property_readonly("replays", &DecodeStepper::replays,
+                             "steps that were CUDA graph replays");
 }

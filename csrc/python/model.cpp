@@ -26,9 +26,7 @@ at::Tensor forward(const Decoder& model, const at::Tensor& tokens,
     TORCH_CHECK(positions && !attention_mask,
                 "forward: with a cache, pass the positions its begin_prefill / begin_decode "
                 "returned, and no attention_mask (the cache has it)");
-    gkv::engine::CacheAttention attention(*cache);
-    auto hidden = model.hidden_states(tokens, *positions, attention);
-    cache->end_forward();
+    auto hidden = gkv::engine::cached_forward(model, *cache, tokens, *positions);
     if (last_only) hidden = hidden.narrow(1, hidden.size(1) - 1, 1);
     return model.logits(hidden);
   }

@@ -39,8 +39,10 @@ def test_bench_generate_quick(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Decode step of our engine" in run.stdout and "transformers" in run.stdout
     result = json.loads(out.with_suffix(".json").read_text())
-    rows = {(r["policy"], r["generated"]): r for r in result["engine"]}
-    assert set(rows) == {(p, g) for p in ("FullKV", "G-KV@32", "G-KV@64") for g in (160, 400)}
+    every = {(r["policy"], r["mode"], r["generated"]): r for r in result["engine"]}
+    assert set(every) == {(p, m, g) for p in ("FullKV", "G-KV@32", "G-KV@64")
+                          for m in ("graph", "eager") for g in (160, 400)}
+    rows = {(p, g): r for (p, m, g), r in every.items() if m == "graph"}
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows.values())
     assert rows["FullKV", 400]["live_slots"] > rows["FullKV", 160]["live_slots"]
     for b in (32, 64):

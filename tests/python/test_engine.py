@@ -230,6 +230,58 @@ def test_cuda_generation_equals_cpu(tiny, policy):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["fullkv"] + ALL_POLICIES)
+def test_cuda_graph_decode_equals_eager_bit_for_bit(tiny, policy, dtype):
+    """Replaying the captured decode step gives exactly the eager steps' tokens, log-probs and
+    evictions (the same kernels with the same arguments), with sampling, across compressions and,
+    for FullKV, across a change of attention span (a new capture every 512 slots)."""
+    _, model = tiny["qwen3"]
+    model = on_device(model, "cuda", dtype)
+    p = policies.FullKV() if policy == "fullkv" else make_policy(policy, 10 if policy != "streamingllm" else 12)
+    kw = dict(policy=p, max_new_tokens=600 if policy == "fullkv" else 100, eos_token_ids=[],
+              temperature=1.0, top_k=20, seed=7)
+    graph = generate(model, PROMPTS, cuda_graph=True, **kw)
+    eager = generate(model, PROMPTS, cuda_graph=False, **kw)
+    assert torch.equal(graph.tokens, eager.tokens)
+    assert torch.equal(graph.logprobs, eager.logprobs)
+    assert torch.equal(graph.death, eager.death)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_stepper_replays_every_step_that_does_not_compress(tiny, device):
+    """DecodeStepper equals stepping Model.forward through the cache; on CUDA every step but the
+    compressing ones and the first (a warm-up on the capture stream) is a graph replay."""
+    _, model = tiny["llama"]
+    model = on_device(model, device)
+    p = make_policy("gkv", 10)
+    c = model.config
+    P = max(map(len, PROMPTS))
+    tokens = torch.tensor([[0] * (P - len(r)) + r for r in PROMPTS], device=device)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in PROMPTS], device=device)
+
+    def cache():
+        return gkv_ext.CompressedKVCache(p, c.num_layers, len(PROMPTS), c.num_heads,
+                                         c.num_kv_heads, c.head_dim, max_tokens=P + 40, device=device)
+    ref_cache, step_cache = cache(), cache()
+    ref = model(tokens, ref_cache.begin_prefill(mask), cache=ref_cache, last_only=True)[:, -1]
+    out = model(tokens, step_cache.begin_prefill(mask), cache=step_cache, last_only=True)[:, -1]
+    stepper = gkv_ext.DecodeStepper(model, step_cache)
+    compressing = 0
+    for _ in range(40):
+        nxt = ref.argmax(-1)
+        compressing += step_cache.forwards % p.divide_length == 0 and step_cache.length + 1 > p.budget
+        ref = model(nxt[:, None], ref_cache.begin_decode(1), cache=ref_cache)[:, -1]
+        out = stepper.step(nxt)
+        assert torch.equal(out, ref.float())
+    assert torch.equal(step_cache.death(), ref_cache.death())
+    assert compressing == 5
+    assert stepper.replays == (40 - compressing - 1 if device == "cuda" else 0)
+    with pytest.raises(RuntimeError, match=r"tokens must be \[B\] int64 with B = 3"):
+        stepper.step(torch.zeros(2, dtype=torch.long, device=device))
+
+
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_low_precision_generation_stays_close_to_fp32(tiny, dtype):
     """bf16 / fp16 on the GPU: finite, mostly the fp32 greedy tokens, and flat KV memory."""

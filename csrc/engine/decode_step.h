@@ -1,0 +1,66 @@
+// DecodeStepper: the one-token decode forward of a model through its compressed cache, replayed
+// from a CUDA graph where it can be. An eager decode step is ~30 small kernels per layer, each
+// launched by the host; the graph launches them all at once, so the step costs what the GPU
+// needs rather than what the host needs to launch it.
+//
+// A step is replayed when it runs on CUDA, does not compress the cache (those run eagerly, every
+// divide_length steps) and attends over the span the graph was captured with (one span under a
+// budget; FullKV's grows by CompressedKVCache::kSpanQuantum, and the graph is captured again).
+// The replay is the eager step's own kernels with the same arguments, so both give the same
+// bits; the cache's host bookkeeping goes through account_replayed_decode.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+
+#include "cache/kv_cache.h"
+#include "model/decoder.h"
+
+namespace gkv::engine {
+
+// The model's attention step backed by a cache.
+class CacheAttention final : public model::Attention {
+ public:
+  explicit CacheAttention(cache::CompressedKVCache& cache) : cache_(cache) {}
+  at::Tensor forward(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v) override {
+    return cache_.attend(layer, q, k, v);
+  }
+
+ private:
+  cache::CompressedKVCache& cache_;
+};
+
+// One forward through the cache, after its begin_prefill / begin_decode gave `positions`:
+// tokens [B,T] -> final hidden states [B,T,D].
+at::Tensor cached_forward(const model::Decoder& model, cache::CompressedKVCache& cache,
+                          const at::Tensor& tokens, const at::Tensor& positions);
+
+class DecodeStepper {
+ public:
+  // The model and the cache must outlive the stepper; the cache must hold a finished prefill
+  // before the first step. cuda_graph = false: every step eager.
+  DecodeStepper(const model::Decoder& model, cache::CompressedKVCache& cache, bool cuda_graph);
+  ~DecodeStepper();
+  DecodeStepper(const DecodeStepper&) = delete;
+  DecodeStepper& operator=(const DecodeStepper&) = delete;
+
+  // tokens [B] int64 (one new token per row) -> logits [B,V] fp32 of the next token. The
+  // returned tensor may be overwritten by the next step.
+  at::Tensor step(const at::Tensor& tokens);
+  int64_t replays() const { return replays_; }  // steps that were graph replays
+
+ private:
+  at::Tensor eager(const at::Tensor& tokens);  // tokens [B,1]
+
+  const model::Decoder& model_;
+  cache::CompressedKVCache& cache_;
+  bool use_graph_;
+  bool warmed_ = false;  // a step already ran on the capture stream
+  int64_t replays_ = 0;
+  struct Graph;  // CUDA only: defined in decode_step.cpp
+  std::unique_ptr<Graph> graph_;
+};
+
+}  // namespace gkv::engine

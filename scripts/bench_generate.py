@@ -20,7 +20,8 @@ the weights are random and the text is meaningless):
   3. Equal GPU memory: the largest batch that FullKV and G-KV at the largest budget each fit for
      --max-new generated tokens, and the tokens/s each sustains over that generation (FullKV's
      step time integrated over the measured points; G-KV's is flat, so it is measured once, at
-     the second point, after several compressions).
+     the second point, after several compressions, over at least divide_length steps so that
+     its compression step is counted).
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
@@ -273,13 +274,14 @@ def bench_equal_memory(model, args, device, bw):
     for name, policy in [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]:
         B = largest_batch(model, policy, args, device)
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
+        steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt, args.max_new + args.steps + 2, device)
+                run = Run(model, policy, B, args.prompt, args.max_new + steps_per_point + 2, device)
                 steps = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=args.divide // 4)
-                    steps.append(measure_point(run, args.steps, bw, wbytes, slot_bytes)["step_ms"])
+                    steps.append(measure_point(run, steps_per_point, bw, wbytes, slot_bytes)["step_ms"])
                 break
             except RuntimeError as e:
                 if not is_oom(e) or B <= 1:

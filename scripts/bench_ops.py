@@ -156,9 +156,30 @@ def reference_compression(k, v, pos, score, keep, window, threshold=0.5):
     return k.gather(2, gather), v.gather(2, gather), pos.gather(2, idx)
 
 
-def bench_compression(device, dtype, n, batch, reps, hkv=4, d=128, window=16, interval=128):
-    """A compression step at its peak length: n = budget + interval (divide_length D)."""
+def reference_window_scores(q, k, scale):
+    """The authors' eager local score (reference section 2.1): softmax attention of the window
+    queries over the cache (causal within the window), max over the GQA group, mean over the
+    window; every slot live."""
+    B, Hq, W, d = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    logits = q.float().view(B, Hkv, Hq // Hkv, W, d) @ k.float().unsqueeze(2).transpose(-1, -2)
+    unseen = torch.arange(N, device=k.device) > (N - W + torch.arange(W, device=k.device))[:, None]
+    p = torch.softmax((logits * scale).masked_fill(unseen, float("-inf")), dim=-1)
+    return p.amax(2).mean(2)[..., : N - W]
+
+
+def bench_compression(device, dtype, n, batches, reps, hkv=4, hq=28, d=128, window=16,
+                      interval=128):
+    """A compression step of one layer at its peak length: n = budget + interval (divide_length
+    D), per batch size."""
+    return [compression_row(device, dtype, n, b, reps, hkv, hq, d, window, interval)
+            for b in tqdm(batches, desc="compression")]
+
+
+def compression_row(device, dtype, n, batch, reps, hkv, hq, d, window, interval):
     budget = n - interval
+    q_win = torch.randn(batch, hq, window, d, device=device, dtype=dtype)
+    scale = d ** -0.5
     k = torch.randn(batch, hkv, n, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
     pos = torch.arange(n, device=device, dtype=torch.int32).expand(batch, hkv, n).contiguous()
@@ -175,12 +196,14 @@ def bench_compression(device, dtype, n, batch, reps, hkv=4, d=128, window=16, in
         k.clone(), v.clone(), pos.clone(), score.clone()
 
     clone_ms = timed(clones, reps)
-    return [{"N": n, "B*Hkv": batch * hkv,
+    return {"N": n, "B*Hkv": batch * hkv,
              "gkv_ms": timed(ours, reps) - clone_ms,
              "redundancy_ms": timed(lambda: ops.redundancy_scores(k, pos), reps),
              "select_ms": timed(lambda: ops.select_keep(score[..., : n - window], keep, window), reps),
              "reference_eager_ms": timed(
-                 lambda: reference_compression(k, v, pos, score, keep, window), reps)}]
+                 lambda: reference_compression(k, v, pos, score, keep, window), reps),
+             "window_scores_ms": timed(lambda: ops.window_scores(q_win, k, pos, scale), reps),
+             "reference_window_ms": timed(lambda: reference_window_scores(q_win, k, scale), reps)}
 
 
 def composite_rms_norm(x, weight, eps):
@@ -253,10 +276,10 @@ def main():
     dtype = torch.bfloat16
     torch.manual_seed(0)
     if args.quick:
-        batches, lengths, t_lengths, reps, comp_batch, comp_n = [1, 4], [512, 2048], [256], 5, 2, 272
+        batches, lengths, t_lengths, reps, comp_batches, comp_n = [1, 4], [512, 2048], [256], 5, [2], 272
     else:
-        batches, lengths, t_lengths, reps, comp_batch, comp_n = (
-            [1, 8, 32, 64], [2048, 4096, 8192, 16384, 32768], [4096, 8192, 16384], 20, 8, 2176)
+        batches, lengths, t_lengths, reps, comp_batches, comp_n = (
+            [1, 8, 32, 64], [2048, 4096, 8192, 16384, 32768], [4096, 8192, 16384], 20, [8, 64], 2176)
     fused_batches = [1, 4] if args.quick else [1, 16, 64]
     bw = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
     print(f"device: {name}, torch {torch.__version__}; measured copy bandwidth {bw:.0f} GB/s")
@@ -265,7 +288,7 @@ def main():
         "lifetime_attention": ("lifetime",
                                lambda: bench_lifetime(device, dtype, t_lengths, max(3, reps // 4))),
         "compression": ("compression",
-                        lambda: bench_compression(device, dtype, comp_n, comp_batch, reps)),
+                        lambda: bench_compression(device, dtype, comp_n, comp_batches, reps)),
         "fused_ops": ("fused", lambda: bench_fused(device, dtype, fused_batches, reps)),
     }
     chosen = set(args.only.split(","))

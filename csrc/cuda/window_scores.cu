@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "cuda/dispatch.h"
 #include "kernels/window_scores.cuh"
@@ -62,7 +63,9 @@ at::Tensor window_scores_cuda(const at::Tensor& q_win, const at::Tensor& k, cons
   const auto stream = c10::cuda::getCurrentCUDAStream();
   GKV_DISPATCH_FLOATING(kOp, q_win.scalar_type(), [&] {
     GKV_DISPATCH_HEAD_DIM(kOp, d, [&] {
-      GKV_CUDA_CHECK(kOp, (kernels::window_scores_launch<scalar_t, kHeadDim>(p, stream)));
+      // Tensor cores for 16-bit inputs with d >= 16, FFMA for fp32 and d = 8 (as decode_attention).
+      constexpr bool kMma = !std::is_same_v<scalar_t, float> && kHeadDim >= 16;
+      GKV_CUDA_CHECK(kOp, (kernels::window_scores_launch<scalar_t, kHeadDim, kMma>(p, stream)));
     });
   });
   return out;

@@ -1,10 +1,12 @@
 // The G-KV local score S of the candidate keys (gkv::window_scores), in two passes over K.
 //
-// Logit tiles: a block holds, in shared memory as fp32, a tile of kWsRows query rows (the G heads
-// of a run of window queries: row r is query i0 + r / G of head h*G + r % G) and a tile of
-// kWsKeys keys, and each of its 256 threads computes a 4 x 4 block of the logits (rows ty + 16a,
-// keys tx + 16u) from 16-byte shared-memory reads. Logits are in log2 units (q is pre-scaled by
-// scale * log2 e).
+// Logit tiles: a block holds, in shared memory, a tile of kWsRows query rows (the G heads of a run
+// of window queries: row r is query i0 + r / G of head h*G + r % G) and a tile of kWsKeys keys,
+// and computes their logits (in log2 units: q . k * scale * log2 e) in one of two ways:
+//   - tensor cores (bf16/fp16, d in {16, 32, 64, 128}): the tiles stay 16-bit; each of the 8
+//     warps computes a 16 x 32 block with mma.sync.m16n8k16 (fp32 accumulators), scaled in fp32.
+//   - FFMA (fp32, and d = 8): the tiles are fp32 with q pre-scaled, and each of the 256 threads
+//     computes a 4 x 4 block (rows ty + 16a, keys tx + 16u) from 16-byte shared-memory reads.
 //   1. stats: grid (B*Hkv*query chunks, key splits): per query row, the max and sum of exp2 over
 //      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0).
 //   2. lse:   one thread per query row merges the splits into its log-sum-exp.
@@ -14,8 +16,11 @@
 // lse = -inf and contributes 0.
 #pragma once
 
+#include <type_traits>
+
 #include "kernels/common.cuh"
-#include "kernels/decode_attention.cuh"  // load_vec16
+#include "kernels/decode_attention.cuh"  // unpack_vec16, kLog2e
+#include "kernels/ptx.cuh"
 
 namespace gkv::kernels {
 
@@ -41,26 +46,64 @@ constexpr int kWsRows = 64;    // query rows per tile; G <= kWsRows
 constexpr int kWsThreads = 256;
 constexpr int kWsWarps = kWsThreads / 32;
 
-// Shared memory: K tile and Q tile (rows padded by 4 floats: conflict-free 16-byte reads), the
-// logit/probability tile, the per-row lse and the per-key pos.
-template <int D>
+// Shared memory (byte offsets): K tile and Q tile, the fp32 logit/probability tile, the per-row
+// lse and the per-key pos. The tiles are fp32 with rows padded by 4 floats (conflict-free 16-byte
+// reads) on the FFMA path, 16-bit with rows padded by 8 elements (the 8 rows of an ldmatrix hit
+// 8 different 16-byte bank groups) on the tensor-core path.
+template <typename T, int D, bool kMma>
 struct WsSmem {
-  static constexpr int kLd = D + 4;
+  using Elem = std::conditional_t<kMma, T, float>;
+  static constexpr int kLd = kMma ? D + 8 : D + 4;  // elements per tile row
   static constexpr int kSLd = kWsKeys + 1;
-  static constexpr int kKs = 0;
-  static constexpr int kQs = kKs + kWsKeys * kLd;
-  static constexpr int kSs = kQs + kWsRows * kLd;
-  static constexpr int kLse = kSs + kWsRows * kSLd;
-  static constexpr int kPos = kLse + kWsRows;
-  static constexpr size_t kBytes = size_t(kPos + kWsKeys) * sizeof(float);
+  static constexpr size_t kKs = 0;
+  static constexpr size_t kQs = kKs + size_t(kWsKeys) * kLd * sizeof(Elem);
+  static constexpr size_t kSs = kQs + size_t(kWsRows) * kLd * sizeof(Elem);
+  static constexpr size_t kLse = kSs + size_t(kWsRows) * kSLd * sizeof(float);
+  static constexpr size_t kPos = kLse + kWsRows * sizeof(float);
+  static constexpr size_t kBytes = kPos + kWsKeys * sizeof(int);
+  static_assert(!kMma || (D % 16 == 0 && sizeof(T) == 2), "tensor-core path: 16-bit, d % 16 == 0");
 };
 
-// Keys j0 .. j0+nk-1 of (b, h) into the K tile as fp32 (live ones only; the rest are 0) and
-// their pos (-1 past nk).
-template <typename T, int D>
+// The block's view of its shared memory.
+template <typename T, int D, bool kMma>
+struct WsTiles {
+  using S = WsSmem<T, D, kMma>;
+  typename S::Elem* ks;
+  typename S::Elem* qs;
+  float* ss;
+  float* lse;
+  int* pos;
+  __device__ explicit WsTiles(unsigned char* smem)
+      : ks(reinterpret_cast<typename S::Elem*>(smem + S::kKs)),
+        qs(reinterpret_cast<typename S::Elem*>(smem + S::kQs)),
+        ss(reinterpret_cast<float*>(smem + S::kSs)),
+        lse(reinterpret_cast<float*>(smem + S::kLse)),
+        pos(reinterpret_cast<int*>(smem + S::kPos)) {}
+};
+
+// Stores 16 bytes holding kVec elements of T into a tile: as they are (tensor-core path) or as
+// floats times `mul` (FFMA path). raw is all zeros for an empty slot or row.
+template <typename T, bool kMma, typename Elem>
+__device__ __forceinline__ void ws_store_vec(Elem* dst, uint4 raw, float mul) {
+  if constexpr (kMma) {
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
+    constexpr int kVec = 16 / sizeof(T);
+    float f[kVec];
+    unpack_vec16<T>(raw, f);
+#pragma unroll
+    for (int e = 0; e < kVec; e += 4)
+      *reinterpret_cast<float4*>(dst + e) =
+          make_float4(f[e] * mul, f[e + 1] * mul, f[e + 2] * mul, f[e + 3] * mul);
+  }
+}
+
+// Keys j0 .. j0+nk-1 of (b, h) into the K tile (live ones only; the rest are 0) and their pos
+// (-1 past nk).
+template <typename T, int D, bool kMma>
 __device__ void ws_load_keys(const WindowScoresParams& p, int b, int h, int j0, int nk,
-                             float* ks, int* spos) {
-  constexpr int kVec = 16 / sizeof(T), kPerKey = D / kVec, kLd = WsSmem<D>::kLd;
+                             typename WsSmem<T, D, kMma>::Elem* ks, int* spos) {
+  constexpr int kVec = 16 / sizeof(T), kPerKey = D / kVec, kLd = WsSmem<T, D, kMma>::kLd;
   const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
   for (int c = threadIdx.x; c < kWsKeys; c += blockDim.x)
     spos[c] = c < nk ? pb[(j0 + c) * p.pos_stride[2]] : -1;
@@ -68,44 +111,31 @@ __device__ void ws_load_keys(const WindowScoresParams& p, int b, int h, int j0, 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
   for (int idx = threadIdx.x; idx < kWsKeys * kPerKey; idx += blockDim.x) {
     const int c = idx / kPerKey, vv = idx % kPerKey;
-    float f[kVec];
-    if (spos[c] >= 0) {
-      load_vec16(kb + (j0 + c) * p.k_stride[2] + vv * kVec, f);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) f[e] = 0.f;
-    }
-    float* dst = ks + c * kLd + vv * kVec;
-#pragma unroll
-    for (int e = 0; e < kVec; e += 4)
-      *reinterpret_cast<float4*>(dst + e) = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+    const uint4 raw = spos[c] >= 0
+        ? __ldg(reinterpret_cast<const uint4*>(kb + (j0 + c) * p.k_stride[2] + vv * kVec))
+        : make_uint4(0, 0, 0, 0);
+    ws_store_vec<T, kMma>(ks + c * kLd + vv * kVec, raw, 1.f);
   }
 }
 
 // Window queries i0 .. i0+nw-1 of the G heads of KV head h into the Q tile (row r = il*G + g),
-// scaled into log2 units; rows past G*nw are 0. With lse != nullptr, also each row's lse.
-template <typename T, int D>
+// scaled into log2 units on the FFMA path; rows past G*nw are 0. With lse != nullptr, also each
+// row's lse.
+template <typename T, int D, bool kMma>
 __device__ void ws_load_queries(const WindowScoresParams& p, int b, int h, int i0, int nw,
-                                float* qs, float* slse) {
-  constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec, kLd = WsSmem<D>::kLd;
+                                typename WsSmem<T, D, kMma>::Elem* qs, float* slse) {
+  constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec, kLd = WsSmem<T, D, kMma>::kLd;
   const int G = p.Hq / p.Hkv;
   const int rows = G * nw;
   const float qscale = p.scale * kLog2e;
   for (int idx = threadIdx.x; idx < kWsRows * kPerRow; idx += blockDim.x) {
     const int r = idx / kPerRow, vv = idx % kPerRow;
-    float f[kVec];
+    uint4 raw = make_uint4(0, 0, 0, 0);
     if (r < rows) {
       const int64_t row = (int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G;
-      load_vec16(static_cast<const T*>(p.q) + row * D + vv * kVec, f);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) f[e] = 0.f;
+      raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + row * D + vv * kVec));
     }
-    float* dst = qs + r * kLd + vv * kVec;
-#pragma unroll
-    for (int e = 0; e < kVec; e += 4)
-      *reinterpret_cast<float4*>(dst + e) =
-          make_float4(f[e] * qscale, f[e + 1] * qscale, f[e + 2] * qscale, f[e + 3] * qscale);
+    ws_store_vec<T, kMma>(qs + r * kLd + vv * kVec, raw, qscale);
   }
   if (slse != nullptr) {
     for (int r = threadIdx.x; r < rows; r += blockDim.x)
@@ -113,47 +143,87 @@ __device__ void ws_load_queries(const WindowScoresParams& p, int b, int h, int i
   }
 }
 
-// acc[a][u] = logit of row ty + 16a and key tx + 16u.
-template <int D>
-__device__ __forceinline__ void ws_tile_logits(const float* qs, const float* ks, int tx, int ty,
-                                               float (&acc)[4][4]) {
-  constexpr int kLd = WsSmem<D>::kLd;
+// Calls emit(r, c, logit) for every query row r and key c of the kWsRows x kWsKeys tile, the
+// logit in log2 units; each thread emits 16 of them.
+template <typename T, int D, bool kMma, typename Emit>
+__device__ __forceinline__ void ws_tile_logits(const WindowScoresParams& p,
+                                               const typename WsSmem<T, D, kMma>::Elem* qs,
+                                               const typename WsSmem<T, D, kMma>::Elem* ks,
+                                               Emit&& emit) {
+  constexpr int kLd = WsSmem<T, D, kMma>::kLd;
+  if constexpr (kMma) {
+    static_assert(kWsRows == 64 && kWsKeys == 64 && kWsWarps == 8, "4 x 2 warps of 16 x 32");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r0 = (warp & 3) * 16, c0 = (warp >> 2) * 32;  // this warp's 16 rows, 32 keys
+    const int gr = lane >> 2, tq = lane & 3;
+    // Fragment layouts as in decode_split_mma_kernel: K stored [key][d] is the B operand [n][k].
+    float s[4][4] = {};  // C fragments of n-tiles of keys c0 + 8nt .. +7
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4];
+      ldmatrix_x4(qa, qs + (r0 + (lane & 8) + (lane & 7)) * kLd + kk * 16 + ((lane >> 4) << 3));
 #pragma unroll
-    for (int u = 0; u < 4; ++u) acc[a][u] = 0.f;
-  }
-#pragma unroll 4
-  for (int e = 0; e < D; e += 4) {
-    float4 qv[4], kv[4];
+      for (int pair = 0; pair < 2; ++pair) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, ks + (c0 + 16 * pair + ((lane >> 4) << 3) + (lane & 7)) * kLd + kk * 16 +
+                            (lane & 8));
+        mma_m16n8k16<T>(s[2 * pair], qa, kf[0], kf[1]);
+        mma_m16n8k16<T>(s[2 * pair + 1], qa, kf[2], kf[3]);
+      }
+    }
+    // Scaled in fp32, as the FFMA path and the CPU kernel do.
+    const float scale_log2 = p.scale * kLog2e;
 #pragma unroll
-    for (int a = 0; a < 4; ++a) qv[a] = *reinterpret_cast<const float4*>(qs + (ty + 16 * a) * kLd + e);
+    for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-    for (int u = 0; u < 4; ++u) kv[u] = *reinterpret_cast<const float4*>(ks + (tx + 16 * u) * kLd + e);
+      for (int e = 0; e < 4; ++e)
+        emit(r0 + gr + 8 * (e >> 1), c0 + 8 * nt + 2 * tq + (e & 1), s[nt][e] * scale_log2);
+    }
+  } else {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float acc[4][4];
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        float t = acc[a][u];
-        t = fmaf(qv[a].x, kv[u].x, t);
-        t = fmaf(qv[a].y, kv[u].y, t);
-        t = fmaf(qv[a].z, kv[u].z, t);
-        t = fmaf(qv[a].w, kv[u].w, t);
-        acc[a][u] = t;
+      for (int u = 0; u < 4; ++u) acc[a][u] = 0.f;
+    }
+#pragma unroll 4
+    for (int e = 0; e < D; e += 4) {
+      float4 qv[4], kv[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+        qv[a] = *reinterpret_cast<const float4*>(qs + (ty + 16 * a) * kLd + e);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        kv[u] = *reinterpret_cast<const float4*>(ks + (tx + 16 * u) * kLd + e);
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          float t = acc[a][u];
+          t = fmaf(qv[a].x, kv[u].x, t);
+          t = fmaf(qv[a].y, kv[u].y, t);
+          t = fmaf(qv[a].z, kv[u].z, t);
+          t = fmaf(qv[a].w, kv[u].w, t);
+          acc[a][u] = t;
+        }
       }
+    }
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) emit(ty + 16 * a, tx + 16 * u, acc[a][u]);
     }
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kMma>
 __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowScoresParams p) {
   extern __shared__ float4 ws_smem4[];
-  float* smem = reinterpret_cast<float*>(ws_smem4);
-  using S = WsSmem<D>;
-  float* ks = smem + S::kKs;
-  float* qs = smem + S::kQs;
-  float* ss = smem + S::kSs;
-  int* spos = reinterpret_cast<int*>(smem + S::kPos);
+  using S = WsSmem<T, D, kMma>;
+  const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4));
+  float* ss = sm.ss;
+  const int* spos = sm.pos;
   const int G = p.Hq / p.Hkv;
   const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
   const int qc = blockIdx.x % qchunks;
@@ -163,13 +233,12 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowSc
   const int i0 = qc * p.win_tile;
   const int nw = min(p.win_tile, p.W - i0);
   const int rows = G * nw;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int begin = split * p.split_len;
   // The last slot that a query of this chunk sees is N-W+i0+nw-1.
   const int end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
 
-  ws_load_queries<T, D>(p, b, h, i0, nw, qs, nullptr);
+  ws_load_queries<T, D, kMma>(p, b, h, i0, nw, sm.qs, nullptr);
   constexpr int kRowsPerWarp = kWsRows / kWsWarps;
   float rm[kRowsPerWarp], rl[kRowsPerWarp];  // row warp + kWsWarps*t, same in every lane
 #pragma unroll
@@ -179,21 +248,13 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowSc
   }
   for (int j0 = begin; j0 < end; j0 += kWsKeys) {
     __syncthreads();  // the previous tile is consumed
-    ws_load_keys<T, D>(p, b, h, j0, min(kWsKeys, end - j0), ks, spos);
+    ws_load_keys<T, D, kMma>(p, b, h, j0, min(kWsKeys, end - j0), sm.ks, sm.pos);
     __syncthreads();
-    float acc[4][4];
-    ws_tile_logits<D>(qs, ks, tx, ty, acc);
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int r = ty + 16 * a;
+    ws_tile_logits<T, D, kMma>(p, sm.qs, sm.ks, [&](int r, int c, float x) {
       const int last = p.N - p.W + i0 + r / G;  // the last slot query row r sees
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int c = tx + 16 * u;
-        const bool visible = r < rows && spos[c] >= 0 && j0 + c <= last;
-        ss[r * S::kSLd + c] = visible ? acc[a][u] : -INFINITY;
-      }
-    }
+      const bool visible = r < rows && spos[c] >= 0 && j0 + c <= last;
+      ss[r * S::kSLd + c] = visible ? x : -INFINITY;
+    });
     __syncthreads();
 #pragma unroll
     for (int t = 0; t < kRowsPerWarp; ++t) {
@@ -234,16 +295,14 @@ static __global__ void window_lse_kernel(const WindowScoresParams p) {
   p.lse[row] = lsum > 0.f ? ms + log2f(lsum) : -INFINITY;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kMma>
 __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowScoresParams p) {
   extern __shared__ float4 ws_smem4[];
-  float* smem = reinterpret_cast<float*>(ws_smem4);
-  using S = WsSmem<D>;
-  float* ks = smem + S::kKs;
-  float* qs = smem + S::kQs;
-  float* ss = smem + S::kSs;
-  float* slse = smem + S::kLse;
-  int* spos = reinterpret_cast<int*>(smem + S::kPos);
+  using S = WsSmem<T, D, kMma>;
+  const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4));
+  float* ss = sm.ss;
+  const float* slse = sm.lse;
+  const int* spos = sm.pos;
   const int G = p.Hq / p.Hkv;
   const int M = p.N - p.W;  // candidates
   const int tiles = (M + kWsKeys - 1) / kWsKeys;
@@ -252,32 +311,24 @@ __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowSc
   const int b = bh / p.Hkv, h = bh % p.Hkv;
   const int j0 = tile * kWsKeys;
   const int nk = min(kWsKeys, M - j0);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   // Reduction role: thread (key c, part) sums max_g p over window queries il = part mod 4.
   constexpr int kParts = kWsThreads / kWsKeys;
   const int c_red = threadIdx.x % kWsKeys, part = threadIdx.x / kWsKeys;
 
-  ws_load_keys<T, D>(p, b, h, j0, nk, ks, spos);  // every window query sees every candidate
+  // Every window query sees every candidate.
+  ws_load_keys<T, D, kMma>(p, b, h, j0, nk, sm.ks, sm.pos);
   float score = 0.f;
   for (int i0 = 0; i0 < p.W; i0 += p.win_tile) {
     const int nw = min(p.win_tile, p.W - i0);
     const int rows = G * nw;
     __syncthreads();  // the previous query tile and probabilities are consumed
-    ws_load_queries<T, D>(p, b, h, i0, nw, qs, slse);
+    ws_load_queries<T, D, kMma>(p, b, h, i0, nw, sm.qs, sm.lse);
     __syncthreads();
-    float acc[4][4];
-    ws_tile_logits<D>(qs, ks, tx, ty, acc);
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int r = ty + 16 * a;
+    ws_tile_logits<T, D, kMma>(p, sm.qs, sm.ks, [&](int r, int c, float x) {
       const float lse = r < rows ? slse[r] : -INFINITY;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int c = tx + 16 * u;
-        const bool visible = lse != -INFINITY && spos[c] >= 0;
-        ss[r * S::kSLd + c] = visible ? exp2f(acc[a][u] - lse) : 0.f;
-      }
-    }
+      const bool visible = lse != -INFINITY && spos[c] >= 0;
+      ss[r * S::kSLd + c] = visible ? exp2f(x - lse) : 0.f;
+    });
     __syncthreads();
     for (int il = part; il < nw; il += kParts) {
       float best = 0.f;
@@ -318,25 +369,25 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
 }
 
 // Runs the three passes; p comes from window_scores_plan with part_m, part_l, lse and out set;
-// N - W >= 1.
-template <typename T, int D>
+// N - W >= 1. kMma: the tensor-core logits (16-bit T, D % 16 == 0).
+template <typename T, int D, bool kMma>
 cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = WsSmem<D>::kBytes;
-  cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<T, D>,
+  constexpr size_t kSmem = WsSmem<T, D, kMma>::kBytes;
+  cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<T, D, kMma>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(window_score_kernel<T, D>,
+    err = cudaFuncSetAttribute(window_score_kernel<T, D, kMma>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   const unsigned qchunks = static_cast<unsigned>((p.W + p.win_tile - 1) / p.win_tile);
-  window_stats_kernel<T, D><<<dim3(p.B * p.Hkv * qchunks, p.num_splits), kWsThreads, kSmem,
+  window_stats_kernel<T, D, kMma><<<dim3(p.B * p.Hkv * qchunks, p.num_splits), kWsThreads, kSmem,
                               stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t rows = int64_t(p.B) * p.Hq * p.W;
   window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
-  window_score_kernel<T, D><<<static_cast<unsigned>(p.B * p.Hkv * tiles), kWsThreads, kSmem,
+  window_score_kernel<T, D, kMma><<<static_cast<unsigned>(p.B * p.Hkv * tiles), kWsThreads, kSmem,
                               stream>>>(p);
   return cudaGetLastError();
 }

@@ -146,11 +146,10 @@ class Run:
         for i in range(warmup + steps):
             if i == warmup:
                 timer.mark()
-            f = self.cache.forwards
-            full = self.cache.length + 1 > (self.policy.budget or 1 << 62)
+            compresses = self.cache.decode_compresses(1)
             self.logits = stepper.step(self.logits.argmax(-1))
             if i >= warmup:
-                compressed.append(full and f % self.D == 0)
+                compressed.append(compresses)
                 timer.mark()
         self.generated += warmup + steps
         self.replayed = (stepper.replays - replays) / (warmup + steps)

@@ -104,6 +104,10 @@ void bind_engine(py::module& m) {
       .def("attend", &CompressedKVCache::attend, py::arg("layer"), py::arg("q"), py::arg("k"),
            py::arg("v"), "q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,Hq,T,d]")
       .def("end_forward", &CompressedKVCache::end_forward)
+      .def("decode_compresses", &CompressedKVCache::decode_compresses, py::arg("tokens") = 1,
+           "whether a forward of `tokens` new tokens would compress the cache")
+      .def("decode_span", &CompressedKVCache::decode_span,
+           "slots a one-token forward attends over (masked past the live length)")
       .def_property_readonly("capacity", &CompressedKVCache::capacity)
       .def_property_readonly("length", &CompressedKVCache::length)
       .def_property_readonly("forwards", &CompressedKVCache::forwards)

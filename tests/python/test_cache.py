@@ -363,6 +363,47 @@ def test_bad_policy_fields_raise():
         p.observation = "future"
 
 
+def test_slots_past_the_live_length_stay_empty_after_compressions():
+    """A one-token forward attends over decode_span slots, not the live length: every slot past
+    the live length must read pos -1 (masked), after compactions too."""
+    policy = POLICIES["gkv-max"]
+    cache, _ = run_cache(policy, layers=2, steps=45, check=False)
+    assert cache.length < cache.capacity
+    for layer in range(2):
+        assert (cache.positions(layer)[:, :, cache.length:] == -1).all()
+    assert cache.decode_span() == cache.capacity
+
+
+def test_decode_schedule_queries():
+    """decode_compresses says which forwards compress; FullKV's span grows in steps of 512."""
+    policy = policies.GKV(budget=6, window=2, divide_length=4)
+    cache = CompressedKVCache(policy, 1, 1, 2, 1, 8, max_tokens=64)
+    cache.begin_prefill(torch.ones(1, 3, dtype=torch.long))
+    cache.attend(0, torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8))
+    cache.end_forward()
+    compressing = []
+    for _ in range(12):
+        f, n = cache.forwards, cache.length
+        compressing.append(cache.decode_compresses(1))
+        assert compressing[-1] == (f % 4 == 0 and n + 1 > 6)
+        cache.begin_decode(1)
+        cache.attend(0, torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+        cache.end_forward()
+        assert cache.length <= 6 if compressing[-1] else cache.length == n + 1
+    assert compressing == [False, False, False, True, False, False, False, True, False, False,
+                           False, True]
+    full = CompressedKVCache(policies.FullKV(), 1, 1, 2, 1, 8, max_tokens=2000)
+    full.begin_prefill(torch.ones(1, 511, dtype=torch.long))
+    full.attend(0, torch.randn(1, 2, 511, 8), torch.randn(1, 1, 511, 8), torch.randn(1, 1, 511, 8))
+    full.end_forward()
+    assert full.decode_span() == 512  # the next token is slot 511
+    full.begin_decode(1)
+    full.attend(0, torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+    full.end_forward()
+    assert full.length == 512 and full.decode_span() == 1024
+    assert not full.decode_compresses(1)
+
+
 def test_bad_cache_calls_raise():
     cache = CompressedKVCache(POLICIES["gkv-max"], 2, 2, 4, 2, 16, max_tokens=64)
     with pytest.raises(RuntimeError, match="call begin_prefill or begin_decode first"):

@@ -5,13 +5,22 @@
   python scripts/bench_hf.py --batches 16 --new-tokens 16384 --out /tmp/b16   # one point
   python scripts/bench_hf.py --quick          # tiny config, any device (CPU included)
   python scripts/bench_hf.py --merge /tmp/a.json /tmp/b.json   # one table/plot from several runs
+  python scripts/bench_hf.py --batches 16 --plain integrate      # plain's side from step times
 
-A 16K point takes minutes per side on one GPU (transformers' eager decode step is a few ms), so
+A 16K point takes minutes per side on one GPU (transformers' decode step is 60-80 ms on an H200,
+bound by its host code), so
 the full grid may be run one point per command and merged; both sides of a point always run in
 the same process, one after the other. ``--context 8192,16384`` is the quick form of the same
 question: the context is reached by a prompt of that length, then --new-tokens decode steps are
 timed (tokens/s of the decode alone: the run minus a one-token run of the same prompt), so the
 rate at 16K of context costs seconds instead of minutes.
+
+``--plain integrate`` keeps gkv's side a real generation but derives plain's tokens/s for it
+from plain's decode step time measured at --samples cache lengths spread over the generation
+(the context form at each), integrated over the generated length, plus its measured prefill: a
+plain decode step costs what its cache length and batch make it cost, however the cache was
+filled. A 16K-token plain generation takes longer than one call of the GPU machine allows;
+this takes seconds. Its plain peak memory is then not measured (NaN).
 
 Both sides run the same transformers model with random weights (the timing and memory do not
 depend on the weights; the table says so): plain is ``model.generate`` with its default
@@ -73,17 +82,46 @@ def measure(run, device):
     return seconds, peak
 
 
+def random_prompt(model, batch, length, device):
+    return torch.randint(0, model.config.vocab_size, (batch, length), device=device,
+                         generator=torch.Generator(device).manual_seed(batch))
+
+
+def plain_generate(model, ids, n):
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def plain_step_seconds(model, batch, context, steps, device):
+    """plain generate's mean decode step with `context` tokens cached: a run of steps + 1 new
+    tokens minus a run of 1 (prefill and first token cancel out)."""
+    ids = random_prompt(model, batch, context, device)
+    one = measure(lambda: plain_generate(model, ids, 1), device)[0]
+    return (measure(lambda: plain_generate(model, ids, steps + 1), device)[0] - one) / steps
+
+
+def plain_integrated_tok_s(model, batch, prompt_len, new_tokens, device, samples, steps):
+    """plain's tokens/s over a generation of new_tokens after prompt_len tokens, from its step
+    time at `samples` cache lengths (the last one the end of the generation), linear in between
+    and flat before the first, plus the measured prefill (see the module docstring)."""
+    ids = random_prompt(model, batch, prompt_len, device)
+    prefill = measure(lambda: plain_generate(model, ids, 1), device)[0]
+    xs = [prompt_len + new_tokens * (i + 1) // samples for i in range(samples)]
+    ys = [plain_step_seconds(model, batch, x, steps, device) for x in xs]
+    xs, ys = [prompt_len] + xs, ys[:1] + ys
+    decode = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return batch * new_tokens / (prefill + decode * (new_tokens - 1) / new_tokens)
+
+
 def bench_point(model, batch, prompt_len, new_tokens, budget, divide_length, device,
-                decode_only=False):
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device,
-                        generator=torch.Generator(device).manual_seed(batch))
+                decode_only=False, plain_samples=None, plain_steps=32):
+    """One row; plain_samples: plain's tokens/s from plain_integrated_tok_s instead of a run."""
+    ids = random_prompt(model, batch, prompt_len, device)
     mask = torch.ones_like(ids)
 
     def plain(n):
-        with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
+        plain_generate(model, ids, n)
 
     def gkv(n):
         gkv_ext.hf.generate(model, ids, mask, policy=GKV(budget, divide_length=divide_length),
@@ -91,6 +129,11 @@ def bench_point(model, batch, prompt_len, new_tokens, budget, divide_length, dev
 
     row = {"B": batch, "prompt": prompt_len, "new_tokens": new_tokens, "budget": budget}
     for name, run in (("plain", plain), ("gkv", gkv)):
+        if name == "plain" and plain_samples:
+            row["plain_tok_s"] = plain_integrated_tok_s(model, batch, prompt_len, new_tokens,
+                                                        device, plain_samples, plain_steps)
+            row["plain_peak_MB"] = float("nan")
+            continue
         seconds, peak = measure(lambda: run(new_tokens), device)
         if decode_only:  # the prefill and first token cancel out
             seconds -= measure(lambda: run(1), device)[0]
@@ -142,6 +185,10 @@ def main():
     parser.add_argument("--context", default=None,
                         help="comma-separated prompt lengths: time --new-tokens decode steps "
                              "after each (decode tokens/s only)")
+    parser.add_argument("--plain", choices=["generate", "integrate"], default="generate",
+                        help="plain's side: a real generation, or integrated from its step time "
+                             "at --samples cache lengths (see above)")
+    parser.add_argument("--samples", type=int, default=4, help="cache lengths of --plain integrate")
     parser.add_argument("--out", default="docs/benchmarks_hf", help="JSON/PNG path prefix")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: merge the rows of earlier runs' JSON files")
@@ -170,8 +217,11 @@ def main():
     lengths = parse(args.new_tokens) if args.new_tokens else lengths
     budget = args.budget or budget
     prompt = args.prompt or prompt
-    if min(batches + lengths) < 1 or budget < 1 or prompt < 1:
-        raise SystemExit("bench_hf: batches, new tokens, budget and prompt must be >= 1")
+    if min(batches + lengths) < 1 or budget < 1 or prompt < 1 or args.samples < 1:
+        raise SystemExit("bench_hf: batches, new tokens, budget, prompt and samples must be >= 1")
+    if args.context and args.plain == "integrate":
+        raise SystemExit("bench_hf: --plain integrate is for generated lengths, not --context")
+    plain_samples = args.samples if args.plain == "integrate" else None
 
     model = build_model(shape, dtype, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -184,9 +234,13 @@ def main():
         title += f"; context from the prompt, decode tokens/s over {lengths[0]} new tokens"
     else:
         points = [(b, prompt, n) for n in lengths for b in batches]
+        if plain_samples:
+            title += (f"; plain tokens/s integrated from its step time at {plain_samples} cache "
+                      "lengths, not a run")
     for b in batches:  # warm-up: kernels loaded, allocator primed, for every batch size
         bench_point(model, b, prompt, 2 * D, budget, D, device)
-    rows = [bench_point(model, b, p, n, budget, D, device, decode_only=bool(args.context))
+    rows = [bench_point(model, b, p, n, budget, D, device, decode_only=bool(args.context),
+                        plain_samples=plain_samples, plain_steps=8 if args.quick else 32)
             for b, p, n in tqdm(points, desc="bench_hf", unit="point")]
     report({"title": title, "device": name, "torch": torch.__version__,
             "transformers": transformers.__version__, "random_weights": True}, rows,

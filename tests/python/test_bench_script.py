@@ -80,10 +80,30 @@ def test_bench_hf_quick(tmp_path):
     assert merged.with_suffix(".png").stat().st_size > 0
 
 
+def test_bench_hf_plain_integrated(tmp_path):
+    """--plain integrate: gkv generates for real, plain's tokens/s comes from its step time at
+    several cache lengths; it is finite, and its peak memory is marked as not measured."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "integrated"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--quick",
+                          "--batches", "2", "--new-tokens", "64", "--plain", "integrate",
+                          "--samples", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "integrated from its step time at 3 cache lengths" in run.stdout
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert 0 < row["plain_tok_s"] < float("inf") and row["gkv_tok_s"] > 0
+    assert row["plain_peak_MB"] != row["plain_peak_MB"]  # NaN: not measured
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--quick",
+                          "--plain", "integrate", "--context", "64"],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert bad.returncode != 0 and "--plain integrate is for generated lengths" in bad.stderr
+
+
 def test_bench_hf_bad_arguments_exit_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--quick",
                           "--batches", "0", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=600, env=ENV)
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [
-        "bench_hf: batches, new tokens, budget and prompt must be >= 1"]
+        "bench_hf: batches, new tokens, budget, prompt and samples must be >= 1"]

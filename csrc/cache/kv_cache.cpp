@@ -75,7 +75,7 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   const auto f32 = kv_opts.dtype(at::kFloat);
   const int64_t W = policy_.observed_queries();
   layers_.resize(s.layers);
-  // Slots past the live length are never read: NaN there makes any such read show.
+  // Slots past the live length are masked (pos -1) where read: NaN there makes any leak show.
   for (auto& l : layers_) {
     l.k = at::full({s.batch, s.kv_heads, cap_, s.head_dim}, NAN, kv_opts);
     l.v = at::full({s.batch, s.kv_heads, cap_, s.head_dim}, NAN, kv_opts);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compiles every CUDA source of csrc/sources.txt (and the CUDA branches of C++ files) with nvcc, compile only (no GPU needed), against
-# the installed torch's headers, so CUDA code cannot rot unseen on CPU-only machines.
+# Compiles every CUDA source of csrc/sources.txt, and the CUDA branches of its C++ files, with
+# nvcc, compile only (no GPU needed), against the installed torch's headers, so CUDA code cannot
+# rot unseen on CPU-only machines.
 # Usage: scripts/check_cuda_compile.sh [file.cu ...]   (default: all of them)
 set -euo pipefail
 cd "$(dirname "$0")/.."

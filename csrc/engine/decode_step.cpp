@@ -61,10 +61,19 @@ at::Tensor DecodeStepper::step(const at::Tensor& tokens) {
   if (graph_ && graph_->span == span) {
     graph_->tokens.copy_(input);
     cache_.account_replayed_decode();
-    graph_->graph.replay();
-    ++replays_;
-    return graph_->logits;
+  } else if (const auto warm_up = capture(input, span); warm_up.defined()) {
+    return warm_up;
   }
+  graph_->graph.replay();
+  ++replays_;
+  return graph_->logits;
+#else
+  return eager(input);
+#endif
+}
+
+#ifdef GKV_WITH_CUDA
+at::Tensor DecodeStepper::capture(const at::Tensor& input, int64_t span) {
   // Capture runs on a side stream (the legacy default stream cannot be captured), ordered after
   // the work already queued on the current one, and everything after it waits for it.
   const c10::cuda::CUDAGuard device_guard(model_.device());
@@ -96,13 +105,8 @@ at::Tensor DecodeStepper::step(const at::Tensor& tokens) {
   c10::Event done(c10::DeviceType::CUDA);
   done.record(side);
   done.block(current);
-  if (logits.defined()) return logits;
-  graph_->graph.replay();  // runs the captured step itself
-  ++replays_;
-  return graph_->logits;
-#else
-  return eager(input);
-#endif
+  return logits;
 }
+#endif
 
 }  // namespace gkv::engine

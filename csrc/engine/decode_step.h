@@ -53,6 +53,10 @@ class DecodeStepper {
 
  private:
   at::Tensor eager(const at::Tensor& tokens);  // tokens [B,1]
+  // CUDA builds: makes graph_ the captured step for `span` (host bookkeeping done, device work
+  // left to a replay) and returns an undefined tensor, or, the first time, runs the step eagerly
+  // on the capture stream (a warm-up) and returns its logits.
+  at::Tensor capture(const at::Tensor& input, int64_t span);
 
   const model::Decoder& model_;
   cache::CompressedKVCache& cache_;

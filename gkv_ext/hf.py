@@ -351,7 +351,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              top_p: float = 1.0, generator: Optional[torch.Generator] = None,
              eos_token_id: Union[int, Iterable[int], None] = None,
              pad_token_id: Optional[int] = None, return_eviction_log: bool = False,
-             progress: bool = False) -> HFGeneration:
+             progress: bool = False, streamer=None) -> HFGeneration:
     """Generates from a transformers Llama / Qwen2 / Qwen3 model with a compressed KV cache.
 
     Args:
@@ -364,6 +364,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         pad_token_id: fills finished rows; default generation_config's, else the first EOS, else 0.
         return_eviction_log: also return the eviction log (``CompressedCache.eviction_log``).
         progress: a tqdm bar over the decode steps.
+        streamer: a transformers streamer (e.g. ``TextStreamer``): ``put`` gets the prompt, then
+            each step's tokens [B] (device tensors: the streamer decides when to sync), and
+            ``end`` is called once generation stops.
     """
     _check_inputs(input_ids, attention_mask, max_new_tokens)
     warpers = _sampler(do_sample, temperature, top_k, top_p)
@@ -384,6 +387,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         new = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+        if streamer is not None:
+            streamer.put(input_ids)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         steps = range(max_new_tokens)
         if progress:
@@ -393,6 +398,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             token = _next_token(logits, warpers, input_ids, generator)
             token = torch.where(finished, pad_token_id, token)
             new[:, step] = token
+            if streamer is not None:
+                streamer.put(token)
             finished |= torch.isin(token, eos_ids)
             last = step + 1 == max_new_tokens
             if last or (eos and (step + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished.all())):
@@ -400,6 +407,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             positions = cache.begin_forward(1)
             logits = model(input_ids=token[:, None], position_ids=positions,
                            past_key_values=cache, use_cache=True).logits[:, -1]
+    if streamer is not None:
+        streamer.end()
     stopped = torch.isin(new, eos_ids)
     first_stop = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, max_new_tokens)
     return HFGeneration(torch.cat([input_ids, new], 1), P, first_stop.long(),

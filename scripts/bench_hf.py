@@ -2,18 +2,19 @@
 
   python scripts/bench_hf.py                  # GPU: Qwen2.5-1.5B shape, bf16, 8K and 16K new
                                               # tokens, batch 1 and 16 -> docs/benchmarks_hf.*
-  python scripts/bench_hf.py --batches 16 --new-tokens 16384 --out /tmp/b16   # one point
+  python scripts/bench_hf.py --batches 16 --out /tmp/b16   # one batch size
   python scripts/bench_hf.py --quick          # tiny config, any device (CPU included)
   python scripts/bench_hf.py --merge /tmp/a.json /tmp/b.json   # one table/plot from several runs
   python scripts/bench_hf.py --batches 16 --plain integrate      # plain's side from step times
 
-A 16K point takes minutes per side on one GPU (transformers' decode step is 60-80 ms on an H200,
-bound by its host code), so
-the full grid may be run one point per command and merged; both sides of a point always run in
-the same process, one after the other. ``--context 8192,16384`` is the quick form of the same
-question: the context is reached by a prompt of that length, then --new-tokens decode steps are
-timed (tokens/s of the decode alone: the run minus a one-token run of the same prompt), so the
-rate at 16K of context costs seconds instead of minutes.
+Each side generates once per batch size, up to the longest --new-tokens; a streamer reads the
+time and peak memory when each shorter length's last token is out (so the 8K row of a 16K run is
+that run's first 8K tokens). A 16K run takes minutes per side on one GPU (transformers' decode
+step is 60-80 ms on an H200, bound by its host code), so the grid may be run one batch size per
+command and merged; both sides always run in the same process, one after the other.
+``--context 8192,16384`` is the quick form of the same question: the context is reached by a
+prompt of that length, then --new-tokens decode steps are timed (tokens/s of the decode alone:
+from the first new token to the last), so the rate at 16K of context costs seconds, not minutes.
 
 ``--plain integrate`` keeps gkv's side a real generation but derives plain's tokens/s for it
 from plain's decode step time measured at --samples cache lengths spread over the generation
@@ -66,20 +67,45 @@ def kv_bytes(model, batch, slots):
         model.dtype.itemsize
 
 
-def measure(run, device):
-    """(seconds, peak bytes allocated above what was allocated before) of run()."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    run()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
-    return seconds, peak
+class Stopwatch(transformers.generation.BaseStreamer):
+    """Wall seconds and peak memory allocated above the start, read at its creation's end and,
+    as a streamer of a generation, once the n-th new token is out for each n in `marks` (so one
+    run of max(marks) tokens times every shorter generation too: its first n tokens)."""
+
+    def __init__(self, device, marks=(), desc=None):
+        self.cuda = device.type == "cuda"
+        self.marks, self.at, self.count = set(marks), {}, -1  # the first put is the prompt
+        self.bar = tqdm(total=max(marks), desc=desc, unit="tok", leave=False) if desc else None
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        self.t0 = time.perf_counter()
+
+    def read(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.t0
+        peak = torch.cuda.max_memory_allocated() - self.base if self.cuda else float("nan")
+        return seconds, peak
+
+    def put(self, value):
+        self.count += 1
+        if self.count in self.marks:
+            self.at[self.count] = self.read()
+        if self.bar is not None and self.count > 0:
+            self.bar.update()
+
+    def end(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def timed_generation(run, marks, device, desc=None):
+    """{n: (seconds, peak bytes)} for n in marks, from one run(max(marks), streamer)."""
+    clock = Stopwatch(device, marks, desc)
+    run(max(marks), clock)
+    return clock.at
 
 
 def random_prompt(model, batch, length, device):
@@ -87,18 +113,19 @@ def random_prompt(model, batch, length, device):
                          generator=torch.Generator(device).manual_seed(batch))
 
 
-def plain_generate(model, ids, n):
+def plain_generate(model, ids, n, streamer=None):
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+                       min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       streamer=streamer)
 
 
 def plain_step_seconds(model, batch, context, steps, device):
-    """plain generate's mean decode step with `context` tokens cached: a run of steps + 1 new
-    tokens minus a run of 1 (prefill and first token cancel out)."""
+    """plain generate's mean decode step with `context` tokens cached: the time from its first
+    new token to its (steps + 1)-th."""
     ids = random_prompt(model, batch, context, device)
-    one = measure(lambda: plain_generate(model, ids, 1), device)[0]
-    return (measure(lambda: plain_generate(model, ids, steps + 1), device)[0] - one) / steps
+    at = timed_generation(lambda n, s: plain_generate(model, ids, n, s), [1, steps + 1], device)
+    return (at[steps + 1][0] - at[1][0]) / steps
 
 
 def plain_integrated_tok_s(model, batch, prompt_len, new_tokens, device, samples, steps):
@@ -106,7 +133,7 @@ def plain_integrated_tok_s(model, batch, prompt_len, new_tokens, device, samples
     time at `samples` cache lengths (the last one the end of the generation), linear in between
     and flat before the first, plus the measured prefill (see the module docstring)."""
     ids = random_prompt(model, batch, prompt_len, device)
-    prefill = measure(lambda: plain_generate(model, ids, 1), device)[0]
+    prefill = timed_generation(lambda n, s: plain_generate(model, ids, n, s), [1], device)[1][0]
     xs = [prompt_len + new_tokens * (i + 1) // samples for i in range(samples)]
     ys = [plain_step_seconds(model, batch, x, steps, device) for x in xs]
     xs, ys = [prompt_len] + xs, ys[:1] + ys
@@ -114,38 +141,48 @@ def plain_integrated_tok_s(model, batch, prompt_len, new_tokens, device, samples
     return batch * new_tokens / (prefill + decode * (new_tokens - 1) / new_tokens)
 
 
-def bench_point(model, batch, prompt_len, new_tokens, budget, divide_length, device,
-                decode_only=False, plain_samples=None, plain_steps=32):
-    """One row; plain_samples: plain's tokens/s from plain_integrated_tok_s instead of a run."""
+def bench_batch(model, batch, prompt_len, lengths, budget, divide_length, device,
+                decode_only=False, plain_samples=None, plain_steps=32, progress=False):
+    """One row per generated length in `lengths`, each side timed by one generation of the
+    longest. decode_only: tokens/s of the decode alone (from the first new token on).
+    plain_samples: plain's tokens/s from plain_integrated_tok_s instead of a run."""
     ids = random_prompt(model, batch, prompt_len, device)
     mask = torch.ones_like(ids)
 
-    def plain(n):
-        plain_generate(model, ids, n)
+    def plain(n, streamer):
+        plain_generate(model, ids, n, streamer)
 
-    def gkv(n):
+    def gkv(n, streamer):
         gkv_ext.hf.generate(model, ids, mask, policy=GKV(budget, divide_length=divide_length),
-                            max_new_tokens=n, eos_token_id=[])
+                            max_new_tokens=n, eos_token_id=[], streamer=streamer)
 
-    row = {"B": batch, "prompt": prompt_len, "new_tokens": new_tokens, "budget": budget}
+    rows = [{"B": batch, "prompt": prompt_len, "new_tokens": n, "budget": budget}
+            for n in lengths]
     for name, run in (("plain", plain), ("gkv", gkv)):
         if name == "plain" and plain_samples:
-            row["plain_tok_s"] = plain_integrated_tok_s(model, batch, prompt_len, new_tokens,
-                                                        device, plain_samples, plain_steps)
-            row["plain_peak_MB"] = float("nan")
+            for row in rows:
+                row["plain_tok_s"] = plain_integrated_tok_s(
+                    model, batch, prompt_len, row["new_tokens"], device, plain_samples,
+                    plain_steps)
+                row["plain_peak_MB"] = float("nan")
             continue
-        seconds, peak = measure(lambda: run(new_tokens), device)
-        if decode_only:  # the prefill and first token cancel out
-            seconds -= measure(lambda: run(1), device)[0]
-            row[f"{name}_tok_s"] = batch * (new_tokens - 1) / seconds
-        else:
-            row[f"{name}_tok_s"] = batch * new_tokens / seconds
-        row[f"{name}_peak_MB"] = peak / 2**20
-    row["plain_kv_MB"] = kv_bytes(model, batch, prompt_len + new_tokens) / 2**20
-    row["gkv_kv_MB"] = kv_bytes(model, batch, min(prompt_len + new_tokens,
-                                                  budget + divide_length)) / 2**20
-    row["speedup"] = row["gkv_tok_s"] / row["plain_tok_s"]
-    return row
+        at = timed_generation(run, set(lengths) | ({1} if decode_only else set()), device,
+                              desc=f"{name} B={batch}" if progress else None)
+        for row in rows:
+            n = row["new_tokens"]
+            seconds, peak = at[n]
+            if decode_only:
+                row[f"{name}_tok_s"] = batch * (n - 1) / (seconds - at[1][0])
+            else:
+                row[f"{name}_tok_s"] = batch * n / seconds
+            row[f"{name}_peak_MB"] = peak / 2**20
+    for row in rows:
+        n = row["new_tokens"]
+        row["plain_kv_MB"] = kv_bytes(model, batch, prompt_len + n) / 2**20
+        row["gkv_kv_MB"] = kv_bytes(model, batch, min(prompt_len + n,
+                                                      budget + divide_length)) / 2**20
+        row["speedup"] = row["gkv_tok_s"] / row["plain_tok_s"]
+    return rows
 
 
 def table(rows, title):
@@ -229,19 +266,20 @@ def main():
              f"{str(dtype).removeprefix('torch.')}, {name}; plain = transformers "
              f"{transformers.__version__} generate (DynamicCache, sdpa), gkv = gkv_ext.hf "
              f"GKV(budget={budget}, D={D})")
-    if args.context:  # (prompt, new tokens) points, decode rate only
-        points = [(b, c, lengths[0]) for c in parse(args.context) for b in batches]
+    if args.context:  # one row per (batch, prompt length), decode rate only
+        runs = [(b, c, lengths[:1]) for c in parse(args.context) for b in batches]
         title += f"; context from the prompt, decode tokens/s over {lengths[0]} new tokens"
-    else:
-        points = [(b, prompt, n) for n in lengths for b in batches]
+    else:  # one run per batch; its shorter lengths are read at the way through
+        runs = [(b, prompt, lengths) for b in batches]
         if plain_samples:
             title += (f"; plain tokens/s integrated from its step time at {plain_samples} cache "
                       "lengths, not a run")
     for b in batches:  # warm-up: kernels loaded, allocator primed, for every batch size
-        bench_point(model, b, prompt, 2 * D, budget, D, device)
-    rows = [bench_point(model, b, p, n, budget, D, device, decode_only=bool(args.context),
-                        plain_samples=plain_samples, plain_steps=8 if args.quick else 32)
-            for b, p, n in tqdm(points, desc="bench_hf", unit="point")]
+        bench_batch(model, b, prompt, [2 * D], budget, D, device)
+    rows = [row for b, p, ns in tqdm(runs, desc="bench_hf", unit="run")
+            for row in bench_batch(model, b, p, ns, budget, D, device,
+                                   decode_only=bool(args.context), plain_samples=plain_samples,
+                                   plain_steps=8 if args.quick else 32, progress=True)]
     report({"title": title, "device": name, "torch": torch.__version__,
             "transformers": transformers.__version__, "random_weights": True}, rows,
            Path(args.out))

@@ -7,7 +7,8 @@
 - A left-padded batch equals each row alone (FullKV and the policies without score history).
 - KV memory is bounded: after a long generation the cache holds budget + D slots per layer and
   transformers keeps no tensor of its own.
-- Sampling is seeded and respects top-k / top-p; EOS freezes rows.
+- Sampling is seeded and respects top-k / top-p; EOS freezes rows; a streamer gets what
+  transformers' generate streams.
 - Unsupported architectures and bad arguments raise errors naming them.
 - CUDA (skipped here): a bf16 run, agreement with the CPU path in fp32, flat peak memory.
 """
@@ -205,6 +206,27 @@ def test_eos_freezes_rows_and_ends_generation(tiny):
                        progress=True)
     assert done.lengths.tolist() == [1] * len(PROMPTS)
     assert (done.new_tokens[:, 1:] == 96).all()
+
+
+class Recorder(transformers.generation.BaseStreamer):
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_streamer_gets_what_transformers_generate_streams(tiny):
+    model, _ = tiny["qwen2"]
+    ids, mask = left_padded(PROMPTS)
+    theirs, ours = Recorder(), Recorder()
+    plain_generate(model, ids, mask, 9, streamer=theirs)
+    out = hf.generate(model, ids, mask, max_new_tokens=9, eos_token_id=[], streamer=ours)
+    assert ours.puts == theirs.puts and ours.ended == theirs.ended == 1
+    assert [list(row) for row in zip(*ours.puts[1:])] == out.new_tokens.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,6 +33,7 @@ preallocated).
 """
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -70,11 +71,13 @@ def kv_bytes(model, batch, slots):
 class Stopwatch(transformers.generation.BaseStreamer):
     """Wall seconds and peak memory allocated above the start, read at its creation's end and,
     as a streamer of a generation, once the n-th new token is out for each n in `marks` (so one
-    run of max(marks) tokens times every shorter generation too: its first n tokens)."""
+    run of max(marks) tokens times every shorter generation too: its first n tokens). With
+    every_token, it also keeps the time each new token came out (`ticks`)."""
 
-    def __init__(self, device, marks=(), desc=None):
+    def __init__(self, device, marks=(), desc=None, every_token=False):
         self.cuda = device.type == "cuda"
         self.marks, self.at, self.count = set(marks), {}, -1  # the first put is the prompt
+        self.ticks = [] if every_token else None
         self.bar = tqdm(total=max(marks), desc=desc, unit="tok", leave=False) if desc else None
         if self.cuda:
             torch.cuda.synchronize()
@@ -93,6 +96,8 @@ class Stopwatch(transformers.generation.BaseStreamer):
         self.count += 1
         if self.count in self.marks:
             self.at[self.count] = self.read()
+        if self.ticks is not None and self.count > 0:
+            self.ticks.append(self.read()[0])
         if self.bar is not None and self.count > 0:
             self.bar.update()
 
@@ -121,31 +126,37 @@ def plain_generate(model, ids, n, streamer=None):
 
 
 def plain_step_seconds(model, batch, context, steps, device):
-    """plain generate's mean decode step with `context` tokens cached: the time from its first
-    new token to its (steps + 1)-th."""
+    """plain generate's decode step with `context` tokens cached: the median time between its
+    new tokens over steps + 1 of them (robust to the odd slow step: an allocator growth, a
+    garbage collection)."""
     ids = random_prompt(model, batch, context, device)
-    at = timed_generation(lambda n, s: plain_generate(model, ids, n, s), [1, steps + 1], device)
-    return (at[steps + 1][0] - at[1][0]) / steps
+    clock = Stopwatch(device, [steps + 1], every_token=True)
+    plain_generate(model, ids, steps + 1, clock)
+    return statistics.median(b - a for a, b in zip(clock.ticks, clock.ticks[1:]))
 
 
-def plain_integrated_tok_s(model, batch, prompt_len, new_tokens, device, samples, steps):
-    """plain's tokens/s over a generation of new_tokens after prompt_len tokens, from its step
-    time at `samples` cache lengths (the last one the end of the generation), linear in between
-    and flat before the first, plus the measured prefill (see the module docstring)."""
+def plain_integrated(model, batch, prompt_len, new_tokens, device, samples, steps):
+    """(tokens/s, {cache length: step ms}) of plain over a generation of new_tokens after
+    prompt_len tokens, from its step time at `samples` cache lengths (the last one the end of
+    the generation), linear in between and flat before the first, plus the measured prefill (see
+    the module docstring). A first step measurement at the longest length, discarded, sizes the
+    caching allocator for all of them."""
     ids = random_prompt(model, batch, prompt_len, device)
     prefill = timed_generation(lambda n, s: plain_generate(model, ids, n, s), [1], device)[1][0]
     xs = [prompt_len + new_tokens * (i + 1) // samples for i in range(samples)]
+    plain_step_seconds(model, batch, xs[-1], 2, device)
     ys = [plain_step_seconds(model, batch, x, steps, device) for x in xs]
+    step_ms = {x: 1e3 * y for x, y in zip(xs, ys)}
     xs, ys = [prompt_len] + xs, ys[:1] + ys
     decode = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
-    return batch * new_tokens / (prefill + decode * (new_tokens - 1) / new_tokens)
+    return batch * new_tokens / (prefill + decode * (new_tokens - 1) / new_tokens), step_ms
 
 
 def bench_batch(model, batch, prompt_len, lengths, budget, divide_length, device,
                 decode_only=False, plain_samples=None, plain_steps=32, progress=False):
     """One row per generated length in `lengths`, each side timed by one generation of the
     longest. decode_only: tokens/s of the decode alone (from the first new token on).
-    plain_samples: plain's tokens/s from plain_integrated_tok_s instead of a run."""
+    plain_samples: plain's tokens/s from plain_integrated instead of a run."""
     ids = random_prompt(model, batch, prompt_len, device)
     mask = torch.ones_like(ids)
 
@@ -161,7 +172,7 @@ def bench_batch(model, batch, prompt_len, lengths, budget, divide_length, device
     for name, run in (("plain", plain), ("gkv", gkv)):
         if name == "plain" and plain_samples:
             for row in rows:
-                row["plain_tok_s"] = plain_integrated_tok_s(
+                row["plain_tok_s"], row["plain_step_ms"] = plain_integrated(
                     model, batch, prompt_len, row["new_tokens"], device, plain_samples,
                     plain_steps)
                 row["plain_peak_MB"] = float("nan")
@@ -186,7 +197,9 @@ def bench_batch(model, batch, prompt_len, lengths, budget, divide_length, device
 
 
 def table(rows, title):
-    cols = list(rows[0])
+    """The rows' numbers as a markdown table (per-length details, such as plain_step_ms, stay
+    in the JSON)."""
+    cols = [c for c, v in rows[0].items() if not isinstance(v, dict)]
     fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else str(x)  # noqa: E731
     lines = [f"\n### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]

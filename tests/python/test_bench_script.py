@@ -98,6 +98,9 @@ def test_bench_hf_plain_integrated(tmp_path):
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert 0 < row["plain_tok_s"] < float("inf") and row["gkv_tok_s"] > 0
     assert row["plain_peak_MB"] != row["plain_peak_MB"]  # NaN: not measured
+    # The step times it integrated, at 3 cache lengths up to the generation's end.
+    assert [int(x) for x in row["plain_step_ms"]] == [16 + 21, 16 + 42, 16 + 64]
+    assert all(ms > 0 for ms in row["plain_step_ms"].values())
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--quick",
                           "--plain", "integrate", "--context", "64"],
                          capture_output=True, text=True, timeout=600, env=ENV)

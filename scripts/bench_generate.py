@@ -21,7 +21,9 @@ the weights are random and the text is meaningless):
      --max-new generated tokens, and the tokens/s each sustains over that generation (FullKV's
      step time integrated over the measured points; G-KV's is flat, so it is measured once, at
      the second point, after several compressions, over at least divide_length steps so that
-     its compression step is counted).
+     its compression step is counted). Both prefill and fill their caches in forwards of
+     divide_length / 4 tokens, so that the batch is bounded by the cache, not by the scratch
+     memory of a 512-token forward at that batch.
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
@@ -90,6 +92,10 @@ def build_models(shape, device, dtype):
                                                            attn_implementation="sdpa").eval()
     ours = gkv_ext.Model.from_tensors(gkv_ext.ModelConfig.from_json(config.to_json_string()),
                                       dict(hf.state_dict()))
+    # Ours copied q/k/v and gate/up into joint tensors: transformers reads those too, so that
+    # the weights are on the device once.
+    for name, tensor in ours.state_dict().items():
+        hf.get_parameter(name).data = tensor
     return hf, ours
 
 
@@ -105,31 +111,43 @@ def kv_bytes_per_slot(config, dtype):
 class Run:
     """One batch of random prompts stepped through our model and a CompressedKVCache."""
 
-    def __init__(self, model, policy, batch, prompt, max_new, device, seed=0):
+    def __init__(self, model, policy, batch, prompt, max_new, device, seed=0, chunk=None):
+        """chunk: prefill the prompt in forwards of at most this many tokens (the first one a
+        prefill, the rest teacher-forced like fill_to's), so that a large batch needs scratch
+        memory for `chunk` tokens, not the whole prompt. The compression schedule then counts
+        the later chunks as decode steps: its phase shifts, its period (and the timing) not."""
         c = model.config
         self.model, self.policy, self.device = model, policy, device
         self.D = policy.divide_length
         g = torch.Generator().manual_seed(seed)
         self.vocab = c.vocab_size
+        first = min(prompt, chunk or prompt)
         tokens = torch.randint(0, self.vocab, (batch, prompt), generator=g).to(device)
         self.cache = gkv_ext.CompressedKVCache(policy, c.num_layers, batch, c.num_heads,
                                                c.num_kv_heads, c.head_dim,
                                                max_tokens=prompt + max_new + 1,
                                                dtype=c.dtype, device=str(device))
-        positions = self.cache.begin_prefill(torch.ones_like(tokens))
-        self.logits = self.model(tokens, positions, cache=self.cache, last_only=True)[:, -1]
-        self.generated = 0
+        positions = self.cache.begin_prefill(torch.ones_like(tokens[:, :first]))
+        self.logits = self.model(tokens[:, :first], positions, cache=self.cache,
+                                 last_only=True)[:, -1]
+        self.generated = first - prompt  # the rest of the prompt, then generated tokens
+        self.fill_to(0, chunk, source=tokens[:, first:])
         self.steppers = {}
 
-    def fill_to(self, generated, chunk=None):
-        """Teacher-forces random tokens up to `generated` tokens, in chunks of at most `chunk`
-        (default D) ending at the compression steps (the cache's decisions are those of decoding
-        them one by one). Smaller chunks need less scratch memory for their attention."""
+    def fill_to(self, generated, chunk=None, source=None):
+        """Teacher-forces tokens up to `generated` tokens (those of `source` [B, n] in order, else
+        random ones), in chunks of at most `chunk` (default D) ending at the compression steps
+        (the cache's decisions are those of decoding them one by one). Smaller chunks need less
+        scratch memory for their attention."""
         while self.generated < generated:
             f = self.cache.forwards
             n = min(((f - 1) // self.D + 1) * self.D - f + 1, generated - self.generated,
                     chunk or self.D)
-            forced = torch.randint(0, self.vocab, (self.logits.shape[0], n), device=self.device)
+            if source is None:
+                forced = torch.randint(0, self.vocab, (self.logits.shape[0], n),
+                                       device=self.device)
+            else:
+                forced, source = source[:, :n], source[:, n:]
             self.logits = self.model(forced, self.cache.begin_decode(n), cache=self.cache,
                                      last_only=True)[:, -1]
             self.generated += n
@@ -231,13 +249,18 @@ def bench_transformers(hf, args, device):
     return rows
 
 
+def fill_chunk(args):
+    """Tokens per forward when the equal-memory runs prefill and fill a large batch's cache."""
+    return max(1, args.divide // 4)
+
+
 def largest_batch(model, policy, args, device):
     """The largest batch whose cache and one decode step fit for --max-new generated tokens
     (doubling, then bisection; the allocations are real)."""
     def fits(B):
         try:
-            run = Run(model, policy, B, args.prompt, args.max_new, device)
-            run.fill_to(args.divide)  # chunk forwards and the first compression fit too
+            run = Run(model, policy, B, args.prompt, args.max_new, device, chunk=fill_chunk(args))
+            run.fill_to(args.divide, fill_chunk(args))  # and the first compression fits
             run.decode(2)
             return True
         except RuntimeError as e:
@@ -276,10 +299,11 @@ def bench_equal_memory(model, args, device, bw):
         steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt, args.max_new + steps_per_point + 2, device)
+                run = Run(model, policy, B, args.prompt, args.max_new + steps_per_point + 2,
+                          device, chunk=fill_chunk(args))
                 steps = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
-                    run.fill_to(g, chunk=args.divide // 4)
+                    run.fill_to(g, chunk=fill_chunk(args))
                     steps.append(measure_point(run, steps_per_point, bw, wbytes, slot_bytes)["step_ms"])
                 break
             except RuntimeError as e:

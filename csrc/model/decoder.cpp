@@ -1,6 +1,7 @@
 #include "model/decoder.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/StringUtil.h>
 
 #include <cmath>
@@ -102,6 +103,49 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return b.defined() ? at::linear(x, w, b) : at::linear(x, w);
 }
 
+// True when `parts` are, in order, the consecutive row blocks of `joint` (views of it, as
+// join_rows left them).
+bool rows_of(const at::Tensor& joint, c10::ArrayRef<const at::Tensor*> parts) {
+  if (!joint.defined()) return false;
+  const char* next = static_cast<const char*>(joint.const_data_ptr());
+  for (const at::Tensor* p : parts) {
+    if (!p->defined() || p->const_data_ptr() != next || !p->is_contiguous() ||
+        p->scalar_type() != joint.scalar_type()) {
+      return false;
+    }
+    next += p->nbytes();
+  }
+  return next == static_cast<const char*>(joint.const_data_ptr()) + joint.nbytes();
+}
+
+// The joint tensor of `parts` (their rows stacked), each part then made a view of its rows;
+// no copy when they already are.
+at::Tensor join_rows(const at::Tensor& joint, std::initializer_list<at::Tensor*> parts) {
+  if (rows_of(joint, std::vector<const at::Tensor*>(parts.begin(), parts.end()))) return joint;
+  at::NoGradGuard no_grad;  // the views must stay leaves the trainer can mark trainable
+  std::vector<at::Tensor> rows;
+  for (const at::Tensor* p : parts) rows.push_back(*p);
+  at::Tensor joined = at::cat(rows, 0);
+  int64_t row = 0;
+  for (at::Tensor* p : parts) {
+    const int64_t n = p->size(0);
+    *p = joined.narrow(0, row, n);
+    row += n;
+  }
+  return joined;
+}
+
+// Whether a forward may compute `parts` by one GEMM over `joint`: they are still its rows, and
+// autograd needs none of them (a gradient must reach the named tensors themselves).
+bool joint_usable(const at::Tensor& joint, std::initializer_list<const at::Tensor*> parts) {
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* p : parts) {
+      if (p->requires_grad()) return false;
+    }
+  }
+  return rows_of(joint, parts);
+}
+
 // [d/2] fp32 inverse frequencies, with Llama 3.1's frequency-dependent scaling when configured.
 at::Tensor inverse_frequencies(const ModelConfig& c) {
   at::Tensor exponent = at::arange(0, c.head_dim, 2, at::kLong).to(at::kFloat) / c.head_dim;
@@ -185,6 +229,15 @@ Decoder::Decoder(ModelConfig config, Weights weights)
   });
   config_.dtype = weights_.embed.scalar_type();
   inv_freq_ = inverse_frequencies(config_).to(device);
+  join_projections();
+}
+
+void Decoder::join_projections() {
+  for (LayerWeights& w : weights_.layers) {
+    w.wqkv = join_rows(w.wqkv, {&w.wq, &w.wk, &w.wv});
+    if (config_.attention_bias) w.bqkv = join_rows(w.bqkv, {&w.bq, &w.bk, &w.bv});
+    w.w_gate_up = join_rows(w.w_gate_up, {&w.w_gate, &w.w_up});
+  }
 }
 
 Decoder Decoder::from_named(ModelConfig config,
@@ -221,9 +274,18 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
     at::Tensor x = gkv::rms_norm(h, w.attn_norm, c.rms_eps);
-    at::Tensor q = linear(x, w.wq, w.bq).view({batch, t, c.num_heads, d});     // [B,T,Hq,d]
-    at::Tensor k = linear(x, w.wk, w.bk).view({batch, t, c.num_kv_heads, d});  // [B,T,Hkv,d]
-    at::Tensor v = linear(x, w.wv, w.bv).view({batch, t, c.num_kv_heads, d});
+    at::Tensor q, k, v;  // [B,T,Hq*d], [B,T,Hkv*d] x 2
+    if (joint_usable(w.wqkv, {&w.wq, &w.wk, &w.wv}) &&
+        (!c.attention_bias || joint_usable(w.bqkv, {&w.bq, &w.bk, &w.bv}))) {
+      const auto qkv = linear(x, w.wqkv, w.bqkv).split_with_sizes(
+          {w.wq.size(0), w.wk.size(0), w.wv.size(0)}, -1);
+      q = qkv[0], k = qkv[1], v = qkv[2];
+    } else {
+      q = linear(x, w.wq, w.bq), k = linear(x, w.wk, w.bk), v = linear(x, w.wv, w.bv);
+    }
+    q = q.view({batch, t, c.num_heads, d});  // [B,T,Hq,d]
+    k = k.view({batch, t, c.num_kv_heads, d});
+    v = v.view({batch, t, c.num_kv_heads, d});
     if (c.qk_norm) {
       q = gkv::rms_norm(q, w.q_norm, c.rms_eps);
       k = gkv::rms_norm(k, w.k_norm, c.rms_eps);
@@ -234,7 +296,14 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
     o = o.transpose(1, 2).reshape({batch, t, c.num_heads * d});
     h = h + linear(o, w.wo, w.bo);
     x = gkv::rms_norm(h, w.mlp_norm, c.rms_eps);
-    h = h + at::linear(at::silu(at::linear(x, w.w_gate)) * at::linear(x, w.w_up), w.w_down);
+    at::Tensor gate, up;  // [B,T,F] each
+    if (joint_usable(w.w_gate_up, {&w.w_gate, &w.w_up})) {
+      const auto gate_up = at::linear(x, w.w_gate_up).chunk(2, -1);
+      gate = gate_up[0], up = gate_up[1];
+    } else {
+      gate = at::linear(x, w.w_gate), up = at::linear(x, w.w_up);
+    }
+    h = h + at::linear(at::silu(gate) * up, w.w_down);
   }
   return gkv::rms_norm(h, weights_.final_norm, c.rms_eps);
 }
@@ -259,6 +328,7 @@ void Decoder::to(std::optional<c10::Device> device, std::optional<c10::ScalarTyp
   if (config_.tie_word_embeddings) weights_.lm_head = weights_.embed;
   config_.dtype = type;
   inv_freq_ = inv_freq_.to(dev);
+  join_projections();
 }
 
 Decoder load_decoder(const std::filesystem::path& path) {

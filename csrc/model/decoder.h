@@ -35,6 +35,13 @@ struct LayerWeights {
   at::Tensor w_gate;          // [F, D]
   at::Tensor w_up;            // [F, D]
   at::Tensor w_down;          // [D, F]
+  // The q/k/v rows (and biases) and the gate/up rows, each group joined in one tensor so that one
+  // GEMM computes it; the named tensors above are row blocks (views) of these, so an in-place
+  // update of either is seen by both. A named tensor replaced by another one leaves its group
+  // unused (its own GEMMs run), never stale.
+  at::Tensor wqkv;            // [(Hq+2Hkv)*d, D]
+  at::Tensor bqkv;            // [(Hq+2Hkv)*d] when attention_bias
+  at::Tensor w_gate_up;       // [2F, D]
 };
 
 struct Weights {
@@ -78,7 +85,8 @@ class Decoder {
   Decoder(ModelConfig config, Weights weights);
 
   // Builds from tensors named as in transformers' checkpoints (the one name table, decoder.cpp).
-  // `get(name, shape)` returns the tensor or throws naming it.
+  // `get(name, shape)` returns the tensor or throws naming it. The q/k/v and gate/up weights are
+  // copied into joint tensors (LayerWeights); the others are the given tensors.
   static Decoder from_named(
       ModelConfig config,
       const std::function<at::Tensor(const std::string&, c10::IntArrayRef)>& get);
@@ -105,6 +113,9 @@ class Decoder {
   void to(std::optional<c10::Device> device, std::optional<c10::ScalarType> dtype);
 
  private:
+  // Copies each layer's q/k/v and gate/up weights into their joint tensors (LayerWeights).
+  void join_projections();
+
   ModelConfig config_;
   Weights weights_;
   at::Tensor inv_freq_;  // [d/2] fp32, with llama3 scaling applied

@@ -102,7 +102,9 @@ void bind_model(py::module& m) {
                   },
                   py::arg("config"), py::arg("tensors"),
                   "A decoder over the given tensors (named as in transformers' checkpoints, as "
-                  "state_dict() returns them); shapes are checked against the config.")
+                  "state_dict() returns them); shapes are checked against the config. The q/k/v "
+                  "and gate/up weights are copied into one joint tensor each (one GEMM per group); "
+                  "state_dict() returns views of them.")
       .def("forward", &forward, py::arg("tokens"), py::arg("positions") = py::none(),
            py::arg("attention_mask") = py::none(), py::arg("cache") = nullptr,
            py::arg("last_only") = false,

@@ -119,3 +119,24 @@ TEST_CASE("stories260K tokenizer round trip (skipped without ../shared)", "[mode
   REQUIRE(ids.front() == Llama2Tokenizer::kBos);
   REQUIRE(t.decode(ids) == text);
 }
+
+TEST_CASE("a replaced projection weight is used instead of the joint tensor it left", "[model]") {
+  Decoder model = random_decoder();
+  const at::Tensor tokens = at::randint(0, 50, {2, 6}, at::kLong);
+  const at::Tensor positions = at::arange(6, at::kLong).expand({2, 6}).contiguous();
+  CausalAttention attention;
+  at::NoGradGuard no_grad;
+  const at::Tensor before = model.forward(tokens, positions, attention);
+  LayerWeights& layer = model.weights().layers[1];
+  // Fresh tensors in the named slots: the joint ones keep the old values.
+  layer.wk = layer.wk * -2;
+  layer.w_up = layer.w_up * -2;
+  const at::Tensor after = model.forward(tokens, positions, attention);
+  REQUIRE((after - before).abs().max().item<float>() > 1e-3);
+  // The same change made in place through the joint tensors gives the same logits.
+  Decoder joint = random_decoder();
+  LayerWeights& same = joint.weights().layers[1];
+  same.wqkv.narrow(0, same.wq.size(0), same.wk.size(0)).mul_(-2);
+  same.w_gate_up.narrow(0, same.w_gate.size(0), same.w_up.size(0)).mul_(-2);
+  REQUIRE(at::allclose(joint.forward(tokens, positions, attention), after, 1e-5, 1e-5));
+}

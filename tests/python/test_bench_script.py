@@ -1,5 +1,6 @@
 """The benchmark scripts' quick runs work end to end on this machine and write their table, JSON
 and plot: scripts/bench_ops.py (the README's main command), bench_generate.py, bench_hf.py."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 # The checkout's package first, whether or not it is pip-installed.
@@ -50,6 +52,38 @@ def test_bench_generate_quick(tmp_path):
         assert rows[f"G-KV@{b}", 400]["live_slots"] <= b + 128
     assert len(result["transformers"]) == 1
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def load_script(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the scripts import each other
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generate_prefills_in_chunks_to_the_same_cache(monkeypatch):
+    """The equal-memory runs prefill a large batch in chunks: the cache ends holding the same
+    prompt, at the same positions, with the same last logits, as after one prefill forward;
+    and transformers' model reads our joint q/k/v and gate/up tensors (weights held once)."""
+    from gkv_ext import policies
+    bench = load_script("bench_generate", monkeypatch)
+    bench.transformers = pytest.importorskip("transformers")  # main() imports it
+    cpu = torch.device("cpu")
+    hf, model = bench.build_models("tiny", cpu, torch.float32)
+    ours = model.state_dict()
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        assert hf.get_parameter(name).data_ptr() == ours[name].data_ptr()
+    whole = bench.Run(model, policies.FullKV(), 2, 40, 8, cpu)
+    chunked = bench.Run(model, policies.FullKV(), 2, 40, 8, cpu, chunk=16)
+    assert whole.generated == chunked.generated == 0
+    assert whole.cache.length == chunked.cache.length == 40
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    for layer in range(model.config.num_layers):
+        assert torch.equal(chunked.cache.positions(layer), whole.cache.positions(layer))
+        live = slice(0, 40)  # the slots past the live ones are never written
+        torch.testing.assert_close(chunked.cache.keys(layer)[:, :, live],
+                                   whole.cache.keys(layer)[:, :, live])
 
 
 def test_bench_hf_quick(tmp_path):

@@ -4,6 +4,8 @@
   (tiny configs, saved by transformers with save_pretrained and loaded by us), over a grid that
   covers MHA and GQA, tied and untied embeddings, biases, Qwen3's q/k norm and llama3 RoPE scaling,
   in fp32 and bf16, and on a left-padded batch.
+- q/k/v and gate/up run as one GEMM each over joint tensors the named weights are views of;
+  in-place edits reach them, and a forward that needs weight gradients runs the per-weight GEMMs.
 - Our save() round-trips and loads in transformers; sharded checkpoints both ways.
 - Every corruption of a safetensors file, and every bad config, raises its own error.
 - stories260K (../shared/models/stories260k, skipped when absent) continues the reference prompt
@@ -182,6 +184,49 @@ def test_to_casts_and_keeps_tied_weights(tmp_path):
     assert_close(model.forward(tokens), hf_logits(hf, tokens), torch.float16)  # one fp16 round trip
     with pytest.raises(RuntimeError, match="unsupported model dtype"):
         model.to(dtype=torch.int32)
+
+
+def linear_calls(model, tokens):
+    """(logits, number of aten::linear calls) of one forward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = model.forward(tokens)
+    return logits, sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama3-rope-bias"])
+def test_joint_projections_share_the_named_weights(name, tmp_path):
+    """q/k/v and gate/up run as one GEMM each, over joint tensors whose row blocks the named
+    weights are: an in-place change of a named weight reaches that GEMM, and a forward whose
+    weights need gradients runs the per-weight GEMMs instead, with the same logits."""
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(path)
+    layers = hf.config.num_hidden_layers
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        joint, calls = linear_calls(model, tokens)
+    assert calls == 4 * layers + 1  # qkv, o, gate/up, down per layer; lm_head
+
+    named = model.state_dict()
+    for t in named.values():
+        t.requires_grad_(True)
+    separate, calls = linear_calls(model, tokens)
+    assert calls == 7 * layers + 1 and separate.requires_grad
+    torch.testing.assert_close(separate.detach(), joint, rtol=1e-5, atol=1e-5)
+    separate.sum().backward()
+    assert named["model.layers.0.self_attn.k_proj.weight"].grad.abs().sum() > 0
+    for t in named.values():
+        t.requires_grad_(False)
+
+    with torch.no_grad():
+        edits = ["self_attn.k_proj.weight", "mlp.up_proj.weight"]
+        edits += ["self_attn.v_proj.bias"] if hf.config.attention_bias else []
+        for edit in edits:
+            named[f"model.layers.1.{edit}"].mul_(-2)
+            hf.get_parameter(f"model.layers.1.{edit}").mul_(-2)
+        changed, calls = linear_calls(model, tokens)
+    assert calls == 4 * layers + 1
+    assert (changed - joint).abs().max() > 1e-3
+    assert_close(changed, hf_logits(hf, tokens))
 
 
 @pytest.mark.parametrize("max_shard_bytes", [0, 40_000])

@@ -227,6 +227,11 @@ def test_joint_projections_share_the_named_weights(name, tmp_path):
     assert calls == 4 * layers + 1
     assert (changed - joint).abs().max() > 1e-3
     assert_close(changed, hf_logits(hf, tokens))
+    # A move to where the model already is copies nothing: the named views stay the weights.
+    model.to("cpu", dtype=torch.float32)
+    assert all(t.data_ptr() == named[n].data_ptr() for n, t in model.state_dict().items())
+    with torch.no_grad():
+        assert linear_calls(model, tokens)[1] == 4 * layers + 1
 
 
 @pytest.mark.parametrize("max_shard_bytes", [0, 40_000])

@@ -34,6 +34,7 @@ preallocated).
 import argparse
 import json
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -212,15 +213,16 @@ def plot(rows, title, path):
     import matplotlib.pyplot as plt
     labels = [f"B={r['B']}\n{r['prompt']}+{r['new_tokens']} tok" for r in rows]
     x = range(len(rows))
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
-    for offset, name in ((-0.2, "plain"), (0.2, "gkv")):
-        speed.bar([i + offset for i in x], [r[f"{name}_tok_s"] for r in rows], 0.4, label=name)
-        memory.bar([i + offset for i in x], [r[f"{name}_kv_MB"] for r in rows], 0.4, label=name)
-    for ax, ylabel in ((speed, "tokens/s"), (memory, "KV cache MB at the end")):
+    panels = (("tok_s", "tokens/s"), ("kv_MB", "KV cache MB at the end"),
+              ("peak_MB", "peak MB above the weights\n(none: not measured)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
+    for ax, (key, ylabel) in zip(axes, panels):
+        for offset, name in ((-0.2, "plain"), (0.2, "gkv")):
+            ax.bar([i + offset for i in x], [r[f"{name}_{key}"] for r in rows], 0.4, label=name)
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_ylabel(ylabel)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 160), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -131,7 +131,7 @@ def plain_step_seconds(model, batch, context, steps, device):
     new tokens over steps + 1 of them (robust to the odd slow step: an allocator growth, a
     garbage collection)."""
     ids = random_prompt(model, batch, context, device)
-    clock = Stopwatch(device, [steps + 1], every_token=True)
+    clock = Stopwatch(device, every_token=True)
     plain_generate(model, ids, steps + 1, clock)
     return statistics.median(b - a for a, b in zip(clock.ticks, clock.ticks[1:]))
 

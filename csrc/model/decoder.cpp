@@ -105,7 +105,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
 
 // True when `parts` are, in order, the consecutive row blocks of `joint` (views of it, as
 // join_rows left them).
-bool rows_of(const at::Tensor& joint, c10::ArrayRef<const at::Tensor*> parts) {
+template <typename TensorPtr>
+bool rows_of(const at::Tensor& joint, std::initializer_list<TensorPtr> parts) {
   if (!joint.defined()) return false;
   const char* next = static_cast<const char*>(joint.const_data_ptr());
   for (const at::Tensor* p : parts) {
@@ -121,7 +122,7 @@ bool rows_of(const at::Tensor& joint, c10::ArrayRef<const at::Tensor*> parts) {
 // The joint tensor of `parts` (their rows stacked), each part then made a view of its rows;
 // no copy when they already are.
 at::Tensor join_rows(const at::Tensor& joint, std::initializer_list<at::Tensor*> parts) {
-  if (rows_of(joint, std::vector<const at::Tensor*>(parts.begin(), parts.end()))) return joint;
+  if (rows_of(joint, parts)) return joint;
   at::NoGradGuard no_grad;  // the views must stay leaves the trainer can mark trainable
   std::vector<at::Tensor> rows;
   for (const at::Tensor* p : parts) rows.push_back(*p);

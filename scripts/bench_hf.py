@@ -127,37 +127,47 @@ def plain_generate(model, ids, n, streamer=None):
 
 
 def plain_step_seconds(model, batch, context, steps, device):
-    """plain generate's decode step with `context` tokens cached: the median time between its
-    new tokens over steps + 1 of them (robust to the odd slow step: an allocator growth, a
-    garbage collection)."""
+    """(seconds, device allocations) of plain generate's decode step with `context` tokens
+    cached: the median time between its new tokens over steps + 1 of them (robust to the odd
+    slow step: an allocator growth, a garbage collection), and the cudaMalloc calls the caching
+    allocator made over them (its DynamicCache grows by torch.cat every step)."""
     ids = random_prompt(model, batch, context, device)
+    allocs = device_allocations(device)
     clock = Stopwatch(device, every_token=True)
     plain_generate(model, ids, steps + 1, clock)
-    return statistics.median(b - a for a, b in zip(clock.ticks, clock.ticks[1:]))
+    return (statistics.median(b - a for a, b in zip(clock.ticks, clock.ticks[1:])),
+            device_allocations(device) - allocs)
+
+
+def device_allocations(device):
+    return torch.cuda.memory_stats().get("num_device_alloc", 0) if device.type == "cuda" else 0
 
 
 def plain_integrated(model, batch, prompt_len, new_tokens, device, samples, steps):
-    """(tokens/s, {cache length: step ms}) of plain over a generation of new_tokens after
-    prompt_len tokens, from its step time at `samples` cache lengths (the last one the end of
-    the generation), linear in between and flat before the first, plus the measured prefill (see
-    the module docstring). A first step measurement at the longest length, discarded, sizes the
+    """(tokens/s, {cache length: step ms}, {cache length: device allocations of its steps}) of
+    plain over a generation of new_tokens after prompt_len tokens, from its step time at
+    `samples` cache lengths (the last one the end of the generation), linear in between and flat
+    before the first, plus the measured prefill (see the module docstring). A first step measurement at the longest length, discarded, sizes the
     caching allocator for all of them."""
     ids = random_prompt(model, batch, prompt_len, device)
     prefill = timed_generation(lambda n, s: plain_generate(model, ids, n, s), [1], device)[1][0]
     xs = [prompt_len + new_tokens * (i + 1) // samples for i in range(samples)]
     plain_step_seconds(model, batch, xs[-1], 2, device)
-    ys = [plain_step_seconds(model, batch, x, steps, device) for x in xs]
+    ys, allocs = zip(*(plain_step_seconds(model, batch, x, steps, device) for x in xs))
     step_ms = {x: 1e3 * y for x, y in zip(xs, ys)}
     xs, ys = [prompt_len] + xs, ys[:1] + ys
     decode = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
-    return batch * new_tokens / (prefill + decode * (new_tokens - 1) / new_tokens), step_ms
+    return (batch * new_tokens / (prefill + decode * (new_tokens - 1) / new_tokens), step_ms,
+            dict(zip(step_ms, allocs)))
 
 
 def bench_batch(model, batch, prompt_len, lengths, budget, divide_length, device,
-                decode_only=False, plain_samples=None, plain_steps=32, progress=False):
+                decode_only=False, plain_samples=None, plain_steps=32, progress=False,
+                cuda_graph=True):
     """One row per generated length in `lengths`, each side timed by one generation of the
     longest. decode_only: tokens/s of the decode alone (from the first new token on).
-    plain_samples: plain's tokens/s from plain_integrated instead of a run."""
+    plain_samples: plain's tokens/s from plain_integrated instead of a run. cuda_graph: gkv's
+    decode forward replayed from a CUDA graph (gkv_ext.hf.generate's default) or eager."""
     ids = random_prompt(model, batch, prompt_len, device)
     mask = torch.ones_like(ids)
 
@@ -166,14 +176,16 @@ def bench_batch(model, batch, prompt_len, lengths, budget, divide_length, device
 
     def gkv(n, streamer):
         gkv_ext.hf.generate(model, ids, mask, policy=GKV(budget, divide_length=divide_length),
-                            max_new_tokens=n, eos_token_id=[], streamer=streamer)
+                            max_new_tokens=n, eos_token_id=[], streamer=streamer,
+                            cuda_graph=cuda_graph)
 
     rows = [{"B": batch, "prompt": prompt_len, "new_tokens": n, "budget": budget}
             for n in lengths]
     for name, run in (("plain", plain), ("gkv", gkv)):
         if name == "plain" and plain_samples:
             for row in rows:
-                row["plain_tok_s"], row["plain_step_ms"] = plain_integrated(
+                (row["plain_tok_s"], row["plain_step_ms"],
+                 row["plain_step_allocs"]) = plain_integrated(
                     model, batch, prompt_len, row["new_tokens"], device, plain_samples,
                     plain_steps)
                 row["plain_peak_MB"] = float("nan")
@@ -241,6 +253,8 @@ def main():
                         help="plain's side: a real generation, or integrated from its step time "
                              "at --samples cache lengths (see above)")
     parser.add_argument("--samples", type=int, default=4, help="cache lengths of --plain integrate")
+    parser.add_argument("--gkv-eager", action="store_true",
+                        help="gkv's decode forward eager, not replayed from a CUDA graph")
     parser.add_argument("--out", default="docs/benchmarks_hf", help="JSON/PNG path prefix")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: merge the rows of earlier runs' JSON files")
@@ -280,7 +294,8 @@ def main():
     title = (f"{'tiny Qwen2' if args.quick else 'Qwen2.5-1.5B-shaped'} model, RANDOM weights, "
              f"{str(dtype).removeprefix('torch.')}, {name}; plain = transformers "
              f"{transformers.__version__} generate (DynamicCache, sdpa), gkv = gkv_ext.hf "
-             f"GKV(budget={budget}, D={D})")
+             f"GKV(budget={budget}, D={D}), decode "
+             f"{'replayed from a CUDA graph' if device.type == 'cuda' and not args.gkv_eager else 'eager'}")
     if args.context:  # one row per (batch, prompt length), decode rate only
         runs = [(b, c, lengths[:1]) for c in parse(args.context) for b in batches]
         title += f"; context from the prompt, decode tokens/s over {lengths[0]} new tokens"
@@ -294,7 +309,8 @@ def main():
     rows = [row for b, p, ns in tqdm(runs, desc="bench_hf", unit="run")
             for row in bench_batch(model, b, p, ns, budget, D, device,
                                    decode_only=bool(args.context), plain_samples=plain_samples,
-                                   plain_steps=8 if args.quick else 32, progress=True)]
+                                   plain_steps=8 if args.quick else 32, progress=True,
+                                   cuda_graph=not args.gkv_eager)]
     report({"title": title, "device": name, "torch": torch.__version__,
             "transformers": transformers.__version__, "random_weights": True}, rows,
            Path(args.out))

@@ -108,6 +108,9 @@ void bind_engine(py::module& m) {
            "whether a forward of `tokens` new tokens would compress the cache")
       .def("decode_span", &CompressedKVCache::decode_span,
            "slots a one-token forward attends over (masked past the live length)")
+      .def("account_replayed_decode", &CompressedKVCache::account_replayed_decode,
+           "the host bookkeeping of a one-token forward whose device work a replayed CUDA graph "
+           "did")
       .def_property_readonly("capacity", &CompressedKVCache::capacity)
       .def_property_readonly("length", &CompressedKVCache::length)
       .def_property_readonly("forwards", &CompressedKVCache::forwards)

@@ -135,6 +135,7 @@ def test_bench_hf_plain_integrated(tmp_path):
     # The step times it integrated, at 3 cache lengths up to the generation's end.
     assert [int(x) for x in row["plain_step_ms"]] == [16 + 21, 16 + 42, 16 + 64]
     assert all(ms > 0 for ms in row["plain_step_ms"].values())
+    assert list(row["plain_step_allocs"]) == list(row["plain_step_ms"])  # counted per length
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hf.py"), "--quick",
                           "--plain", "integrate", "--context", "64"],
                          capture_output=True, text=True, timeout=600, env=ENV)

@@ -397,3 +397,29 @@ def test_cuda_peak_memory_is_flat_in_the_generated_length():
     grow = (1000 - 100) * len(PROMPTS) * (8 * 2 + 4 * model.config.num_hidden_layers *
                                           model.config.num_key_value_heads)
     assert peaks[1000] - peaks[100] <= grow + 64 * 1024, peaks
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["fullkv"] + ALL_POLICIES)
+def test_cuda_graph_decode_equals_eager(policy, dtype):
+    """Replaying the captured transformers forward gives exactly the eager steps' tokens and
+    evictions, with sampling, across compressions and, for FullKV, across a change of attention
+    span (a new capture every 512 slots); every step but the compressing ones and the warm-up is
+    a replay."""
+    model = random_hf(*CONFIGS["qwen3"], dtype=dtype).cuda()
+    ids, mask = left_padded(PROMPTS)
+    n = 600 if policy == "fullkv" else 100
+    p = make_policy(policy)
+    runs = {}
+    for cuda_graph in (True, False):
+        runs[cuda_graph] = hf.generate(
+            model, ids.cuda(), mask.cuda(), policy=p, max_new_tokens=n, eos_token_id=[],
+            do_sample=True, top_k=20, generator=torch.Generator("cuda").manual_seed(7),
+            return_eviction_log=True, cuda_graph=cuda_graph)
+    graph, eager = runs[True], runs[False]
+    assert torch.equal(graph.sequences, eager.sequences)
+    assert torch.equal(graph.eviction_log, eager.eviction_log)
+    compressing = 0 if p is None else -(-n // p.divide_length)
+    assert eager.graph_replays == 0
+    assert graph.graph_replays >= (n - 1) - compressing - 1

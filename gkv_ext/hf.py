@@ -471,11 +471,12 @@ class _DecodeGraph:
     def _warm_up(self, token):
         """The first eligible step runs eagerly on a side stream, so that state the ops make
         lazily per stream (cuBLAS workspaces) exists before anything is captured."""
-        side, current = torch.cuda.Stream(), torch.cuda.current_stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            logits = _decode_logits(self.model, self.cache, token)
-        current.wait_stream(side)
+        with torch.cuda.device(token.device):  # streams are made on the current device
+            side, current = torch.cuda.Stream(), torch.cuda.current_stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                logits = _decode_logits(self.model, self.cache, token)
+            current.wait_stream(side)
         logits.record_stream(current)
         self.warmed = True
         return logits
@@ -486,8 +487,12 @@ class _DecodeGraph:
         self.graph = None  # torch.cuda.graph synchronizes first, so the old graph is done
         self.token = token.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = _decode_logits(self.model, self.cache, self.token)
+        try:
+            with torch.cuda.device(token.device), torch.cuda.graph(graph):
+                self.logits = _decode_logits(self.model, self.cache, self.token)
+        except RuntimeError as e:  # e.g. a forward hook that copies weights from the CPU
+            raise RuntimeError(f"gkv_ext.hf.generate: this model's decode forward cannot be "
+                               f"captured as a CUDA graph ({e}); pass cuda_graph=False") from e
         self.graph, self.span = graph, span
 
 

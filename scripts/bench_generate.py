@@ -22,8 +22,9 @@ the weights are random and the text is meaningless):
      step time integrated over the measured points; G-KV's is flat, so it is measured once, at
      the second point, after several compressions, over at least divide_length steps so that
      its compression step is counted). Both prefill and fill their caches in forwards of
-     divide_length / 4 tokens, so that the batch is bounded by the cache, not by the scratch
-     memory of a 512-token forward at that batch.
+     divide_length / 16 tokens, so that the batch is bounded by the cache and the decode step,
+     not by the scratch of the fill (a T-token forward over N cached slots masks [B,Hq,T,N]:
+     2 GB at B=128, T=32, N=16.9K, which made FullKV's probed batch fail late in its fill).
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
@@ -251,7 +252,7 @@ def bench_transformers(hf, args, device):
 
 def fill_chunk(args):
     """Tokens per forward when the equal-memory runs prefill and fill a large batch's cache."""
-    return max(1, args.divide // 4)
+    return max(1, args.divide // 16)
 
 
 def largest_batch(model, policy, args, device):

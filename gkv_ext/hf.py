@@ -27,6 +27,9 @@ How, with public extension points only:
   attention ends it.
 - Positions: a token's RoPE position is the count of real tokens before it in its row, never a
   compacted slot index (reference/gkv-method.md section 1.4).
+- Speed: on CUDA, ``gkv_ext.hf.generate`` replays the model's one-token forward from a CUDA graph
+  (``_DecodeGraph``) at every step that does not compress, so a step costs the GPU's work rather
+  than transformers' host code.
 """
 import threading
 from dataclasses import dataclass

@@ -10,7 +10,7 @@
 Each side generates once per batch size, up to the longest --new-tokens; a streamer reads the
 time and peak memory when each shorter length's last token is out (so the 8K row of a 16K run is
 that run's first 8K tokens). A 16K run takes minutes per side on one GPU (transformers' decode
-step is 60-80 ms on an H200, bound by its host code), so the grid may be run one batch size per
+step is 20-90 ms on an H200, bound by its host code), so the grid may be run one batch size per
 command and merged; both sides always run in the same process, one after the other.
 ``--context 8192,16384`` is the quick form of the same question: the context is reached by a
 prompt of that length, then --new-tokens decode steps are timed (tokens/s of the decode alone:
@@ -147,8 +147,8 @@ def plain_integrated(model, batch, prompt_len, new_tokens, device, samples, step
     """(tokens/s, {cache length: step ms}, {cache length: device allocations of its steps}) of
     plain over a generation of new_tokens after prompt_len tokens, from its step time at
     `samples` cache lengths (the last one the end of the generation), linear in between and flat
-    before the first, plus the measured prefill (see the module docstring). A first step measurement at the longest length, discarded, sizes the
-    caching allocator for all of them."""
+    before the first, plus the measured prefill (see the module docstring). A first step
+    measurement at the longest length, discarded, sizes the caching allocator for all of them."""
     ids = random_prompt(model, batch, prompt_len, device)
     prefill = timed_generation(lambda n, s: plain_generate(model, ids, n, s), [1], device)[1][0]
     xs = [prompt_len + new_tokens * (i + 1) // samples for i in range(samples)]
@@ -291,11 +291,12 @@ def main():
 
     model = build_model(shape, dtype, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    cuda_graph = device.type == "cuda" and not args.gkv_eager
+    gkv_mode = "replayed from a CUDA graph" if cuda_graph else "eager"
     title = (f"{'tiny Qwen2' if args.quick else 'Qwen2.5-1.5B-shaped'} model, RANDOM weights, "
              f"{str(dtype).removeprefix('torch.')}, {name}; plain = transformers "
              f"{transformers.__version__} generate (DynamicCache, sdpa), gkv = gkv_ext.hf "
-             f"GKV(budget={budget}, D={D}), decode "
-             f"{'replayed from a CUDA graph' if device.type == 'cuda' and not args.gkv_eager else 'eager'}")
+             f"GKV(budget={budget}, D={D}), decode {gkv_mode}")
     if args.context:  # one row per (batch, prompt length), decode rate only
         runs = [(b, c, lengths[:1]) for c in parse(args.context) for b in batches]
         title += f"; context from the prompt, decode tokens/s over {lengths[0]} new tokens"
@@ -310,7 +311,7 @@ def main():
             for row in bench_batch(model, b, p, ns, budget, D, device,
                                    decode_only=bool(args.context), plain_samples=plain_samples,
                                    plain_steps=8 if args.quick else 32, progress=True,
-                                   cuda_graph=not args.gkv_eager)]
+                                   cuda_graph=cuda_graph)]
     report({"title": title, "device": name, "torch": torch.__version__,
             "transformers": transformers.__version__, "random_weights": True}, rows,
            Path(args.out))

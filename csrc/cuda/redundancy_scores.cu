@@ -20,8 +20,8 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& k_in, const at::Tensor& pos_
   constexpr const char* op = "redundancy_scores";
   check_redundancy_scores(k_in, pos_in, threshold);
   const int64_t B = k_in.size(0), H = k_in.size(1), N = k_in.size(2), d = k_in.size(3);
-  TORCH_CHECK(N <= int64_t(65535) * kernels::kRedTile && B * H <= std::numeric_limits<int>::max(),
-              "gkv::redundancy_scores: N must be <= ", int64_t(65535) * kernels::kRedTile,
+  TORCH_CHECK(N <= kernels::kRedMaxSlots && B * H <= std::numeric_limits<int>::max(),
+              "gkv::redundancy_scores: N must be <= ", kernels::kRedMaxSlots,
               " and B * Hkv < 2^31 on CUDA, got N = ", N, ", B * Hkv = ", B * H);
   const c10::cuda::CUDAGuard guard(k_in.device());
   auto k = k_in.contiguous();
@@ -37,7 +37,7 @@ at::Tensor redundancy_scores_cuda(const at::Tensor& k_in, const at::Tensor& pos_
       GKV_CUDA_CHECK(op, (kernels::redundancy_splits<scalar_t, kHeadDim>(
                              rows, static_cast<int>(N), &splits)));
       // One allocation for every workspace (fewer host calls on this short op).
-      auto workspace = at::empty({kernels::redundancy_workspace_floats(rows, N, splits)},
+      auto workspace = at::empty({kernels::redundancy_workspace_floats<scalar_t, kHeadDim>(rows, N, splits)},
                                  k.options().dtype(at::kFloat));
       GKV_CUDA_CHECK(op, (kernels::redundancy_scores<scalar_t, kHeadDim>(
                              static_cast<const scalar_t*>(k.data_ptr()), pos.data_ptr<int>(), rows,

@@ -2,17 +2,20 @@
 //   1. inv_norm: per slot 1 / (||k|| + 1e-6) in fp32, or NaN for an empty slot (pos < 0) and for
 //      the padding slots [N, Np) of the tile grid, so one array carries norm and validity (a NaN
 //      makes every c with that slot NaN, which fails every "> threshold" test).
-//   2. gram: one pass over the Gram matrix. A block owns 64 (FFMA) or 128 (mma) rows and walks
-//      64-column tiles; c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0. Per row i it keeps the
-//      sum of c_ij over valid j and the largest valid j with c_ij > threshold (with that c). As c
-//      is symmetric, that row maximum is the column exemption m*(j) of the method, found by a
-//      parallel max-reduction, not a sequential scan. bf16/fp16 keys with d % 16 == 0 use tensor
-//      cores (mma.sync m16n8k16 on the raw keys, fp32 accumulation: the products of two 16-bit
-//      values are exact, so c agrees with an fp32 computation to rounding), with the columns
-//      split over up to kMaxSplits blocks per row tile to fill the GPU; fp32 keys and d = 8 use
-//      FFMA over all columns.
-//   3. finalize: per (b, h), merge the column splits, scatter-subtract the exempted entries, then
-//      the masked softmax with temperature |V|; 0 at empty slots, all 0 when no slot is valid.
+//   2. gram: the Gram matrix c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0, in 64-column tiles.
+//      Per row i it keeps the sum of c_ij over valid j and the largest valid j with
+//      c_ij > threshold (with that c). As c is symmetric, that row maximum is the column
+//      exemption m*(j) of the method, found by a parallel max-reduction, not a sequential scan.
+//      bf16/fp16 keys with d % 16 == 0 use tensor cores (mma.sync m16n8k16 on the raw keys, fp32
+//      accumulation: the products of two 16-bit values are exact, so c agrees with an fp32
+//      computation to rounding) over one triangle only: the block of rows [i0, i0 + 128) walks
+//      the columns from i0 on and hands every tile right of its rows to those columns too
+//      (c_ji = c_ij), through integer atomics (their sums do not depend on the blocks' order).
+//      Its column range is cut into chunks spread over blocks to fill the GPU. fp32 keys and
+//      d = 8 use FFMA over the whole matrix.
+//   3. finalize: per (b, h), merge the chunks and the handed-on column parts, scatter-subtract
+//      the exempted entries, then the masked softmax with temperature |V|; 0 at empty slots, all
+//      0 when no slot is valid.
 // No torch headers: raw pointers, sizes, a stream, a cudaError_t.
 #pragma once
 
@@ -92,20 +95,28 @@ __device__ __forceinline__ void visit(RowState& s, float dot, float inv_i, float
   }
 }
 
+// Adds another part of the same row (or column) to s: the sums add, the larger index wins.
+__device__ __forceinline__ void merge(RowState& s, float sum, int last, float last_c) {
+  s.sum += sum;
+  if (last > s.last) {
+    s.last = last;
+    s.last_c = last_c;
+  }
+}
+
+// Merges into s the state `send` of lane (lane ^ xor_mask).
+__device__ __forceinline__ void merge_from_lane(RowState& s, const RowState& send, int xor_mask) {
+  const float sum = __shfl_xor_sync(0xffffffffu, send.sum, xor_mask);
+  const int last = __shfl_xor_sync(0xffffffffu, send.last, xor_mask);
+  const float last_c = __shfl_xor_sync(0xffffffffu, send.last_c, xor_mask);
+  merge(s, sum, last, last_c);
+}
+
 // Combines the states of the lanes (xor distances < width) that share a row.
 template <int Width>
 __device__ __forceinline__ void reduce_lanes(RowState& s) {
 #pragma unroll
-  for (int off = 1; off < Width; off <<= 1) {
-    const float sum = __shfl_xor_sync(0xffffffffu, s.sum, off);
-    const int last = __shfl_xor_sync(0xffffffffu, s.last, off);
-    const float last_c = __shfl_xor_sync(0xffffffffu, s.last_c, off);
-    s.sum += sum;
-    if (last > s.last) {
-      s.last = last;
-      s.last_c = last_c;
-    }
-  }
+  for (int off = 1; off < Width; off <<= 1) merge_from_lane(s, RowState(s), off);
 }
 
 __device__ __forceinline__ void store_row(const RowState& s, int64_t at, float* rowsum, int* last,
@@ -202,24 +213,34 @@ constexpr int kMmaThreads = kMmaWarps * 32;
 // Rows per warp: two m16 tiles, so every B fragment read from shared memory feeds two mma (half
 // the shared-memory traffic of one m16 tile per warp, which capped the tensor cores).
 constexpr int kWarpRows = 32;
-constexpr int kMmaRows = kWarpRows * kMmaWarps;  // rows per block = the two 64-key buffers
-constexpr int kMmaMinBlocks = 3;                 // blocks per SM: caps registers at 168
-// Column splits of the Gram pass: blocks of one row tile that walk disjoint column ranges and
-// write partial row states, merged by finalize. They fill the last wave of a small grid
-// (32 heads x 17 row tiles = 544 blocks is 2.06 waves of 264 on an H100 without them).
+constexpr int kMmaRows = kWarpRows * kMmaWarps;       // rows per block = the two 64-key buffers
+constexpr int kRowBlockTiles = kMmaRows / kRedTile;  // column tiles a block's own rows span
+constexpr int kMmaMinBlocks = 3;                     // blocks per SM: caps registers at 168
+// Chunks of a row block's column range: blocks of one row block walk disjoint chunks and write
+// partial row states, merged by finalize. They fill the GPU when heads x row blocks is small.
 constexpr int kMaxSplits = 8;
+// Slots per head on CUDA: every (row block, chunk) of a head then fits the grid's y (< 41,000
+// items at 2^20 slots with chunks of >= tiles / kMaxSplits).
+constexpr int64_t kRedMaxSlots = int64_t(1) << 20;
+// Fixed point of the handed-on column sums (int64 atomics add in any order to the same bits):
+// 2^-32 resolution, and |sum| <= N <= 2^20 stays far inside int64.
+constexpr double kColumnSumScale = 4294967296.0;
 
 template <int D>
 constexpr int mma_pitch() { return D + 8; }  // 16-byte row padding: conflict-free ldmatrix
 
-// Two 64-key buffers (the 128 A rows pass through them first) and two 64-float inv tiles.
+// Two 64-key buffers (the 128 A rows pass through them first), two 64-float inv tiles, and the
+// column parts of one tile per warp (sum, row, c).
 template <int D>
 constexpr size_t mma_smem_bytes() {
-  return 2 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float);
+  return 2 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float) +
+         3 * kMmaWarps * kRedTile * sizeof(float);
 }
 
-
-
+// Chunks of `per` column tiles that row block rb walks: the tiles from its own first one on.
+__host__ __device__ __forceinline__ int triangle_chunks(int rb, int tiles, int per) {
+  return (tiles - rb * kRowBlockTiles + per - 1) / per;
+}
 
 // n_keys keys from row0 on into dst [n_keys][pitch] (zeros past N); with dst_inv, also the 64
 // inv values from row0 on (inside the padded [0, Np) range).
@@ -239,33 +260,50 @@ __device__ __forceinline__ void load_tile_async(const T* kr, int row0, int n_key
   }
 }
 
-// Folds one accumulator of the mma path into its row state. Both the row sum and the candidate
-// c are kept unscaled by inv_i (scaled once at the end): the sum takes dot * w_j (w_j = inv_j,
-// 0 for an empty slot), the threshold test compares dot * inv_j (NaN for an empty slot or past
-// N) with threshold / inv_i. Diag: the tile may hold i == j, whose c is 0.
-template <bool Diag>
-__device__ __forceinline__ void fold(RowState& s, float dot, float thr_i, float inv_j, float w_j,
-                                     int i, int j) {
+// The four rows a lane owns in the mma path (rows g and g + 8 of the warp's two m16 tiles), in
+// ascending order, with their constants and row states. Row a = 2m + h is wrow0 + 16m + 8h + g.
+struct LaneRows {
+  int row[4];
+  float inv[4];  // 1 / ||k_i||: NaN for an empty slot or past N
+  float w[4];    // inv, 0 where it is NaN: the weight of row i in a column sum
+  float thr[4];  // threshold / inv_i: c_ij > threshold is tested as dot * inv_j > thr
+  RowState state[4];
+};
+
+// Folds one accumulator (row a of the lane, column j). Row state: the sum takes dot * w_j and a
+// hit stores dot * inv_j, both unscaled by inv_i until the end. Column state (Cols: a tile right
+// of the block's rows, where c_ji = c_ij): the sum takes dot * w_i (scaled by inv_j when the
+// block hands it on), a hit stores row i with its c. Diag: the tile may hold i == j, whose c is 0.
+template <bool Diag, bool Cols>
+__device__ __forceinline__ void fold(LaneRows& rows, int a, RowState& col, float dot, float inv_j,
+                                     float w_j, int j) {
+  RowState& s = rows.state[a];
   float cj = dot * inv_j;
-  if (Diag && i == j) {
+  if (Diag && rows.row[a] == j) {
     cj = 0.f;
     w_j = 0.f;
   }
   s.sum = fmaf(dot, w_j, s.sum);
-  if (cj > thr_i) {
+  const bool hit = cj > rows.thr[a];
+  if (hit) {
     s.last = j;
     s.last_c = cj;
+  }
+  if constexpr (Cols) {
+    col.sum = fmaf(dot, rows.w[a], col.sum);
+    if (hit) {
+      col.last = rows.row[a];
+      col.last_c = cj * rows.inv[a];
+    }
   }
 }
 
 // Folds NC n8 chunks of the warp's two m16 tiles, columns j0 .. j0 + 8 * NC - 1 (iv: their inv
-// values), in ascending column order within the thread; each column's inv is read once for the
-// four rows of the thread.
-template <bool Diag, int NC>
+// values), in ascending column order within the thread and ascending row order within a column;
+// col[2 * nc + q] is the column part of the lane's column nc * 8 + 2t + q.
+template <bool Diag, bool Cols, int NC>
 __device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const float* iv, int j0,
-                                          int t, const int (&row_lo)[2], const float (&thr_lo)[2],
-                                          const float (&thr_hi)[2], RowState (&lo)[2],
-                                          RowState (&hi)[2]) {
+                                          int t, LaneRows& rows, RowState (&col)[2 * NC]) {
 #pragma unroll
   for (int nc = 0; nc < NC; ++nc) {
 #pragma unroll
@@ -274,35 +312,91 @@ __device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const fl
       const float inv_j = iv[cl];
       const float w_j = fmaxf(inv_j, 0.f);  // NaN -> 0
 #pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        fold<Diag>(lo[m], acc[m][nc][q], thr_lo[m], inv_j, w_j, row_lo[m], j0 + cl);
-        fold<Diag>(hi[m], acc[m][nc][2 + q], thr_hi[m], inv_j, w_j, row_lo[m] + 8, j0 + cl);
+      for (int a = 0; a < 4; ++a) {
+        fold<Diag, Cols>(rows, a, col[2 * nc + q], acc[a >> 1][nc][2 * (a & 1) + q], inv_j, w_j,
+                         j0 + cl);
       }
     }
   }
 }
 
-// Block (head r = blockIdx.x, 128 rows from blockIdx.y, column split blockIdx.z): warp w owns
-// rows 32w..32w+31 as two m16 tiles and keeps their A fragments in registers (loaded once
-// through the B buffers), then walks its split's column tiles, double-buffered through
-// cp.async, in two halves of 32 columns (fewer accumulator registers, same B traffic).
-// Accumulator layout of m16n8k16: lane (g = lane/4, t = lane%4) holds rows g and g+8, columns 2t
-// and 2t+1 of each n8 chunk; the 4 lanes of one g reduce together. The partial row states go
-// to split blockIdx.z of rowsum / last / last_c [splits, rows, N].
+// Exchanges the upper or lower half of `col` with lane (lane ^ Xor) and merges the half kept.
+template <int Xor, int Half>
+__device__ __forceinline__ void scatter_half(RowState (&col)[8], int lane) {
+  const bool upper = (lane & Xor) != 0;
+#pragma unroll
+  for (int x = 0; x < Half; ++x) {
+    const RowState keep = upper ? col[x + Half] : col[x];
+    const RowState send = upper ? col[x] : col[x + Half];
+    col[x] = keep;
+    merge_from_lane(col[x], send, Xor);
+  }
+}
+
+// Column parts of a warp's 32-column half tile: lane (g, t) holds 8 columns over its 4 rows.
+// Three exchanges between the lanes of one t (xor 16, 8, 4) each hand over half the columns
+// left, so lane (g, t) ends with the warp's part of its column index g, which is column
+// (g >> 1) * 8 + 2t + (g & 1) of the half: 7 exchanges where a full reduction takes 24.
+__device__ __forceinline__ RowState reduce_scatter_columns(RowState (&col)[8], int lane) {
+  scatter_half<16, 4>(col, lane);
+  scatter_half<8, 2>(col, lane);
+  scatter_half<4, 1>(col, lane);
+  return col[0];
+}
+
+// After a tile right of the block's rows: threads 0..63 merge the four warps' column parts
+// (ascending rows) and hand them to the columns: the sum, scaled by inv_j, in fixed point, and
+// the last row with a hit packed as (row + 1) << 32 | bits of c for an atomic max.
+__device__ __forceinline__ void hand_on_columns(const float* s_sum, const int* s_last,
+                                                const float* s_c, const float* inv_r, int j0, int N,
+                                                long long* col_sum, unsigned long long* col_last) {
+  const int cl = threadIdx.x, j = j0 + cl;
+  if (cl >= kRedTile || j >= N) return;
+  const float inv_j = inv_r[j];
+  if (!(inv_j >= 0.f)) return;  // empty slot: finalize never reads it
+  RowState s{s_sum[cl], s_last[cl], s_c[cl]};
+#pragma unroll
+  for (int w = 1; w < kMmaWarps; ++w) {
+    merge(s, s_sum[w * kRedTile + cl], s_last[w * kRedTile + cl], s_c[w * kRedTile + cl]);
+  }
+  atomicAdd(reinterpret_cast<unsigned long long*>(col_sum + j),
+            static_cast<unsigned long long>(__double2ll_rn(double(s.sum * inv_j) * kColumnSumScale)));
+  if (s.last >= 0) {
+    atomicMax(col_last + j, (static_cast<unsigned long long>(s.last + 1) << 32) |
+                                __float_as_uint(s.last_c));
+  }
+}
+
+// Block (head r = blockIdx.x, item blockIdx.y = (row block rb, chunk)): rows [128 rb, 128 rb +
+// 128), column tiles [2 rb + chunk * per, + per). Warp w owns rows 32w..32w+31 as two m16 tiles
+// and keeps their A fragments in registers (loaded once through the B buffers), then walks the
+// chunk's column tiles, double-buffered through cp.async, in two halves of 32 columns (fewer
+// accumulator registers, same B traffic). Accumulator layout of m16n8k16: lane (g = lane/4,
+// t = lane%4) holds rows g and g+8, columns 2t and 2t+1 of each n8 chunk; the 4 lanes of one g
+// reduce together. The partial row states go to chunk `chunk` of rowsum / last / last_c
+// [splits, rows, N]; the column parts of tiles right of the rows to col_sum / col_last [rows, N].
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     gram_mma_kernel(const T* __restrict__ k, const float* __restrict__ inv, int N, int Np,
-                    float threshold, int tiles_per_split, float* __restrict__ rowsum,
-                    int* __restrict__ last, float* __restrict__ last_c) {
+                    float threshold, int per, float* __restrict__ rowsum, int* __restrict__ last,
+                    float* __restrict__ last_c, long long* __restrict__ col_sum,
+                    unsigned long long* __restrict__ col_last) {
   constexpr int P = mma_pitch<D>();
   constexpr int kHalfChunks = kRedTile / 16;  // n8 chunks per 32-column half
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sB = reinterpret_cast<T*>(smem_raw);                         // [2][64][P]
   float* sInv = reinterpret_cast<float*>(sB + 2 * kRedTile * P);  // [2][64]
+  float* sColSum = sInv + 2 * kRedTile;                           // [warps][64]
+  int* sColLast = reinterpret_cast<int*>(sColSum + kMmaWarps * kRedTile);
+  float* sColC = reinterpret_cast<float*>(sColLast + kMmaWarps * kRedTile);
   const int64_t r = blockIdx.x;
-  const int i0 = blockIdx.y * kMmaRows;
-  const int tile_begin = blockIdx.z * tiles_per_split;
-  const int tile_end = min(tile_begin + tiles_per_split, Np / kRedTile);
+  const int tiles = Np / kRedTile;
+  int chunk = blockIdx.y, rb = 0;
+  while (chunk >= triangle_chunks(rb, tiles, per)) chunk -= triangle_chunks(rb++, tiles, per);
+  const int i0 = rb * kMmaRows;
+  const int first_right = (rb + 1) * kRowBlockTiles;  // tiles from here on are all right of i0
+  const int tile_begin = rb * kRowBlockTiles + chunk * per;
+  const int tile_end = min(tile_begin + per, tiles);
   const T* kr = k + r * N * D;
   const float* inv_r = inv + r * Np;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -323,23 +417,17 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     }
   }
   __syncthreads();  // the buffers now take column tiles
-  if (tile_begin < tile_end) {
-    load_tile_async<T, D>(kr, tile_begin * kRedTile, kRedTile, N, sB, inv_r, sInv);
-  }
+  load_tile_async<T, D>(kr, tile_begin * kRedTile, kRedTile, N, sB, inv_r, sInv);
   cp_async_commit();
 
-  // c_ij > threshold is tested as c_ij / inv_i > threshold / inv_i: one multiply per element.
-  // inv_i > 0 for a valid row; an empty row (NaN) or a row past N (0) is never stored.
-  int row_lo[2];
-  float inv_lo[2], inv_hi[2], thr_lo[2], thr_hi[2];
-  RowState lo[2], hi[2];
+  // inv_i > 0 for a valid row; an empty row or a row past N (NaN) never hits and weighs 0.
+  LaneRows rows;
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    row_lo[m] = wrow0 + m * 16 + g;
-    inv_lo[m] = row_lo[m] < N ? inv_r[row_lo[m]] : 0.f;
-    inv_hi[m] = row_lo[m] + 8 < N ? inv_r[row_lo[m] + 8] : 0.f;
-    thr_lo[m] = threshold / inv_lo[m];
-    thr_hi[m] = threshold / inv_hi[m];
+  for (int x = 0; x < 4; ++x) {
+    rows.row[x] = wrow0 + (x >> 1) * 16 + (x & 1) * 8 + g;
+    rows.inv[x] = rows.row[x] < Np ? inv_r[rows.row[x]] : __int_as_float(0x7fc00000);
+    rows.w[x] = fmaxf(rows.inv[x], 0.f);
+    rows.thr[x] = threshold / rows.inv[x];
   }
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buf = (tile - tile_begin) & 1;
@@ -356,6 +444,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     const float* iv = sInv + buf * kRedTile;
     // Warp-uniform: the diagonal i == j crosses this warp's 32 x 64 tile.
     const bool diag = j0 + kRedTile > wrow0 && j0 < wrow0 + kWarpRows;
+    const bool right = tile >= first_right;  // block-uniform
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float acc[2][kHalfChunks][4] = {};
@@ -373,38 +462,58 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
           }
         }
       }
+      RowState col[2 * kHalfChunks];
+      const float* iv_half = iv + half * 32;
       if (diag) {
-        fold_tile<true>(acc, iv + half * 32, j0 + half * 32, t, row_lo, thr_lo, thr_hi, lo, hi);
+        fold_tile<true, false>(acc, iv_half, j0 + half * 32, t, rows, col);
+      } else if (right) {
+        fold_tile<false, true>(acc, iv_half, j0 + half * 32, t, rows, col);
+        const RowState part = reduce_scatter_columns(col, lane);
+        const int at = warp * kRedTile + half * 32 + (g >> 1) * 8 + 2 * t + (g & 1);
+        sColSum[at] = part.sum;
+        sColLast[at] = part.last;
+        sColC[at] = part.last_c;
       } else {
-        fold_tile<false>(acc, iv + half * 32, j0 + half * 32, t, row_lo, thr_lo, thr_hi, lo, hi);
+        fold_tile<false, false>(acc, iv_half, j0 + half * 32, t, rows, col);
       }
     }
-    __syncthreads();  // buffer `buf` is refilled at the next iteration
+    __syncthreads();  // buffer `buf` is refilled at the next iteration; the column parts are in
+    if (right) {
+      hand_on_columns(sColSum, sColLast, sColC, inv_r, j0, N, col_sum + r * N, col_last + r * N);
+    }
   }
-  const int64_t out0 = (blockIdx.z * int64_t(gridDim.x) + r) * N;
+  const int64_t out0 = (chunk * int64_t(gridDim.x) + r) * N;
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    reduce_lanes<4>(lo[m]);
-    reduce_lanes<4>(hi[m]);
-    lo[m].sum *= inv_lo[m];
-    lo[m].last_c *= inv_lo[m];
-    hi[m].sum *= inv_hi[m];
-    hi[m].last_c *= inv_hi[m];
-    if (t == 0 && row_lo[m] < N) store_row(lo[m], out0 + row_lo[m], rowsum, last, last_c);
-    if (t == 0 && row_lo[m] + 8 < N) store_row(hi[m], out0 + row_lo[m] + 8, rowsum, last, last_c);
+  for (int x = 0; x < 4; ++x) {
+    RowState& s = rows.state[x];
+    reduce_lanes<4>(s);
+    s.sum *= rows.inv[x];
+    s.last_c *= rows.inv[x];
+    if (t == 0 && rows.row[x] < N) store_row(s, out0 + rows.row[x], rowsum, last, last_c);
   }
 }
 
-// Column splits for the mma pass: minimises (waves of blocks) x (tiles per block + 1, the +1
-// for the A load and the stores), over split counts whose splits are all non-empty.
-inline int redundancy_choose_splits(int64_t row_blocks, int tiles, int64_t slots) {
+// Row blocks x chunks of one head for chunks of `per` tiles.
+inline int64_t triangle_items(int row_blocks, int tiles, int per) {
+  int64_t items = 0;
+  for (int rb = 0; rb < row_blocks; ++rb) items += triangle_chunks(rb, tiles, per);
+  return items;
+}
+
+// Chunk count of row block 0 for the mma pass (each chunk ceil(tiles / splits) tiles): minimises
+// the tiles per SM slot (a block's A load and stores counted as one more tile) plus one chunk for
+// the tail, over split counts whose chunks are all non-empty.
+inline int redundancy_choose_splits(int64_t rows, int N, int64_t slots) {
+  const int tiles = ceil_div(N, kRedTile), row_blocks = ceil_div(N, kMmaRows);
+  int64_t triangle_tiles = 0;
+  for (int rb = 0; rb < row_blocks; ++rb) triangle_tiles += tiles - rb * kRowBlockTiles;
   int best = 1;
   int64_t best_cost = -1;
   for (int s = 1; s <= kMaxSplits && s <= tiles; ++s) {
     const int per = ceil_div(tiles, s);
-    if (ceil_div(tiles, per) != s) continue;  // some split would be empty
-    const int64_t waves = (row_blocks * s + slots - 1) / slots;
-    const int64_t cost = waves * (per + 1);
+    if (ceil_div(tiles, per) != s) continue;  // some chunk would be empty
+    const int64_t work = rows * (triangle_tiles + triangle_items(row_blocks, tiles, per));
+    const int64_t cost = (work + slots - 1) / slots + per;
     if (best_cost < 0 || cost < best_cost) {
       best = s;
       best_cost = cost;
@@ -430,38 +539,49 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
   return x;
 }
 
-// One block per head: merges the column splits (the sums into split 0; the exemption from the
-// highest split with a hit, as splits cover ascending column ranges), raw = rowsum minus the
-// exempted entries, R = softmax over valid slots of raw / |V|. rowsum, last, last_c:
-// [splits, rows, N].
+// One block per head: merges the chunks of each row (the sums into chunk 0; the exemption from
+// the highest chunk with a hit, as chunks cover ascending column ranges) and, with column parts
+// (col_sum != nullptr: the triangle pass), the sums and hits handed on from the rows before the
+// row's block, which all lie left of it; raw = rowsum minus the exempted entries, R = softmax
+// over valid slots of raw / |V|. rowsum, last, last_c: [splits, rows, N]; row j has
+// triangle_chunks(j / 128, tiles, ceil(tiles / splits)) chunks with column parts, else splits.
 __global__ void __launch_bounds__(kFinalThreads)
     finalize_kernel(const float* __restrict__ inv, int N, int Np, int splits,
                     float* __restrict__ rowsum, const int* __restrict__ last,
-                    const float* __restrict__ last_c, float* __restrict__ out) {
+                    const float* __restrict__ last_c, const long long* __restrict__ col_sum,
+                    const unsigned long long* __restrict__ col_last, float* __restrict__ out) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const int64_t split_stride = int64_t(gridDim.x) * N;
+  const int tiles = Np / kRedTile, per = (tiles + splits - 1) / splits;
   const float* inv_r = inv + r * Np;
   float* raw = rowsum + r * N;
   float* out_r = out + r * N;
-  if (splits > 1) {
-    for (int j = threadIdx.x; j < N; j += kFinalThreads) {
-      float s = raw[j];
-      for (int sp = 1; sp < splits; ++sp) s += raw[sp * split_stride + j];
-      raw[j] = s;
-    }
-    __syncthreads();  // the scatter below may hit any slot's merged sum
+  const auto chunks_of = [&](int j) {
+    return col_sum != nullptr ? triangle_chunks(j / kMmaRows, tiles, per) : splits;
+  };
+  for (int j = threadIdx.x; j < N; j += kFinalThreads) {
+    float s = raw[j];
+    for (int sp = 1; sp < chunks_of(j); ++sp) s += raw[sp * split_stride + j];
+    if (col_sum != nullptr) s += static_cast<float>(double(col_sum[r * N + j]) / kColumnSumScale);
+    raw[j] = s;
   }
+  __syncthreads();  // the scatter below may hit any slot's merged sum
   for (int j = threadIdx.x; j < N; j += kFinalThreads) {
     if (!(inv_r[j] >= 0.f)) continue;
-    for (int sp = splits - 1; sp >= 0; --sp) {
+    int m = -1;
+    float c = 0.f;
+    for (int sp = chunks_of(j) - 1; sp >= 0 && m < 0; --sp) {
       const int64_t at = sp * split_stride + r * N + j;
-      const int m = last[at];
-      if (m >= 0) {
-        atomicAdd(raw + m, -last_c[at]);
-        break;
-      }
+      m = last[at];
+      c = last_c[at];
     }
+    if (m < 0 && col_last != nullptr && col_last[r * N + j] != 0) {
+      const unsigned long long packed = col_last[r * N + j];
+      m = static_cast<int>(packed >> 32) - 1;
+      c = __uint_as_float(static_cast<unsigned>(packed));
+    }
+    if (m >= 0) atomicAdd(raw + m, -c);
   }
   __syncthreads();
   float count = 0.f, mx = -INFINITY;
@@ -496,8 +616,8 @@ constexpr bool redundancy_uses_mma() {
   return !std::is_same_v<T, float> && D % 16 == 0;
 }
 
-// Column splits the launcher will run with for rows heads of N slots on the current device (1 on
-// the FFMA path); size the workspace with it.
+// Chunks per row block the launcher will run with for rows heads of N slots on the current
+// device (1 on the FFMA path); size the workspace with it.
 template <typename T, int D>
 cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
   *splits = 1;
@@ -519,33 +639,42 @@ cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
       per_sm = per_sm > 0 ? per_sm : 1;
       per_sm_cache.store(per_sm, std::memory_order_relaxed);
     }
-    const int tiles = static_cast<int>(redundancy_padded_len(N) / kRedTile);
-    *splits = redundancy_choose_splits(rows * ceil_div(N, kMmaRows), tiles, int64_t(sms) * per_sm);
+    *splits = redundancy_choose_splits(rows, N, int64_t(sms) * per_sm);
   }
   return cudaSuccess;
 }
 
-// Floats of workspace for rows heads of N slots and `splits` column splits: inv [rows, Np],
-// then rowsum, last_c (fp32) and last (int32), each [splits, rows, N].
-inline int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) {
-  return rows * redundancy_padded_len(N) + 3 * int64_t(splits) * rows * N;
+// Floats of workspace for rows heads of N slots and `splits` chunks: inv [rows, Np], on the mma
+// path the column parts col_sum (int64) and col_last (uint64) [rows, N], then rowsum, last_c
+// (fp32) and last (int32), each [splits, rows, N].
+template <typename T, int D>
+int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) {
+  const int64_t column_parts = redundancy_uses_mma<T, D>() ? 4 * rows * N : 0;
+  return rows * redundancy_padded_len(N) + column_parts + 3 * int64_t(splits) * rows * N;
 }
 
 // k [rows, N, D] contiguous and 16-byte aligned, pos [rows, N] int32 contiguous -> out [rows, N]
-// fp32. splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats(rows, N,
-// splits) floats. rows <= 2^31 - 1, ceil(N / 64) <= 65535.
+// fp32. splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats<T, D>(rows,
+// N, splits) floats, 8-byte aligned. rows <= 2^31 - 1, N <= kRedMaxSlots.
 template <typename T, int D>
 cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, float threshold,
                               int splits, float* workspace, float* out, cudaStream_t stream) {
   if (rows == 0 || N == 0) return cudaSuccess;
   const int Np = static_cast<int>(redundancy_padded_len(N));
   const int tiles = Np / kRedTile;
-  if (splits < 1 || splits > kMaxSplits || splits > tiles ||
+  if (N > kRedMaxSlots || splits < 1 || splits > kMaxSplits || splits > tiles ||
       (!redundancy_uses_mma<T, D>() && splits != 1)) {
     return cudaErrorInvalidValue;
   }
   float* inv = workspace;
-  float* rowsum = inv + rows * Np;
+  long long* col_sum = nullptr;
+  unsigned long long* col_last = nullptr;
+  float* rowsum = inv + rows * Np;  // Np is a multiple of 64: the int64 parts stay aligned
+  if constexpr (redundancy_uses_mma<T, D>()) {
+    col_sum = reinterpret_cast<long long*>(rowsum);
+    col_last = reinterpret_cast<unsigned long long*>(col_sum + rows * N);
+    rowsum = reinterpret_cast<float*>(col_last + rows * N);
+  }
   float* last_c = rowsum + splits * rows * N;
   int* last = reinterpret_cast<int*>(last_c + splits * rows * N);
   const int64_t inv_threads = rows * Np * inv_norm_lanes<T, D>();
@@ -560,16 +689,19 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
     gram_ffma_kernel<T, D><<<grid, kFfmaThreads, smem, stream>>>(k, inv, N, Np, threshold,
                                                                  rowsum, last, last_c);
   } else {
+    err = cudaMemsetAsync(col_sum, 0, 2 * rows * N * sizeof(long long), stream);
+    if (err != cudaSuccess) return err;
     constexpr size_t smem = mma_smem_bytes<D>();  // < 48 KB: no opt-in needed
-    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(N, kMmaRows)),
-                    static_cast<unsigned>(splits));
+    const int per = ceil_div(tiles, splits);
+    const int64_t items = triangle_items(ceil_div(N, kMmaRows), tiles, per);
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(items));
     gram_mma_kernel<T, D><<<grid, kMmaThreads, smem, stream>>>(
-        k, inv, N, Np, threshold, ceil_div(tiles, splits), rowsum, last, last_c);
+        k, inv, N, Np, threshold, per, rowsum, last, last_c, col_sum, col_last);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   finalize_kernel<<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(
-      inv, N, Np, splits, rowsum, last, last_c, out);
+      inv, N, Np, splits, rowsum, last, last_c, col_sum, col_last, out);
   return cudaGetLastError();
 }
 

@@ -32,9 +32,13 @@ at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const auto visible = j.le(slot).logical_and(pos.ge(0).unsqueeze(2)).logical_or(j.eq(slot));
   // visible [B,Hkv,T,N]
   if (!acc) {
-    const auto mask = visible.unsqueeze(2).expand({B, Hkv, G, T, N}).reshape({B, Hq, T, N});
-    return at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scale,
-                                            /*enable_gqa=*/G > 1);
+    // The G query heads of a KV head become G * T query rows of that head: SDPA's masked
+    // kernels take no GQA (enable_gqa falls back to the math path, which copies K and V G times:
+    // 30 GB a layer at B=128 and 16K slots).
+    const auto mask = visible.unsqueeze(2).expand({B, Hkv, G, T, N}).reshape({B, Hkv, G * T, N});
+    return at::scaled_dot_product_attention(q.reshape({B, Hkv, G * T, d}), k, v, mask, 0.0,
+                                            /*is_causal=*/false, scale)
+        .reshape({B, Hq, T, d});
   }
   const auto qg = q.to(at::kFloat).view({B, Hkv, G, T, d});
   auto s = at::matmul(qg, k.to(at::kFloat).unsqueeze(2).transpose(-1, -2)).mul_(scale);

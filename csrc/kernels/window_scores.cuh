@@ -8,7 +8,8 @@
 //   - FFMA (fp32, and d = 8): the tiles are fp32 with q pre-scaled, and each of the 256 threads
 //     computes a 4 x 4 block (rows ty + 16a, keys tx + 16u) from 16-byte shared-memory reads.
 //   1. stats: grid (B*Hkv*query chunks, key splits): per query row, the max and sum of exp2 over
-//      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0).
+//      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0), kept per
+//      quarter of the key tile by four threads of the row and merged at the end.
 //   2. lse:   one thread per query row merges the splits into its log-sum-exp.
 //   3. score: grid (B*Hkv*candidate tiles): recomputes the logits of kWsKeys candidates against
 //      every window query, p = exp2(logit - lse), max over the group, mean over the window.
@@ -233,19 +234,17 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowSc
   const int i0 = qc * p.win_tile;
   const int nw = min(p.win_tile, p.W - i0);
   const int rows = G * nw;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int begin = split * p.split_len;
   // The last slot that a query of this chunk sees is N-W+i0+nw-1.
   const int end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
 
   ws_load_queries<T, D, kMma>(p, b, h, i0, nw, sm.qs, nullptr);
-  constexpr int kRowsPerWarp = kWsRows / kWsWarps;
-  float rm[kRowsPerWarp], rl[kRowsPerWarp];  // row warp + kWsWarps*t, same in every lane
-#pragma unroll
-  for (int t = 0; t < kRowsPerWarp; ++t) {
-    rm[t] = -INFINITY;
-    rl[t] = 0.f;
-  }
+  // Row statistics without shuffles: thread (row, part) keeps a running max and sum of exp2 over
+  // keys part * 16 .. part * 16 + 15 of every tile (a warp reads 32 rows at one column: no bank
+  // conflicts); the four parts of a row merge once, at the end.
+  constexpr int kParts = kWsThreads / kWsRows, kPartKeys = kWsKeys / kParts;
+  const int row = threadIdx.x % kWsRows, part = threadIdx.x / kWsRows;
+  float rm = -INFINITY, rl = 0.f;
   for (int j0 = begin; j0 < end; j0 += kWsKeys) {
     __syncthreads();  // the previous tile is consumed
     ws_load_keys<T, D, kMma>(p, b, h, j0, min(kWsKeys, end - j0), sm.ks, sm.pos);
@@ -256,28 +255,36 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowSc
       ss[r * S::kSLd + c] = visible ? x : -INFINITY;
     });
     __syncthreads();
+    const float* xs = ss + row * S::kSLd + part * kPartKeys;
+    float mx = rm;
 #pragma unroll
-    for (int t = 0; t < kRowsPerWarp; ++t) {
-      const int r = warp + kWsWarps * t;
-      if (r >= rows) break;  // warp-uniform
-      const float x0 = ss[r * S::kSLd + lane], x1 = ss[r * S::kSLd + lane + 32];
-      const float mx = fmaxf(rm[t], warp_max(fmaxf(x0, x1)));
-      if (mx != -INFINITY) {
-        const float sum = warp_sum(exp2f(x0 - mx) + exp2f(x1 - mx));
-        rl[t] = rl[t] * exp2f(rm[t] - mx) + sum;
-        rm[t] = mx;
-      }
+    for (int c = 0; c < kPartKeys; ++c) mx = fmaxf(mx, xs[c]);
+    if (mx != -INFINITY) {
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < kPartKeys; ++c) sum += exp2f(xs[c] - mx);
+      rl = rl * exp2f(rm - mx) + sum;
+      rm = mx;
     }
   }
-  if (lane == 0) {
+  __syncthreads();  // ss now takes the parts' statistics
+  ss[part * kWsRows + row] = rm;
+  ss[(kParts + part) * kWsRows + row] = rl;
+  __syncthreads();
+  if (part == 0 && row < rows) {
+    float mx = -INFINITY;
 #pragma unroll
-    for (int t = 0; t < kRowsPerWarp; ++t) {
-      const int r = warp + kWsWarps * t;
-      if (r >= rows) break;
-      const int64_t row = (int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G;
-      p.part_m[row * p.num_splits + split] = rm[t];
-      p.part_l[row * p.num_splits + split] = rl[t];
+    for (int t = 0; t < kParts; ++t) mx = fmaxf(mx, ss[t * kWsRows + row]);
+    float sum = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int t = 0; t < kParts; ++t) {
+        sum += ss[(kParts + t) * kWsRows + row] * exp2f(ss[t * kWsRows + row] - mx);
+      }
     }
+    const int64_t out_row = (int64_t(b) * p.Hq + h * G + row % G) * p.W + i0 + row / G;
+    p.part_m[out_row * p.num_splits + split] = mx;
+    p.part_l[out_row * p.num_splits + split] = sum;
   }
 }
 

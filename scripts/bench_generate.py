@@ -25,6 +25,7 @@ the weights are random and the text is meaningless):
      divide_length / 16 tokens, so that the batch is bounded by the cache and the decode step,
      not by the scratch of the fill (a T-token forward over N cached slots masks [B,Hq,T,N]:
      2 GB at B=128, T=32, N=16.9K, which made FullKV's probed batch fail late in its fill).
+     --memory-batches FULLKV,GKV skips the search (it also lets the section run on a CPU).
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
@@ -33,7 +34,9 @@ length per batch size and policy).
 """
 import argparse
 import json
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -289,13 +292,16 @@ def mean_step_over_generation(points, steps_ms, total):
     return area / xs[-1] if xs[-1] == total else None
 
 
-def bench_equal_memory(model, args, device, bw):
+def bench_equal_memory(model, args, device, bw, out):
+    """Appends each policy's row to `out` as soon as it is measured (and prints it): a run cut
+    short keeps FullKV's row, whose teacher-forced fill to 16K tokens takes minutes."""
     wbytes = weight_bytes(model)
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
-    out = []
     budget = max(args.budgets)
-    for name, policy in [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]:
-        B = largest_batch(model, policy, args, device)
+    configs = [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]
+    for i, (name, policy) in enumerate(configs):
+        B = (args.memory_batches[i] if args.memory_batches
+             else largest_batch(model, policy, args, device))
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
         steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
@@ -317,6 +323,8 @@ def bench_equal_memory(model, args, device, bw):
         mean = (mean_step_over_generation(points, steps, args.max_new) if policy.budget is None
                 else steps[0])
         out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3))
+        print(f"equal memory: {name} at B={B}: {mean:.2f} ms per step, "
+              f"{out[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     return out
 
 
@@ -404,9 +412,16 @@ def main(argv=None):
     ap.add_argument("--hf-steps", type=int, default=None)
     ap.add_argument("--modes", default="graph,eager",
                     help="decode step modes of the engine section: graph (CUDA graph replay), eager")
+    ap.add_argument("--memory-batches", type=ints, default=None,
+                    help="FULLKV,GKV: the equal-memory batches (e.g. found by an earlier run); "
+                         "skips the search")
     ap.add_argument("--only", default="engine,transformers,memory")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
+    if args.memory_batches and len(args.memory_batches) != 2:
+        ap.error(f"--memory-batches takes two batch sizes (FullKV,G-KV), got {args.memory_batches}")
+    # `timeout` stops a long run with SIGTERM: exit through the sections' finally, which saves.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda else "cpu")
     quick = args.quick or device.type != "cuda"
     defaults = dict(shape="tiny", batches=[1, 4], budgets=[32, 64], points=[64, 256], prompt=48,
@@ -431,19 +446,27 @@ def main(argv=None):
     result["engine"] = []
     sections = [("engine", lambda: bench_engine(model, args, device, bw)),
                 ("transformers", lambda: bench_transformers(hf, args, device))]
-    if device.type == "cuda":
-        sections.append(("equal_memory", lambda: bench_equal_memory(model, args, device, bw)))
-    for key, section in sections:
-        if key.split("_")[-1] not in only:
-            continue
-        with torch.no_grad():
-            result[key] = section()
-        # Written after every section, so a long run that stops keeps what it measured.
+    # The batch search allocates until the device is full: on CUDA only, or with given batches.
+    if device.type == "cuda" or args.memory_batches:
+        result["equal_memory"] = []
+        sections.append(("equal_memory", lambda: bench_equal_memory(
+            model, args, device, bw, result["equal_memory"])))
+
+    def save():  # after every section, so a long run that stops keeps what it measured
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out + ".json").write_text(json.dumps(result, indent=1))
             if result["engine"]:
                 plot(result, args.out + ".png")
+
+    for key, section in sections:
+        if key.split("_")[-1] not in only:
+            continue
+        try:
+            with torch.no_grad():
+                result[key] = section()
+        finally:
+            save()
     print_tables(result)
     return result
 

@@ -54,6 +54,26 @@ def test_bench_generate_quick(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_bench_generate_equal_memory_at_given_batches(tmp_path):
+    """--memory-batches skips the batch search, so the equal-memory section runs on a CPU too:
+    one row per policy at the given batch, each printed as soon as it is measured."""
+    out = tmp_path / "memory"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--only", "memory", "--memory-batches", "2,3", "--steps", "4",
+                          "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["equal_memory"]
+    assert [(r["policy"], r["batch"]) for r in rows] == [("FullKV", 2), ("G-KV@64", 3)]
+    for r in rows:
+        assert r["mean_step_ms"] > 0 and r["tokens_per_s"] > 0
+        assert f"equal memory: {r['policy']} at B={r['batch']}" in run.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--only", "memory", "--memory-batches", "2"],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert bad.returncode != 0 and "--memory-batches takes two batch sizes" in bad.stderr
+
+
 def load_script(name, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the scripts import each other
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

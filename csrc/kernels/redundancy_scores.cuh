@@ -76,7 +76,7 @@ __global__ void inv_norm_kernel(const T* __restrict__ k, const int* __restrict__
   }
 }
 
-// Running per-row state of the Gram pass.
+// Running state of one row of the Gram pass (and, in the triangle pass, of a column part).
 struct RowState {
   float sum = 0.f;     // sum of c_ij over valid j (the mma path scales by inv_i at the end)
   int last = -1;       // largest valid j with c_ij > threshold, -1 if none

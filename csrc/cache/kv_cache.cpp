@@ -40,13 +40,17 @@ at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::
                                             /*is_causal=*/false, scale)
         .reshape({B, Hq, T, d});
   }
-  const auto qg = q.to(at::kFloat).view({B, Hkv, G, T, d});
-  auto s = at::matmul(qg, k.to(at::kFloat).unsqueeze(2).transpose(-1, -2)).mul_(scale);
+  // In fp32 (the probabilities feed eviction decisions), with the same G * T rows per KV head: a
+  // matmul broadcasting K over the group would copy it G times.
+  const auto rows = q.to(at::kFloat).reshape({B, Hkv, G * T, d});
+  auto s = at::matmul(rows, k.to(at::kFloat).transpose(-1, -2)).mul_(scale).view({B, Hkv, G, T, N});
   s.masked_fill_(visible.logical_not().unsqueeze(2), -std::numeric_limits<float>::infinity());
   const auto p = at::softmax(s, -1);                                // [B,Hkv,G,T,N]
   const auto real_query = pos.narrow(2, N - T, T).ge(0).unsqueeze(-1);  // [B,Hkv,T,1]
   acc->add_(std::get<0>(p.max(2)).mul_(real_query).sum(2));        // [B,Hkv,N]
-  return at::matmul(p, v.to(at::kFloat).unsqueeze(2)).reshape({B, Hq, T, d}).to(q.scalar_type());
+  return at::matmul(p.view({B, Hkv, G * T, N}), v.to(at::kFloat))
+      .view({B, Hq, T, d})
+      .to(q.scalar_type());
 }
 
 // The prompt's causal attention through gkv::lifetime_attention: O(P) mask state instead of the

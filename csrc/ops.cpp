@@ -2,6 +2,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "ops/compact.h"
+
 namespace gkv {
 namespace {
 
@@ -45,6 +47,14 @@ void compact_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Ten
   static auto handle = op<void(at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                                const at::Tensor&)>("gkv::compact_");
   handle.call(k_cache, v_cache, pos, score, idx);
+}
+
+void compact_sorted_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
+                     at::Tensor& score, const at::Tensor& idx) {
+#ifdef GKV_WITH_CUDA
+  if (k_cache.is_cuda()) return compact_sorted_cuda(k_cache, v_cache, pos, score, idx);
+#endif
+  compact_(k_cache, v_cache, pos, score, idx);
 }
 
 at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx) {

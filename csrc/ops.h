@@ -30,6 +30,12 @@ at::Tensor select_keep(const at::Tensor& score, int64_t keep, int64_t window);
 void compact_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Tensor& score,
               const at::Tensor& idx);
 
+// compact_ for an idx that select_keep made (strictly ascending per head, inside [0, C)): on
+// CUDA it skips the validation, whose host read would stall every compression step; elsewhere it
+// is compact_. Not an op: only code that made idx itself may promise that.
+void compact_sorted_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
+                     at::Tensor& score, const at::Tensor& idx);
+
 // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d]
 at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx);
 

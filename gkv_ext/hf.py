@@ -28,8 +28,8 @@ How, with public extension points only:
 - Positions: a token's RoPE position is the count of real tokens before it in its row, never a
   compacted slot index (reference/gkv-method.md section 1.4).
 - Speed: on CUDA, ``gkv_ext.hf.generate`` replays the model's one-token forward from a CUDA graph
-  (``_DecodeGraph``) at every step that does not compress, so a step costs the GPU's work rather
-  than transformers' host code.
+  (``_DecodeGraph``) at every step (a compression step compresses after its replay), so a step
+  costs the GPU's work rather than transformers' host code.
 """
 import threading
 from dataclasses import dataclass
@@ -230,9 +230,11 @@ class CompressedCache(Cache):
             self._tokens = self._attended = 0
         return out.transpose(1, 2)
 
-    def account_replayed_decode(self) -> None:
-        """The host side of a one-token forward whose device work a replayed CUDA graph did."""
-        self.native.account_replayed_decode()
+    def account_replayed_decode(self, replay) -> None:
+        """A one-token forward whose device work is ``replay()`` (a CUDA graph's replay): the
+        native cache checks that it fits, calls it, keeps the books and, on a compression step,
+        compresses after it."""
+        self.native.account_replayed_decode(replay)
         self._seen += 1
 
     @staticmethod
@@ -439,9 +441,9 @@ class _DecodeGraph:
     is bound by its host code (~20 ms a step on an H200 for a 28-layer model, whatever the
     batch); a replay launches all its kernels at once.
 
-    A step is replayed when it does not compress the cache and attends over the span the graph
-    was captured with (``decode_span``: fixed under a budget; FullKV's grows every 512 slots and
-    is captured again). Capture is valid because the native cache's one-token forward keeps its
+    A step is replayed when it attends over the span the graph was captured with
+    (``decode_span``: fixed under a budget; FullKV's grows every 512 slots and is captured
+    again); a compression step replays it too, then compresses, but is never the step captured. Capture is valid because the native cache's one-token forward keeps its
     per-step state in device buffers updated in place, and the "gkv" attention and mask do not
     read the tensors transformers derives from the step count (cache_position); the cache's host
     bookkeeping of a replay is ``account_replayed_decode``."""
@@ -457,16 +459,17 @@ class _DecodeGraph:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token [B] -> logits [B,V], valid until the next step."""
         native = self.cache.native
-        if native.decode_compresses(1):
-            return _decode_logits(self.model, self.cache, token)
         span = native.decode_span()
         if self.graph is not None and span == self.span:
             self.token.copy_(token)
-            self.cache.account_replayed_decode()
-        elif not self.warmed:
+            self.cache.account_replayed_decode(self.graph.replay)
+            self.replays += 1
+            return self.logits
+        if native.decode_compresses(1):  # a compression cannot be captured (host-sized work)
+            return _decode_logits(self.model, self.cache, token)
+        if not self.warmed:
             return self._warm_up(token)
-        else:
-            self._capture(token, span)
+        self._capture(token, span)
         self.graph.replay()
         self.replays += 1
         return self.logits

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
 
@@ -174,13 +175,22 @@ at::Tensor CompressedKVCache::begin_decode(int64_t tokens) {
   return positions;
 }
 
-void CompressedKVCache::account_replayed_decode() {
+void CompressedKVCache::account_replayed_decode(const std::function<void()>& replay) {
   check_decode(1);
-  TORCH_CHECK(!decode_compresses(1), "account_replayed_decode: forward ", forwards_,
-              " compresses the cache, so it cannot be a replay");
-  length_ += 1;
-  q_count_ += 1;
-  forwards_ += 1;
+  replay();
+  if (!decode_compresses(1)) {
+    length_ += 1;
+    q_count_ += 1;
+    forwards_ += 1;
+    return;
+  }
+  // The graph did begin_decode's and the layers' device work; the host state of that forward is
+  // rebuilt here so that end_forward compresses as an eager forward would.
+  tokens_ = 1;
+  compress_ = true;
+  new_pos_ = step_new_pos_;
+  done_.assign(shape_.layers, true);
+  end_forward();
 }
 
 void CompressedKVCache::check_qkv(int64_t layer, const at::Tensor& q, const at::Tensor& k,
@@ -273,19 +283,22 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
     out = masked_attention(q, kN, vN, posN, acc);
   }
   push_queries(s, q);
-  if (!compress_ || !policy_.budget || N <= *policy_.budget) return out;
+  return out;
+}
 
-  const int64_t C = N - policy_.window;
+void CompressedKVCache::compress(Layer& s, int64_t layer) {
+  const int64_t N = length_ + tokens_, C = N - policy_.window;
+  const bool accumulate = policy_.observation == Observation::accumulate;
+  const auto kN = s.k.narrow(2, 0, N), posN = s.pos.narrow(2, 0, N);
   const auto history = policy_.history != History::none
                            ? s.score.narrow(2, 0, history_len_) : at::Tensor();
   const auto sel = select(policy_, kN, posN, s.q_ring.defined() ? window_queries(s) : at::Tensor(),
                           accumulate ? s.score.narrow(2, 0, N) : at::Tensor(), history);
   log_evictions(layer, posN, sel.idx);
   if (!accumulate) s.score.narrow(2, 0, C).copy_(sel.F);
-  gkv::compact_(s.k, s.v, s.pos, s.score, sel.idx);
+  gkv::compact_sorted_(s.k, s.v, s.pos, s.score, sel.idx);
   const int64_t budget = *policy_.budget;
   s.pos.narrow(2, budget, cap_ - budget).fill_(-1);  // decode_span reads past the live slots
-  return out;
 }
 
 void CompressedKVCache::push_queries(Layer& s, const at::Tensor& q) const {
@@ -329,6 +342,12 @@ void CompressedKVCache::end_forward() {
   }
   const int64_t N = length_ + tokens_;
   const bool compressed = compress_ && policy_.budget && N > *policy_.budget;
+  // The prefill compressed as it attended; a later forward compresses every layer now, after all
+  // of them attended (no layer reads another's cache, so the decisions are the same), which lets
+  // a replayed decode graph run first (account_replayed_decode).
+  if (compressed && forwards_ > 0) {
+    for (int64_t l = 0; l < shape_.layers; ++l) compress(layers_[l], l);
+  }
   length_ = compressed ? *policy_.budget : N;
   if (compressed) history_len_ = *policy_.budget - policy_.window;
   q_count_ += tokens_;

@@ -3,9 +3,10 @@
 // schedule of DESIGN.md "The cache and its invariants".
 //
 // A forward is begin_prefill / begin_decode, then attend() once per layer (in layer order or not),
-// then end_forward(). attend() appends the new keys and values, computes this forward's attention
-// over the uncompressed cache, and, when the schedule says so and the cache holds more than the
-// budget, selects and compacts that layer: eviction takes effect from the next forward.
+// then end_forward(). attend() appends the new keys and values and computes this forward's
+// attention over the uncompressed cache; when the schedule says so and the cache holds more than
+// the budget, every layer is then selected and compacted (the prefill's as it attends, a later
+// forward's in end_forward): eviction takes effect from the next forward.
 //
 // Positions: a token's position is the count of real tokens before it in its row (left padding
 // excluded); pad slots have pos -1. Keys are stored after RoPE at their position.
@@ -26,6 +27,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <functional>
 #include <vector>
 
 #include "cache/policy.h"
@@ -61,9 +63,11 @@ class CompressedKVCache {
   // a budget, else the live length rounded up to kSpanQuantum, so it changes rarely.
   int64_t decode_span() const;
   static constexpr int64_t kSpanQuantum = 512;
-  // The host bookkeeping of one one-token forward that does not compress (begin_decode(1), every
-  // layer's attend, end_forward) without its device work, which a replayed graph does.
-  void account_replayed_decode();
+  // One one-token forward whose device work (that of begin_decode(1), every layer's attend and
+  // end_forward) is `replay`, a CUDA graph's replay: checks that the forward fits, runs replay,
+  // then does the host bookkeeping of those calls; when the forward is a compression step, the
+  // compression itself runs here too, after the replay.
+  void account_replayed_decode(const std::function<void()>& replay);
   // q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,Hq,T,d] in the dtype of q.
   at::Tensor attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
   void end_forward();
@@ -96,6 +100,8 @@ class CompressedKVCache {
                      const at::Tensor& v);
   at::Tensor extend(Layer& s, int64_t layer, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v);
+  // Selects and compacts one layer of the forward in progress (its N = length_ + tokens_ slots).
+  void compress(Layer& s, int64_t layer);
   // Remembers q [B,Hq,T,d] as queries q_count_ .. q_count_+T-1.
   void push_queries(Layer& s, const at::Tensor& q) const;
   // [B,Hq,W,d] oldest first, after this forward's queries.

@@ -47,6 +47,26 @@ cudaError_t gather_into(const at::Tensor& src, const at::Tensor& idx, at::Tensor
   });
 }
 
+// The in-place walk over k/v, then pos/score, for an idx with idx[t] >= t (contiguous).
+void compact_in_place(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
+                      at::Tensor& score, const at::Tensor& idx, cudaStream_t stream) {
+  constexpr const char* op = "compact_";
+  const int64_t rows = k_cache.size(0) * k_cache.size(1), C = k_cache.size(2), K = idx.size(2);
+  const int64_t row_bytes = k_cache.size(3) * k_cache.element_size();
+  TORCH_CHECK(C * row_bytes < (int64_t{1} << 31), "gkv::compact_: one head's cache, C * d * ",
+              "element size = ", C * row_bytes, " bytes, must be below 2^31 on CUDA");
+  GKV_CUDA_CHECK(op, with_vec({row_bytes, reinterpret_cast<int64_t>(k_cache.data_ptr()),
+                               reinterpret_cast<int64_t>(v_cache.data_ptr())},
+                              [&](auto* tag) {
+                                using Vec = std::remove_pointer_t<decltype(tag)>;
+                                return kernels::compact_rows<Vec>(
+                                    k_cache.data_ptr(), v_cache.data_ptr(), rows, C, row_bytes,
+                                    idx.data_ptr<int64_t>(), K, stream);
+                              }));
+  GKV_CUDA_CHECK(op, kernels::compact_rows<uint32_t>(pos.data_ptr(), score.data_ptr(), rows, C, 4,
+                                                     idx.data_ptr<int64_t>(), K, stream));
+}
+
 // k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score [B,Hkv,C] fp32, idx [B,Hkv,K] int64.
 // One small kernel validates idx (a single host read of its flags). When idx[t] >= t everywhere
 // (ascending, as select_keep makes it) the buffers are compacted in place; any other idx goes
@@ -66,17 +86,7 @@ void compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
   const int found = flags_buf.item<int>();
   if (found & kernels::kIdxOutOfRange) check_idx_range(op, idx, C, "C");
   if (!(found & kernels::kIdxBehind)) {
-    const int64_t row_bytes = k_cache.size(3) * k_cache.element_size();
-    GKV_CUDA_CHECK(op, with_vec({row_bytes, reinterpret_cast<int64_t>(k_cache.data_ptr()),
-                                 reinterpret_cast<int64_t>(v_cache.data_ptr())},
-                                [&](auto* tag) {
-                                  using Vec = std::remove_pointer_t<decltype(tag)>;
-                                  return kernels::compact_rows<Vec>(
-                                      k_cache.data_ptr(), v_cache.data_ptr(), rows, C, row_bytes,
-                                      idx.data_ptr<int64_t>(), K, stream);
-                                }));
-    GKV_CUDA_CHECK(op, kernels::compact_rows<uint32_t>(pos.data_ptr(), score.data_ptr(), rows, C,
-                                                       4, idx.data_ptr<int64_t>(), K, stream));
+    compact_in_place(k_cache, v_cache, pos, score, idx, stream);
     return;
   }
   for (at::Tensor* t : {&k_cache, &v_cache, &pos, &score}) {
@@ -103,6 +113,14 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x_in, const at::Tensor& idx_in) 
 }
 
 }  // namespace
+
+void compact_sorted_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
+                         at::Tensor& score, const at::Tensor& idx) {
+  check_compact(k_cache, v_cache, pos, score, idx);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  compact_in_place(k_cache, v_cache, pos, score, idx.contiguous(),
+                   c10::cuda::getCurrentCUDAStream());
+}
 
 TORCH_LIBRARY_IMPL(gkv, CUDA, m) {
   m.impl("compact_", compact_cuda);

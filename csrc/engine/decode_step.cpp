@@ -55,16 +55,20 @@ at::Tensor DecodeStepper::step(const at::Tensor& tokens) {
               tokens.sizes(), " ", tokens.scalar_type());
   at::NoGradGuard no_grad;
   const auto input = tokens.view({B, 1});
-  if (!use_graph_ || cache_.decode_compresses(1)) return eager(input);
+  if (!use_graph_) return eager(input);
 #ifdef GKV_WITH_CUDA
   const int64_t span = cache_.decode_span();
   if (graph_ && graph_->span == span) {
     graph_->tokens.copy_(input);
-    cache_.account_replayed_decode();
-  } else if (const auto warm_up = capture(input, span); warm_up.defined()) {
-    return warm_up;
+    cache_.account_replayed_decode([&] { graph_->graph.replay(); });
+    ++replays_;
+    return graph_->logits;
   }
-  graph_->graph.replay();
+  // A graph holds no compression (compaction sizes its work on the host), so a compression
+  // step is never the one captured; once the span's graph exists it replays those too.
+  if (cache_.decode_compresses(1)) return eager(input);
+  if (const auto warm_up = capture(input, span); warm_up.defined()) return warm_up;
+  graph_->graph.replay();  // the capture advanced the cache's host state as it recorded
   ++replays_;
   return graph_->logits;
 #else

@@ -3,11 +3,12 @@
 // launched by the host; the graph launches them all at once, so the step costs what the GPU
 // needs rather than what the host needs to launch it.
 //
-// A step is replayed when it runs on CUDA, does not compress the cache (those run eagerly, every
-// divide_length steps) and attends over the span the graph was captured with (one span under a
-// budget; FullKV's grows by CompressedKVCache::kSpanQuantum, and the graph is captured again).
-// The replay is the eager step's own kernels with the same arguments, so both give the same
-// bits; the cache's host bookkeeping goes through account_replayed_decode.
+// A step is replayed when it runs on CUDA and attends over the span the graph was captured with
+// (one span under a budget; FullKV's grows by CompressedKVCache::kSpanQuantum, and the graph is
+// captured again). A compression step (every divide_length steps) replays the same graph, then
+// compresses eagerly, since a compression's work is sized on the host; it is never the step
+// captured. The replay is the eager step's own kernels with the same arguments, so both give the
+// same bits; the cache's host bookkeeping goes through account_replayed_decode.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -85,37 +85,34 @@ cudaError_t gather_rows(const void* src, int64_t stride_b, int64_t stride_h, int
 
 // In-place compaction of up to two buffers base[y] [rows, C, row] (contiguous), valid when
 // idx[r, t] >= t for every t (true of strictly ascending idx, which select_keep makes): slot t
-// takes the old slot idx[r, t]. Blocks: (row r, buffer y, group of kColVecs vector columns).
-// A block walks t upwards in chunks: it reads a whole chunk, waits at a barrier, then writes it.
-// Any later read of column v is of a slot idx[t'] >= t' beyond every slot written so far in
-// column v, so it still holds its old value. Slots with idx[t] == t are not copied.
+// takes the old slot idx[r, t]. Blocks: (row r, buffer y, group z of `cols` vector columns). A
+// block walks t upwards in chunks: it reads a whole chunk, waits at a barrier, then writes it.
+// Any later read of a column is of a slot idx[t'] >= t' beyond every slot written so far in that
+// column, so it still holds its old value. Slots with idx[t] == t are not copied; an idx outside
+// [t, C) is skipped, so a broken promise cannot read or write out of bounds.
 constexpr int kCompactThreads = 512;
 constexpr int kCompactUnroll = 4;
-constexpr int kColVecs = 4;
 
 template <typename Vec>
 __global__ void __launch_bounds__(kCompactThreads)
-    compact_rows_kernel(Vec* __restrict__ base0, Vec* __restrict__ base1, int64_t C,
-                        int64_t row_vecs, const int64_t* __restrict__ idx, int64_t K) {
-  Vec* base = blockIdx.y == 0 ? base0 : base1;
-  const int64_t r = blockIdx.x;
-  const int64_t v0 = int64_t(blockIdx.z) * kColVecs;
-  const int64_t cols = min(int64_t(kColVecs), row_vecs - v0);
-  Vec* head = base + r * C * row_vecs + v0;
-  const int64_t* head_idx = idx + r * K;
-  const int64_t total = K * cols;
-  for (int64_t start = 0; start < total; start += int64_t(kCompactThreads) * kCompactUnroll) {
+    compact_rows_kernel(Vec* __restrict__ base0, Vec* __restrict__ base1, int C, int row_vecs,
+                        int cols, const int64_t* __restrict__ idx, int K) {
+  Vec* head = (blockIdx.y == 0 ? base0 : base1) + int64_t(blockIdx.x) * C * row_vecs +
+              blockIdx.z * cols;
+  const int64_t* head_idx = idx + int64_t(blockIdx.x) * K;
+  const int total = K * cols;
+  for (int start = 0; start < total; start += kCompactThreads * kCompactUnroll) {
     Vec val[kCompactUnroll];
-    int64_t dst[kCompactUnroll];
+    int dst[kCompactUnroll];
 #pragma unroll
     for (int u = 0; u < kCompactUnroll; ++u) {
-      const int64_t e = start + u * kCompactThreads + threadIdx.x;
+      const int e = start + u * kCompactThreads + threadIdx.x;
       dst[u] = -1;
       if (e < total) {
-        const int64_t t = e / cols, v = e - t * cols;
+        const int t = e / cols, v = e - t * cols;
         const int64_t s = head_idx[t];
-        if (s != t) {
-          val[u] = head[s * row_vecs + v];
+        if (s > t && s < C) {
+          val[u] = head[int(s) * row_vecs + v];
           dst[u] = t * row_vecs + v;
         }
       }
@@ -129,16 +126,30 @@ __global__ void __launch_bounds__(kCompactThreads)
 }
 
 // base0/base1 [rows, C, row_bytes] contiguous (base1 may be null: one buffer), idx [rows, K]
-// with idx[r, t] >= t; row_bytes a multiple of sizeof(Vec), bases aligned to it.
+// with idx[r, t] >= t; row_bytes a multiple of sizeof(Vec), bases aligned to it; C * row_bytes
+// below 2^31 (the caller checks it).
 template <typename Vec>
 cudaError_t compact_rows(void* base0, void* base1, int64_t rows, int64_t C, int64_t row_bytes,
                          const int64_t* idx, int64_t K, cudaStream_t stream) {
   const int64_t row_vecs = row_bytes / static_cast<int64_t>(sizeof(Vec));
   if (rows == 0 || K == 0 || row_vecs == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(rows), base1 == nullptr ? 1u : 2u,
-                  static_cast<unsigned>(ceil_div(row_vecs, kColVecs)));
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  // Whole token rows per block (a warp's reads coalesce), split into column groups of at least
+  // 64 bytes only when there are too few rows to fill the device twice over.
+  const int64_t buffers = base1 == nullptr ? 1 : 2;
+  int64_t groups = 1;
+  while (rows * buffers * groups < 2 * sms && row_vecs % (2 * groups) == 0 &&
+         row_vecs / (2 * groups) * static_cast<int64_t>(sizeof(Vec)) >= 64)
+    groups *= 2;
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(buffers),
+                  static_cast<unsigned>(groups));
   compact_rows_kernel<Vec><<<grid, kCompactThreads, 0, stream>>>(
-      static_cast<Vec*>(base0), static_cast<Vec*>(base1), C, row_vecs, idx, K);
+      static_cast<Vec*>(base0), static_cast<Vec*>(base1), static_cast<int>(C),
+      static_cast<int>(row_vecs), static_cast<int>(row_vecs / groups), idx,
+      static_cast<int>(K));
   return cudaGetLastError();
 }
 

@@ -18,4 +18,11 @@ void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx);
 // idx values in [0, n) (`n_name` names n in the message); reads min and max back to the host.
 void check_idx_range(const char* op, const at::Tensor& idx, int64_t n, const char* n_name);
 
+#ifdef GKV_WITH_CUDA
+// compact_'s in-place walk on CUDA without its validation (a kernel and a host read of its
+// flags), for an idx its caller made strictly ascending inside [0, C): see gkv::compact_sorted_.
+void compact_sorted_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
+                         at::Tensor& score, const at::Tensor& idx);
+#endif
+
 }  // namespace gkv

@@ -1,6 +1,7 @@
 // Python bindings of the eviction policies, the compressed KV cache and the generation engine
 // (gkv_ext._C.Policy, CompressedKVCache, generate, teacher_forced). Bindings only bind: the logic
 // lives in csrc/cache/ and csrc/engine/.
+#include <pybind11/functional.h>
 #include <torch/extension.h>
 
 #include "cache/kv_cache.h"
@@ -109,8 +110,10 @@ void bind_engine(py::module& m) {
       .def("decode_span", &CompressedKVCache::decode_span,
            "slots a one-token forward attends over (masked past the live length)")
       .def("account_replayed_decode", &CompressedKVCache::account_replayed_decode,
-           "the host bookkeeping of a one-token forward whose device work a replayed CUDA graph "
-           "did")
+           py::arg("replay"),
+           "a one-token forward whose device work is replay() (a CUDA graph's replay): checks "
+           "that it fits, calls replay, keeps the host books, and compresses after it on a "
+           "compression step")
       .def_property_readonly("capacity", &CompressedKVCache::capacity)
       .def_property_readonly("length", &CompressedKVCache::length)
       .def_property_readonly("forwards", &CompressedKVCache::forwards)

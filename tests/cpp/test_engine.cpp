@@ -78,9 +78,9 @@ TEST_CASE("the cache's buffers are allocated once", "[cache]") {
 }
 
 TEST_CASE("a replayed decode step keeps the books of an eager one", "[cache]") {
-  // DecodeStepper replays a CUDA graph for the device work and calls account_replayed_decode for
-  // the host state; it must leave the cache where begin_decode + attend + end_forward would, and
-  // refuse a step that compresses.
+  // DecodeStepper replays a CUDA graph for the device work through account_replayed_decode; it
+  // must leave the cache where begin_decode + attend + end_forward would, run the replay once,
+  // after its checks, and compress after it on a compression step.
   cache::Policy p = cache::Policy::snapkv(12, /*window=*/4);
   p.divide_length = 4;
   const cache::CacheShape shape{1, 1, 4, 2, 8, at::kFloat, at::kCPU};
@@ -90,17 +90,25 @@ TEST_CASE("a replayed decode step keeps the books of an eager one", "[cache]") {
     kv->attend(0, at::randn({1, 4, 10, 8}), at::randn({1, 2, 10, 8}), at::randn({1, 2, 10, 8}));
     kv->end_forward();
   }
-  for (int step = 1; step <= 3; ++step) {  // forwards 1-3: none is a multiple of 4
-    REQUIRE_FALSE(eager.decode_compresses(1));
+  int replays = 0;
+  for (int step = 1; step <= 4; ++step) {  // forward 4 compresses: 14 live slots > budget 12
+    REQUIRE(eager.decode_compresses(1) == (step == 4));
     eager.begin_decode(1);
     eager.attend(0, at::randn({1, 4, 1, 8}), at::randn({1, 2, 1, 8}), at::randn({1, 2, 1, 8}));
     eager.end_forward();
-    replayed.account_replayed_decode();
+    replayed.account_replayed_decode([&] { ++replays; });
+    REQUIRE(replays == step);
     REQUIRE(replayed.length() == eager.length());
     REQUIRE(replayed.forwards() == eager.forwards());
     REQUIRE(replayed.decode_span() == eager.decode_span());
   }
-  REQUIRE(replayed.decode_compresses(1));  // forward 4, 13 live slots > budget 12
-  REQUIRE_THROWS_WITH(replayed.account_replayed_decode(),
-                      gkv_test::contains("compresses the cache, so it cannot be a replay"));
+  REQUIRE(replayed.length() == 12);
+
+  cache::CompressedKVCache full(cache::Policy::full_kv(), shape, 10);
+  full.begin_prefill(at::ones({1, 10}, at::kLong));
+  full.attend(0, at::randn({1, 4, 10, 8}), at::randn({1, 2, 10, 8}), at::randn({1, 2, 10, 8}));
+  full.end_forward();
+  REQUIRE_THROWS_WITH(full.account_replayed_decode([&] { ++replays; }),
+                      gkv_test::contains("overflow"));
+  REQUIRE(replays == 4);  // a step that does not fit never reaches the device
 }

@@ -405,8 +405,8 @@ def test_cuda_peak_memory_is_flat_in_the_generated_length():
 def test_cuda_graph_decode_equals_eager(policy, dtype):
     """Replaying the captured transformers forward gives exactly the eager steps' tokens and
     evictions, with sampling, across compressions and, for FullKV, across a change of attention
-    span (a new capture every 512 slots); every step but the compressing ones and the warm-up is
-    a replay."""
+    span (a new capture every 512 slots); every step but the warm-up and the compressing ones
+    met before the first capture is a replay."""
     model = random_hf(*CONFIGS["qwen3"], dtype=dtype).cuda()
     ids, mask = left_padded(PROMPTS)
     n = 600 if policy == "fullkv" else 100

@@ -379,7 +379,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             each step's tokens [B] (device tensors: the streamer decides when to sync), and
             ``end`` is called once generation stops.
         cuda_graph: on CUDA, replay the decode forward from a CUDA graph (``_DecodeGraph``; the
-            same results), except at the steps that compress; False: every step eager.
+            same results; a step that compresses replays it, then compresses); False: every step
+            eager.
     """
     _check_inputs(input_ids, attention_mask, max_new_tokens)
     warpers = _sampler(do_sample, temperature, top_k, top_p)

@@ -57,6 +57,14 @@ void compact_sorted_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
   compact_(k_cache, v_cache, pos, score, idx);
 }
 
+void write_slot_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
+                 const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot) {
+  static auto handle =
+      op<void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&)>("gkv::write_slot_");
+  handle.call(k_cache, v_cache, pos, k, v, new_pos, slot);
+}
+
 at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
   static auto handle =
       op<at::Tensor(const at::Tensor&, const at::Tensor&)>("gkv::gather_tokens");
@@ -88,6 +96,18 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   static auto handle =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("gkv::rms_norm");
   return handle.call(x, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  static auto handle = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("gkv::add_rms_norm");
+  return handle.call(x, residual, weight, eps);
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  static auto handle = op<at::Tensor(const at::Tensor&)>("gkv::silu_mul");
+  return handle.call(x);
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {

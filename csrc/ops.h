@@ -39,6 +39,11 @@ void compact_sorted_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
 // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d]
 at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx);
 
+// k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32 take k/v [B,Hkv,d] and new_pos [B,Hkv] int32
+// at slot `slot` (int64, one element, read on the device).
+void write_slot_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
+                 const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot);
+
 // q [B,Hq,T,d], k/v [B,Hkv,T,d], death [B,Hkv,T] int32 -> (out [B,Hq,T,d], lse [B,Hq,T] fp32)
 std::tuple<at::Tensor, at::Tensor> lifetime_attention(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
@@ -51,6 +56,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lifetime_attention_backward(
 
 // x [..., D], weight [D] -> [..., D]
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// x, residual [..., D], weight [D] -> (x + residual, rms_norm(x + residual, weight, eps))
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+
+// x [..., 2F] -> silu(x[..., :F]) * x[..., F:], [..., F]
+at::Tensor silu_mul(const at::Tensor& x);
 
 // x [B,H,T,d], cos/sin [B|1,H|1,T|1,d] -> [B,H,T,d]
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

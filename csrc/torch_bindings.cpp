@@ -39,6 +39,15 @@ TORCH_LIBRARY(gkv, m) {
       "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, Tensor(d!) score, "
       "Tensor idx) -> ()");
 
+  // One decoded token's K, V and position written into slot `slot` of the cache, the slot read
+  // from device memory (a replayed CUDA graph advances it in place). On CUDA a slot outside
+  // [0, C) writes nothing: checking it would read it back to the host. k_cache/v_cache
+  // [B,Hkv,C,d], pos [B,Hkv,C] int32, k/v [B,Hkv,d], new_pos [B,Hkv] int32, slot int64 with one
+  // element.
+  m.def(
+      "write_slot_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, Tensor k, Tensor v, "
+      "Tensor new_pos, Tensor slot) -> ()");
+
   // Differentiable out-of-place gather along the token axis (backward = scatter-add).
   // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d].
   m.def("gather_tokens(Tensor x, Tensor idx) -> Tensor");
@@ -60,6 +69,15 @@ TORCH_LIBRARY(gkv, m) {
   // fp32, x * rsqrt(mean + eps) in fp32, cast to x's dtype, then times weight in x's dtype.
   // x [..., D], weight [D] (dtype of x) -> [..., D] (dtype of x).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+
+  // The decoder's residual add and the next RMSNorm in one pass: sum = x + residual in x's dtype
+  // (rounded as ATen's add), then rms_norm(sum, weight, eps). x, residual [..., D], weight [D] (all
+  // of one dtype) -> (sum, normed), both [..., D].
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+
+  // SwiGLU's gating: silu(x[..., :F]) * x[..., F:] in x's dtype (each op rounded as ATen rounds
+  // it), the joint gate/up projection's output split in halves. x [..., 2F] -> [..., F].
+  m.def("silu_mul(Tensor x) -> Tensor");
 
   // Rotary position embedding, rotate-half convention: x * cos + rotate_half(x) * sin with
   // rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2]), in x's dtype. cos/sin broadcast over B, H

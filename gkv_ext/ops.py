@@ -2,7 +2,7 @@
 
 Symbols: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv (query head ``h*G + g`` reads KV
 head ``h``), C cache slots, N keys, W window queries, T tokens, K kept slots, d head_dim, D the
-size that ``rms_norm`` normalises.
+size that ``rms_norm`` normalises, F the MLP's intermediate size.
 A slot whose ``pos`` is < 0 is empty or padding: it is never attended to and never kept.
 Every op runs on CPU and CUDA and has a Meta kernel (so it traces under torch.compile).
 """
@@ -93,6 +93,22 @@ def compact_(k_cache: Tensor, v_cache: Tensor, pos: Tensor, score: Tensor, idx: 
     _ops.compact_(k_cache, v_cache, pos, score, idx)
 
 
+def write_slot_(k_cache: Tensor, v_cache: Tensor, pos: Tensor, k: Tensor, v: Tensor,
+                new_pos: Tensor, slot: Tensor) -> None:
+    """In place: one decoded token's K, V and position written into cache slot ``slot``.
+
+    The slot is a tensor read on the device, so a replayed CUDA graph can advance it in place.
+    On CPU a slot outside ``[0, C)`` raises; on CUDA it writes nothing (checking it would read it
+    back to the host).
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, C, d]`` contiguous; pos: ``[B, Hkv, C]`` int32 contiguous.
+        k, v: ``[B, Hkv, d]``, dtype of the cache (any strides); new_pos: ``[B, Hkv]`` int32;
+        slot: int64 with one element.
+    """
+    _ops.write_slot_(k_cache, v_cache, pos, k, v, new_pos, slot)
+
+
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """Differentiable gather along the token axis: ``out[b, h, t] = x[b, h, idx[b, h, t]]``.
 
@@ -141,6 +157,37 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         ``[..., D]`` contiguous, dtype of ``x``.
     """
     return _ops.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """A residual add and the RMSNorm after it, in one pass (one kernel on CUDA).
+
+    ``sum = x + residual`` in ``x``'s dtype, rounded as ATen's add rounds it, then
+    ``rms_norm(sum, weight, eps)``. Differentiable in all three tensors; under autocast they are
+    first cast to their promoted dtype.
+
+    Args:
+        x, residual: ``[..., D]``, one float dtype; weight: ``[D]``, same dtype; eps: ``>= 0``.
+
+    Returns:
+        ``(sum, normed)``, both ``[..., D]`` contiguous.
+    """
+    return _ops.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """SwiGLU's gating over the halves of a joint gate/up projection, in one pass.
+
+    ``silu(x[..., :F]) * x[..., F:]`` in ``x``'s dtype, each op rounded as ATen rounds it.
+    Differentiable.
+
+    Args:
+        x: ``[..., 2F]`` float32, bfloat16 or float16.
+
+    Returns:
+        ``[..., F]`` contiguous.
+    """
+    return _ops.silu_mul(x)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

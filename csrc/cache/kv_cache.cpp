@@ -264,9 +264,8 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
   const auto kN = s.k.narrow(2, 0, N), vN = s.v.narrow(2, 0, N), posN = s.pos.narrow(2, 0, N);
   at::Tensor out;
   if (T == 1) {  // graph-safe: slot and span come from device memory and decode_span
-    s.k.index_copy_(2, live_slot_, k);
-    s.v.index_copy_(2, live_slot_, v);
-    s.pos.index_copy_(2, live_slot_, new_pos_);
+    gkv::write_slot_(s.k, s.v, s.pos, k.select(2, 0), v.select(2, 0), new_pos_.select(2, 0),
+                     live_slot_);
     if (accumulate) s.score.index_fill_(2, live_slot_, 0.0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
     std::optional<at::Tensor> acc;

@@ -1,4 +1,5 @@
-// CUDA adapters of gkv::compact_ and gkv::gather_tokens (kernels in kernels/compact.cuh).
+// CUDA adapters of gkv::compact_, gkv::write_slot_ and gkv::gather_tokens (kernels in
+// kernels/compact.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -84,7 +85,7 @@ void compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
   int* flags = flags_buf.data_ptr<int>();
   GKV_CUDA_CHECK(op, kernels::check_idx(idx.data_ptr<int64_t>(), rows, K, C, flags, stream));
   const int found = flags_buf.item<int>();
-  if (found & kernels::kIdxOutOfRange) check_idx_range(op, idx, C, "C");
+  if (found & kernels::kIdxOutOfRange) check_idx_range(op, idx, "idx", C, "C");
   if (!(found & kernels::kIdxBehind)) {
     compact_in_place(k_cache, v_cache, pos, score, idx, stream);
     return;
@@ -95,6 +96,44 @@ void compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
     GKV_CUDA_CHECK(op, gather_into(src, idx, tmp, flags, stream));
     src.narrow(2, 0, K).copy_(tmp);
   }
+}
+
+// k_cache/v_cache [B,Hkv,C,d] and pos [B,Hkv,C] take k/v [B,Hkv,d] and new_pos [B,Hkv] at the
+// slot read on the device: one kernel, no host read (a decode step's graph replays it).
+void write_slot_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
+                     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& new_pos,
+                     const at::Tensor& slot) {
+  check_write_slot(k_cache, v_cache, pos, k_in, v_in, new_pos, slot);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const auto k = k_in.stride(2) == 1 ? k_in : k_in.contiguous();
+  const auto v = v_in.stride(2) == 1 ? v_in : v_in.contiguous();
+  const int64_t es = k.element_size();
+  kernels::WriteSlotParams p{};
+  p.dst[0] = k_cache.data_ptr();
+  p.dst[1] = v_cache.data_ptr();
+  p.src[0] = k.data_ptr();
+  p.src[1] = v.data_ptr();
+  p.src_b[0] = k.stride(0) * es;
+  p.src_h[0] = k.stride(1) * es;
+  p.src_b[1] = v.stride(0) * es;
+  p.src_h[1] = v.stride(1) * es;
+  p.pos = pos.data_ptr<int32_t>();
+  p.new_pos = new_pos.data_ptr<int32_t>();
+  p.pos_b = new_pos.stride(0);
+  p.pos_h = new_pos.stride(1);
+  p.slot = slot.data_ptr<int64_t>();
+  p.H = k_cache.size(1);
+  p.rows = k_cache.size(0) * p.H;
+  p.C = k_cache.size(2);
+  p.row_bytes = k_cache.size(3) * es;
+  GKV_CUDA_CHECK("write_slot_",
+                 with_vec({p.row_bytes, p.src_b[0], p.src_h[0], p.src_b[1], p.src_h[1],
+                           reinterpret_cast<int64_t>(p.src[0]), reinterpret_cast<int64_t>(p.src[1]),
+                           reinterpret_cast<int64_t>(p.dst[0]), reinterpret_cast<int64_t>(p.dst[1])},
+                          [&](auto* tag) {
+                            using Vec = std::remove_pointer_t<decltype(tag)>;
+                            return kernels::write_slot<Vec>(p, c10::cuda::getCurrentCUDAStream());
+                          }));
 }
 
 // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d]; 16-byte row copies when the layout allows.
@@ -108,7 +147,7 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x_in, const at::Tensor& idx_in) 
   auto out = at::empty({x.size(0), x.size(1), idx.size(2), x.size(3)}, x.options());
   auto flags_buf = at::zeros({1}, idx.options().dtype(at::kInt));
   GKV_CUDA_CHECK(op, gather_into(x, idx, out, flags_buf.data_ptr<int>(), stream));
-  if (flags_buf.item<int>() & kernels::kIdxOutOfRange) check_idx_range(op, idx, x.size(2), "N");
+  if (flags_buf.item<int>() & kernels::kIdxOutOfRange) check_idx_range(op, idx, "idx", x.size(2), "N");
   return out;
 }
 
@@ -124,6 +163,7 @@ void compact_sorted_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& p
 
 TORCH_LIBRARY_IMPL(gkv, CUDA, m) {
   m.impl("compact_", compact_cuda);
+  m.impl("write_slot_", write_slot_cuda);
   m.impl("gather_tokens", gather_tokens_cuda);
 }
 

@@ -32,12 +32,15 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   // Grid sizes: B*Hq combine blocks plus B*Hkv*ceil(length / kEmitSlots) emit blocks.
   TORCH_CHECK(C <= INT_MAX && B * Hq + B * Hkv * (length / kernels::kEmitSlots + 1) <= INT_MAX,
               "gkv::", kOp, ": sizes too large (C = ", C, ", B * Hq = ", B * Hq, ")");
-  const auto qc = vector_readable(q.contiguous());
+  // The heads of a row must be adjacent (the kernels read a group's rows as one block); the batch
+  // stride is free, so q may be a slice of a joint q/k tensor without a copy.
+  const auto qc = vector_readable(q.stride(1) == d || Hq == 1 ? q : q.contiguous());
   const auto k = vector_readable(k_cache);
   const auto v = vector_readable(v_cache);
 
   kernels::DecodeAttentionParams p{};
   p.q = qc.data_ptr();
+  p.q_batch_stride = B == 1 ? Hq * d : qc.stride(0);
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.pos = pos.data_ptr<int32_t>();

@@ -1,4 +1,4 @@
-// Row gathers along the token axis, for gkv::compact_ and gkv::gather_tokens. Rows are moved as
+// Row moves along the token axis, for gkv::compact_, gkv::write_slot_ and gkv::gather_tokens. Rows are moved as
 // raw bytes in vectors of `Vec` (16 bytes when sizes and addresses allow), so one kernel serves
 // every dtype. No torch headers: raw pointers, sizes, byte strides, a stream, a cudaError_t.
 #pragma once
@@ -150,6 +150,48 @@ cudaError_t compact_rows(void* base0, void* base1, int64_t rows, int64_t C, int6
       static_cast<Vec*>(base0), static_cast<Vec*>(base1), static_cast<int>(C),
       static_cast<int>(row_vecs), static_cast<int>(row_vecs / groups), idx,
       static_cast<int>(K));
+  return cudaGetLastError();
+}
+
+struct WriteSlotParams {
+  void* dst[2];              // k_cache, v_cache [rows, C, row_bytes] contiguous
+  const void* src[2];        // k, v: row (b, h) at b * src_b[i] + h * src_h[i] bytes
+  int64_t src_b[2], src_h[2];
+  int32_t* pos;              // [rows, C]
+  const int32_t* new_pos;    // element (b, h) at b * pos_b + h * pos_h
+  int64_t pos_b, pos_h;
+  const int64_t* slot;       // one value, read on the device
+  int64_t rows, H, C, row_bytes;
+};
+
+// One Vec word of a K or V row per thread (the first word of each row also writes pos). A slot
+// outside [0, C) writes nothing: the op documents it (a check would read the slot to the host).
+template <typename Vec>
+__global__ void write_slot_kernel(WriteSlotParams p) {
+  const int64_t slot = *p.slot;
+  if (slot < 0 || slot >= p.C) return;
+  const int64_t words = p.row_bytes / int64_t(sizeof(Vec)), total = p.rows * 2 * words;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / (2 * words), r = e - row * 2 * words;
+    const int which = r >= words, w = static_cast<int>(r - which * words);
+    const int64_t b = row / p.H, h = row - b * p.H;
+    const auto* src = reinterpret_cast<const Vec*>(static_cast<const char*>(p.src[which]) +
+                                                   b * p.src_b[which] + h * p.src_h[which]);
+    auto* dst = reinterpret_cast<Vec*>(static_cast<char*>(p.dst[which]) +
+                                       (row * p.C + slot) * p.row_bytes);
+    dst[w] = src[w];
+    if (r == 0) p.pos[row * p.C + slot] = p.new_pos[b * p.pos_b + h * p.pos_h];
+  }
+}
+
+template <typename Vec>
+cudaError_t write_slot(const WriteSlotParams& p, cudaStream_t stream) {
+  const int64_t total = p.rows * 2 * (p.row_bytes / int64_t(sizeof(Vec)));
+  if (total == 0) return cudaSuccess;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, threads), 65536));
+  write_slot_kernel<Vec><<<blocks, threads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

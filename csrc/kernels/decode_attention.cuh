@@ -33,10 +33,11 @@
 namespace gkv::kernels {
 
 struct DecodeAttentionParams {
-  const void* q;            // [B, Hq, d] contiguous
+  const void* q;            // [B, Hq, d]: heads contiguous, batch stride q_batch_stride
   const void* k;            // [B, Hkv, C, d], d contiguous, other strides in k_stride
   const void* v;            // [B, Hkv, C, d], d contiguous, other strides in v_stride
   const int32_t* pos;       // [B, Hkv, C], strides in pos_stride
+  int64_t q_batch_stride;   // elements (a 16-byte multiple)
   int64_t k_stride[3];      // elements, for dims B, Hkv, C (16-byte multiples)
   int64_t v_stride[3];
   int64_t pos_stride[3];
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 
   // q pre-scaled into log2 units: logit = (scale * log2 e) * q.k, softmax with exp2.
   float qr[TG][kVec];
-  const T* qp = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + hq0) * D + dl * kVec;
+  const T* qp = static_cast<const T*>(p.q) + b * p.q_batch_stride + hq0 * D + dl * kVec;
 #pragma unroll
   for (int g = 0; g < TG; ++g) {
     load_vec16(qp + g * D, qr[g]);
@@ -378,7 +379,7 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
 
   // Q rows of the chunk, zero rows past `rows`, unscaled: the logits are scaled in fp32 so
   // that they match the FFMA path and the CPU kernel to fp32 rounding.
-  const T* qg = static_cast<const T*>(p.q) + (int64_t(b) * p.Hq + hq0) * D;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + hq0 * D;
   for (int c = threadIdx.x; c < kRows * kChunks; c += kWarps * 32) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const uint4 val = r < rows ? __ldg(reinterpret_cast<const uint4*>(qg + r * D + col))

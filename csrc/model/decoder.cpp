@@ -8,6 +8,8 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <stdexcept>
+#include <tuple>
+#include <utility>
 
 #include "model/llama2ts.h"
 #include "ops.h"
@@ -182,6 +184,18 @@ void check_tokens(const at::Tensor& tokens, const at::Tensor& positions, const M
   }
 }
 
+// q [B,T,Hq,d], k [B,T,Hkv,d] -> RoPE'd (after the per-head q/k norms when configured)
+// [B,Hq,T,d], [B,Hkv,T,d].
+std::pair<at::Tensor, at::Tensor> rotated_qk(at::Tensor q, at::Tensor k, const LayerWeights& w,
+                                             const ModelConfig& c, const at::Tensor& cos,
+                                             const at::Tensor& sin) {
+  if (c.qk_norm) {
+    q = gkv::rms_norm(q, w.q_norm, c.rms_eps);
+    k = gkv::rms_norm(k, w.k_norm, c.rms_eps);
+  }
+  return {gkv::apply_rope(q.transpose(1, 2), cos, sin), gkv::apply_rope(k.transpose(1, 2), cos, sin)};
+}
+
 }  // namespace
 
 CausalAttention::CausalAttention(std::optional<at::Tensor> attention_mask)
@@ -272,41 +286,44 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
   at::Tensor cos = emb.cos().to(dtype), sin = emb.sin().to(dtype);
 
   at::Tensor h = at::embedding(weights_.embed, tokens);  // [B,T,D]
+  // x is the normed input of the next block; each residual add is fused with the norm after it.
+  at::Tensor x = gkv::rms_norm(h, weights_.layers.front().attn_norm, c.rms_eps);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    at::Tensor x = gkv::rms_norm(h, w.attn_norm, c.rms_eps);
-    at::Tensor q, k, v;  // [B,T,Hq*d], [B,T,Hkv*d] x 2
+    at::Tensor q, k, v;  // [B,Hq,T,d], [B,Hkv,T,d] x 2
     if (joint_usable(w.wqkv, {&w.wq, &w.wk, &w.wv}) &&
         (!c.attention_bias || joint_usable(w.bqkv, {&w.bq, &w.bk, &w.bv}))) {
-      const auto qkv = linear(x, w.wqkv, w.bqkv).split_with_sizes(
-          {w.wq.size(0), w.wk.size(0), w.wv.size(0)}, -1);
-      q = qkv[0], k = qkv[1], v = qkv[2];
+      // [B,T,Hq+2Hkv,d]: q's and k's heads are adjacent, so one RoPE pass turns both (when no
+      // per-head norm comes first).
+      const at::Tensor qkv = linear(x, w.wqkv, w.bqkv).view({batch, t, -1, d});
+      const int64_t hq = c.num_heads, hkv = c.num_kv_heads;
+      v = qkv.narrow(2, hq + hkv, hkv).transpose(1, 2);
+      if (c.qk_norm) {
+        std::tie(q, k) = rotated_qk(qkv.narrow(2, 0, hq), qkv.narrow(2, hq, hkv), w, c, cos, sin);
+      } else {
+        const at::Tensor qk = gkv::apply_rope(qkv.narrow(2, 0, hq + hkv).transpose(1, 2), cos, sin);
+        q = qk.narrow(1, 0, hq), k = qk.narrow(1, hq, hkv);
+      }
     } else {
-      q = linear(x, w.wq, w.bq), k = linear(x, w.wk, w.bk), v = linear(x, w.wv, w.bv);
+      std::tie(q, k) = rotated_qk(linear(x, w.wq, w.bq).view({batch, t, c.num_heads, d}),
+                                  linear(x, w.wk, w.bk).view({batch, t, c.num_kv_heads, d}), w,
+                                  c, cos, sin);
+      v = linear(x, w.wv, w.bv).view({batch, t, c.num_kv_heads, d}).transpose(1, 2);
     }
-    q = q.view({batch, t, c.num_heads, d});  // [B,T,Hq,d]
-    k = k.view({batch, t, c.num_kv_heads, d});
-    v = v.view({batch, t, c.num_kv_heads, d});
-    if (c.qk_norm) {
-      q = gkv::rms_norm(q, w.q_norm, c.rms_eps);
-      k = gkv::rms_norm(k, w.k_norm, c.rms_eps);
-    }
-    q = gkv::apply_rope(q.transpose(1, 2), cos, sin);  // [B,Hq,T,d]
-    k = gkv::apply_rope(k.transpose(1, 2), cos, sin);  // [B,Hkv,T,d]
-    at::Tensor o = attention.forward(l, q, k, v.transpose(1, 2));  // [B,Hq,T,d]
+    at::Tensor o = attention.forward(l, q, k, v);  // [B,Hq,T,d]
     o = o.transpose(1, 2).reshape({batch, t, c.num_heads * d});
-    h = h + linear(o, w.wo, w.bo);
-    x = gkv::rms_norm(h, w.mlp_norm, c.rms_eps);
-    at::Tensor gate, up;  // [B,T,F] each
+    std::tie(h, x) = gkv::add_rms_norm(h, linear(o, w.wo, w.bo), w.mlp_norm, c.rms_eps);
+    at::Tensor gated;  // silu(gate) * up [B,T,F]
     if (joint_usable(w.w_gate_up, {&w.w_gate, &w.w_up})) {
-      const auto gate_up = at::linear(x, w.w_gate_up).chunk(2, -1);
-      gate = gate_up[0], up = gate_up[1];
+      gated = gkv::silu_mul(at::linear(x, w.w_gate_up));
     } else {
-      gate = at::linear(x, w.w_gate), up = at::linear(x, w.w_up);
+      gated = at::silu(at::linear(x, w.w_gate)) * at::linear(x, w.w_up);
     }
-    h = h + at::linear(at::silu(gate) * up, w.w_down);
+    const at::Tensor& next_norm =
+        l + 1 < c.num_layers ? weights_.layers[l + 1].attn_norm : weights_.final_norm;
+    std::tie(h, x) = gkv::add_rms_norm(h, at::linear(gated, w.w_down), next_norm, c.rms_eps);
   }
-  return gkv::rms_norm(h, weights_.final_norm, c.rms_eps);
+  return x;
 }
 
 at::Tensor Decoder::logits(const at::Tensor& hidden) const {

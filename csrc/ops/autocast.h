@@ -1,4 +1,4 @@
-// Autocast kernels of the fused elementwise ops (rms_norm, apply_rope). Under autocast the
+// Autocast kernels of the fused elementwise ops (rms_norm, add_rms_norm, apply_rope). Under autocast the
 // decoder's activations come out of linear layers in the low-precision dtype while the norm weights
 // and the RoPE tables stay fp32; the composite formulas these ops replace promoted such mixes, so
 // the Autocast kernels cast every input to the promoted floating type and call the op below
@@ -15,7 +15,7 @@ namespace gkv {
 
 // Calls op(casted inputs..., rest...) with autocast excluded.
 template <size_t N, typename Op, typename... Rest>
-at::Tensor call_promoted(const std::array<at::Tensor, N>& inputs, Op&& op, Rest... rest) {
+auto call_promoted(const std::array<at::Tensor, N>& inputs, Op&& op, Rest... rest) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   bool floating = true;
   at::ScalarType common = inputs[0].scalar_type();

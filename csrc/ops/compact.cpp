@@ -1,5 +1,5 @@
-// gkv::compact_ and gkv::gather_tokens: CPU kernels (the oracle), Meta kernels, and the Autograd
-// kernel of gather_tokens (backward = scatter-add, through ATen ops so it runs on every device).
+// gkv::compact_, gkv::write_slot_ and gkv::gather_tokens: CPU kernels (the oracle), Meta kernels,
+// and the Autograd kernel of gather_tokens (backward = scatter-add, through ATen ops so it runs on every device).
 #include "ops/compact.h"
 
 #include <ATen/ATen.h>
@@ -44,6 +44,42 @@ void check_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
   checks::contiguous(op, score, "score");
 }
 
+void check_write_slot(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& new_pos,
+                      const at::Tensor& slot) {
+  constexpr const char* op = "write_slot_";
+  checks::rank(op, k_cache, "k_cache", 4, "[B, Hkv, C, d]");
+  checks::floating(op, k_cache, "k_cache");
+  checks::rank(op, v_cache, "v_cache", 4, "[B, Hkv, C, d]");
+  checks::same_dtype(op, v_cache, "v_cache", k_cache, "k_cache");
+  checks::rank(op, pos, "pos", 3, "[B, Hkv, C]");
+  checks::dtype(op, pos, "pos", at::kInt);
+  const char* what[] = {"B of k_cache", "Hkv of k_cache", "C of k_cache", "d of k_cache"};
+  for (int64_t dim = 0; dim < 4; ++dim) {
+    checks::size(op, v_cache, "v_cache", dim, k_cache.sym_size(dim), what[dim]);
+    if (dim < 3) checks::size(op, pos, "pos", dim, k_cache.sym_size(dim), what[dim]);
+  }
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    checks::rank(op, *t, name, 3, "[B, Hkv, d]");
+    checks::same_dtype(op, *t, name, k_cache, "k_cache");
+    checks::size(op, *t, name, 0, k_cache.sym_size(0), what[0]);
+    checks::size(op, *t, name, 1, k_cache.sym_size(1), what[1]);
+    checks::size(op, *t, name, 2, k_cache.sym_size(3), what[3]);
+  }
+  checks::rank(op, new_pos, "new_pos", 2, "[B, Hkv]");
+  checks::dtype(op, new_pos, "new_pos", at::kInt);
+  checks::size(op, new_pos, "new_pos", 0, k_cache.sym_size(0), what[0]);
+  checks::size(op, new_pos, "new_pos", 1, k_cache.sym_size(1), what[1]);
+  checks::dtype(op, slot, "slot", at::kLong);
+  TORCH_CHECK(slot.sym_numel() == 1, "gkv::", op, ": slot must hold one element, got sizes ",
+              slot.sym_sizes());
+  checks::same_device(op, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&pos, "pos"}, {&k, "k"},
+                           {&v, "v"}, {&new_pos, "new_pos"}, {&slot, "slot"}});
+  checks::contiguous(op, k_cache, "k_cache");
+  checks::contiguous(op, v_cache, "v_cache");
+  checks::contiguous(op, pos, "pos");
+}
+
 void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
   constexpr const char* op = "gather_tokens";
   checks::rank(op, x, "x", 4, "[B, H, N, d]");
@@ -56,10 +92,11 @@ void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
   checks::same_device(op, {{&x, "x"}, {&idx, "idx"}});
 }
 
-void check_idx_range(const char* op, const at::Tensor& idx, int64_t n, const char* n_name) {
+void check_idx_range(const char* op, const at::Tensor& idx, const char* idx_name, int64_t n,
+                     const char* n_name) {
   if (idx.numel() == 0) return;
   const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < n, "gkv::", op, ": idx must be in [0, ", n_name, " = ", n,
+  TORCH_CHECK(lo >= 0 && hi < n, "gkv::", op, ": ", idx_name, " must be in [0, ", n_name, " = ", n,
               "), got values in [", lo, ", ", hi, "]");
 }
 
@@ -69,7 +106,7 @@ namespace {
 void compact_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at::Tensor& score,
                  const at::Tensor& idx) {
   check_compact(k_cache, v_cache, pos, score, idx);
-  check_idx_range("compact_", idx, k_cache.size(2), "C");
+  check_idx_range("compact_", idx, "idx", k_cache.size(2), "C");
   const int64_t K = idx.size(2);
   const auto rows = idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), K, k_cache.size(3)});
   k_cache.narrow(2, 0, K).copy_(k_cache.gather(2, rows));
@@ -83,9 +120,24 @@ void compact_meta(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
   check_compact(k_cache, v_cache, pos, score, idx);
 }
 
+void write_slot_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot) {
+  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot);
+  const auto at_slot = slot.reshape({1});
+  check_idx_range("write_slot_", at_slot, "slot", k_cache.size(2), "C");
+  k_cache.index_copy_(2, at_slot, k.unsqueeze(2));
+  v_cache.index_copy_(2, at_slot, v.unsqueeze(2));
+  pos.index_copy_(2, at_slot, new_pos.unsqueeze(2));
+}
+
+void write_slot_meta(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot) {
+  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot);
+}
+
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
   check_gather_tokens(x, idx);
-  check_idx_range("gather_tokens", idx, x.size(2), "N");
+  check_idx_range("gather_tokens", idx, "idx", x.size(2), "N");
   return x.gather(2, idx.unsqueeze(-1).expand({idx.size(0), idx.size(1), idx.size(2), x.size(3)}));
 }
 
@@ -128,10 +180,12 @@ at::Tensor gather_tokens_autograd(const at::Tensor& x, const at::Tensor& idx) {
 
 TORCH_LIBRARY_IMPL(gkv, CPU, m) {
   m.impl("compact_", compact_cpu);
+  m.impl("write_slot_", write_slot_cpu);
   m.impl("gather_tokens", gather_tokens_cpu);
 }
 TORCH_LIBRARY_IMPL(gkv, Meta, m) {
   m.impl("compact_", compact_meta);
+  m.impl("write_slot_", write_slot_meta);
   m.impl("gather_tokens", gather_tokens_meta);
 }
 TORCH_LIBRARY_IMPL(gkv, Autograd, m) { m.impl("gather_tokens", gather_tokens_autograd); }

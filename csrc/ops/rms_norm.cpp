@@ -1,6 +1,6 @@
-// gkv::rms_norm: the argument check, the CPU kernel (the oracle: the composite formula), the Meta
-// kernel, the Autograd kernel (backward through ATen ops, so it runs on every device) and the
-// Autocast kernel (csrc/ops/autocast.h).
+// gkv::rms_norm and gkv::add_rms_norm: the argument checks, the CPU kernels (the oracle: the
+// composite formulas), the Meta kernels, the Autograd kernels (backward through ATen ops, so it runs
+// on every device) and the Autocast kernels (csrc/ops/autocast.h).
 #include "ops/rms_norm.h"
 
 #include <ATen/ATen.h>
@@ -37,6 +37,16 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
               eps);
 }
 
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                        double eps) {
+  constexpr const char* op = "add_rms_norm";
+  TORCH_CHECK(residual.sym_sizes() == x.sym_sizes(), "gkv::", op,
+              ": residual must have the shape of x ", x.sym_sizes(), ", got ", residual.sym_sizes());
+  checks::same_dtype(op, residual, "residual", x, "x");
+  checks::same_device(op, {{&x, "x"}, {&residual, "residual"}});
+  check_rms_norm(x, weight, eps);
+}
+
 namespace {
 
 // x [..., D], weight [D] -> [..., D] (contiguous, dtype of x)
@@ -48,9 +58,23 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   return normed.to(x.scalar_type()) * weight;
 }
 
+// x, residual [..., D], weight [D] -> (x + residual, rms_norm(x + residual)), both contiguous
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps) {
+  check_add_rms_norm(x, residual, weight, eps);
+  at::Tensor sum = (x + residual).contiguous();
+  return {sum, rms_norm_cpu(sum, weight, eps)};
+}
+
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm(x, weight, eps);
   return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_meta(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+  check_add_rms_norm(x, residual, weight, eps);
+  return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(x.sym_sizes(), x.options())};
 }
 
 // Differentiable in x and weight. The backward recomputes the row scale r = rsqrt(mean(x^2) + eps)
@@ -98,6 +122,21 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, doub
   return RmsNormFunction::apply(x, weight, eps);
 }
 
+// With a gradient to compute, the composite of two differentiable ops (ATen's add, gkv::rms_norm):
+// the fused kernel saves launches at a decode step, where nothing requires grad.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(const at::Tensor& x,
+                                                         const at::Tensor& residual,
+                                                         const at::Tensor& weight, double eps) {
+  const bool wants_grad = x.requires_grad() || residual.requires_grad() || weight.requires_grad();
+  if (!at::GradMode::is_enabled() || !wants_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gkv::add_rms_norm(x, residual, weight, eps);
+  }
+  check_add_rms_norm(x, residual, weight, eps);
+  at::Tensor sum = x + residual;
+  return {sum, gkv::rms_norm(sum, weight, eps)};
+}
+
 at::Tensor rms_norm_autocast(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const auto op = [](const at::Tensor& a, const at::Tensor& w, double e) {
     return gkv::rms_norm(a, w, e);
@@ -105,16 +144,40 @@ at::Tensor rms_norm_autocast(const at::Tensor& x, const at::Tensor& weight, doub
   return call_promoted<2>({x, weight}, op, eps);
 }
 
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_autocast(const at::Tensor& x,
+                                                         const at::Tensor& residual,
+                                                         const at::Tensor& weight, double eps) {
+  const auto op = [](const at::Tensor& a, const at::Tensor& r, const at::Tensor& w, double e) {
+    return gkv::add_rms_norm(a, r, w, e);
+  };
+  return call_promoted<3>({x, residual, weight}, op, eps);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gkv, CPU, m) { m.impl("rms_norm", &rms_norm_cpu); }
+TORCH_LIBRARY_IMPL(gkv, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+}
 
-TORCH_LIBRARY_IMPL(gkv, Meta, m) { m.impl("rms_norm", &rms_norm_meta); }
+TORCH_LIBRARY_IMPL(gkv, Meta, m) {
+  m.impl("rms_norm", &rms_norm_meta);
+  m.impl("add_rms_norm", &add_rms_norm_meta);
+}
 
-TORCH_LIBRARY_IMPL(gkv, Autograd, m) { m.impl("rms_norm", &rms_norm_autograd); }
+TORCH_LIBRARY_IMPL(gkv, Autograd, m) {
+  m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("add_rms_norm", &add_rms_norm_autograd);
+}
 
-TORCH_LIBRARY_IMPL(gkv, AutocastCUDA, m) { m.impl("rms_norm", &rms_norm_autocast); }
+TORCH_LIBRARY_IMPL(gkv, AutocastCUDA, m) {
+  m.impl("rms_norm", &rms_norm_autocast);
+  m.impl("add_rms_norm", &add_rms_norm_autocast);
+}
 
-TORCH_LIBRARY_IMPL(gkv, AutocastCPU, m) { m.impl("rms_norm", &rms_norm_autocast); }
+TORCH_LIBRARY_IMPL(gkv, AutocastCPU, m) {
+  m.impl("rms_norm", &rms_norm_autocast);
+  m.impl("add_rms_norm", &add_rms_norm_autocast);
+}
 
 }  // namespace gkv

@@ -1,5 +1,6 @@
-"""gkv::compact_ and gkv::gather_tokens: CPU vs a direct indexing reference, CUDA vs CPU (exact:
-both only move values), NaN poison past the live length, opcheck, gradcheck, bad inputs."""
+"""gkv::compact_, gkv::write_slot_ and gkv::gather_tokens: CPU vs a direct indexing reference, CUDA
+vs CPU (exact: both only move values), NaN poison past the live length, opcheck, gradcheck, bad
+inputs."""
 import pytest
 import torch
 
@@ -172,6 +173,118 @@ def test_compact_bad_inputs(device, case, match):
         torch.ops.gkv.compact_(*args)
     for t, b in zip(args, before):  # a rejected call leaves the cache as it was
         assert_same(t, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# write_slot_
+
+def token_rows(c, d, dtype, gen, joint=False):
+    """k, v [B,H,d] as the decoder hands them over: slices of one joint projection output (batch
+    stride over all heads) when joint, else contiguous; new_pos [B,H] int32."""
+    if joint:
+        qkv = torch.randn(B, 5 * H, d, generator=gen).to(dtype)
+        k, v = qkv[:, 2 * H:3 * H], qkv[:, 4 * H:]
+    else:
+        k, v = (torch.randn(B, H, d, generator=gen).to(dtype) for _ in range(2))
+    return k, v, torch.randint(0, 10_000, (B, H), generator=gen, dtype=torch.int32)
+
+
+def reference_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot):
+    out = [t.clone() for t in (k_cache, v_cache, pos)]
+    for t, new in zip(out, (k, v, new_pos)):
+        t[:, :, slot] = new
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS + [24])
+@pytest.mark.parametrize("joint", [False, True])
+def test_write_slot_writes_one_slot(device, dtype, d, joint):
+    gen = torch.Generator().manual_seed(d)
+    for c in (1, 17, 2176):
+        k_cache, v_cache, pos, _ = make_cache(c, d, dtype, gen)
+        k, v, new_pos = token_rows(c, d, dtype, gen, joint)
+        for slot in {0, c // 2, c - 1}:
+            expected = reference_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot)
+            got = [t.to(device) for t in (k_cache, v_cache, pos)]
+            torch.ops.gkv.write_slot_(*got, k.to(device), v.to(device), new_pos.to(device),
+                                      torch.tensor([slot], device=device))
+            for g, e in zip(got, expected):
+                assert_same(g.cpu(), e)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_write_slot_opcheck(device):
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, pos, _ = (t.to(device) for t in make_cache(17, 8, torch.float32, gen))
+    rows = [t.to(device) for t in token_rows(17, 8, torch.float32, gen)]
+    torch.library.opcheck(torch.ops.gkv.write_slot_.default,
+                          (k_cache, v_cache, pos, *rows, torch.tensor(5, device=device)))
+
+
+@requires_cuda
+def test_write_slot_cuda_slot_out_of_range_writes_nothing():
+    gen = torch.Generator().manual_seed(4)
+    cache = [t.cuda() for t in make_cache(17, 8, torch.bfloat16, gen)[:3]]
+    rows = [t.cuda() for t in token_rows(17, 8, torch.bfloat16, gen)]
+    before = [t.clone() for t in cache]
+    for slot in (-1, 17):
+        torch.ops.gkv.write_slot_(*cache, *rows, torch.tensor([slot], device="cuda"))
+        for t, b in zip(cache, before):
+            assert_same(t, b)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("case, match", [
+    ("k_cache_dtype", r"k_cache must be float32, bfloat16 or float16, got Double"),
+    ("v_cache_shape", r"v_cache.size\(2\) must be C of k_cache"),
+    ("pos_dtype", r"pos must be Int, got Long"),
+    ("k_shape", r"k must have shape \[B, Hkv, d\] \(rank 3\)"),
+    ("v_dtype", r"v must have the dtype of k_cache"),
+    ("v_heads", r"v.size\(1\) must be Hkv of k_cache"),
+    ("new_pos_shape", r"new_pos.size\(0\) must be B of k_cache"),
+    ("slot_dtype", r"slot must be Long, got Int"),
+    ("slot_two", r"slot must hold one element"),
+    ("pos_noncontig", r"pos must be contiguous"),
+])
+def test_write_slot_bad_inputs(device, case, match):
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, pos, _ = make_cache(10, 8, torch.float32, gen)
+    k, v, new_pos = token_rows(10, 8, torch.float32, gen)
+    slot = torch.tensor([3])
+    if case == "k_cache_dtype":
+        k_cache, v_cache, k, v = (t.double() for t in (k_cache, v_cache, k, v))
+    elif case == "v_cache_shape":
+        v_cache = v_cache[:, :, :9].contiguous()
+    elif case == "pos_dtype":
+        pos = pos.long()
+    elif case == "k_shape":
+        k = k.unsqueeze(2)
+    elif case == "v_dtype":
+        v = v.half()
+    elif case == "v_heads":
+        v = v[:, :2]
+    elif case == "new_pos_shape":
+        new_pos = new_pos[:1]
+    elif case == "slot_dtype":
+        slot = slot.int()
+    elif case == "slot_two":
+        slot = torch.tensor([3, 4])
+    elif case == "pos_noncontig":
+        pos = pos.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.gkv.write_slot_(*(t.to(device) for t in (k_cache, v_cache, pos, k, v, new_pos,
+                                                            slot)))
+
+
+def test_write_slot_cpu_checks_the_slot():
+    gen = torch.Generator().manual_seed(6)
+    cache = make_cache(10, 8, torch.float32, gen)[:3]
+    rows = token_rows(10, 8, torch.float32, gen)
+    for slot in (-1, 10):
+        with pytest.raises(RuntimeError, match=r"slot must be in \[0, C = 10\)"):
+            torch.ops.gkv.write_slot_(*cache, *rows, torch.tensor([slot]))
 
 
 # ---------------------------------------------------------------------------------------------

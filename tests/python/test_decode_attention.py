@@ -123,6 +123,26 @@ def test_cuda_strided_cache_view():
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_q_sliced_from_joint_heads(dtype, d):
+    """q as the decoder passes it: the first Hq heads of a joint q/k tensor (batch stride over
+    Hq + Hkv heads), read in place; also heads that are not adjacent (copied)."""
+    B, Hkv, G = 3, 4, 7
+    q, k, v, pos, acc, scale = (t.cuda() if torch.is_tensor(t) else t
+                                for t in make_inputs(B, Hkv, G, 300, 300, d, dtype))
+    ref = ops.decode_attention(q, k, v, pos, 300, scale)
+    joint = torch.cat([q, torch.randn(B, Hkv, d, device="cuda").to(dtype)], dim=1)
+    sliced = joint[:, :Hkv * G]
+    assert not sliced.is_contiguous()
+    torch.testing.assert_close(ops.decode_attention(sliced, k, v, pos, 300, scale), ref,
+                               atol=0, rtol=0)
+    spread = torch.stack([q, q], dim=2)[:, :, 0]  # head stride 2d
+    torch.testing.assert_close(ops.decode_attention(spread, k, v, pos, 300, scale), ref,
+                               atol=0, rtol=0)
+
+
 def opcheck_args(device):
     q, k, v, pos, acc, scale = make_inputs(2, 2, 4, 33, 29, 8, torch.float32, device=device)
     acc = acc.nan_to_num(0.0)

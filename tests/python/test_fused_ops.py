@@ -1,6 +1,7 @@
-"""gkv::rms_norm and gkv::apply_rope: CPU kernels vs the formulas (in float64, and bit for bit
-against the decoder's former composite code, which matches transformers), gradients (gradcheck in
-float64, and against autograd through the composite), autocast, opcheck, bad inputs, CUDA vs CPU.
+"""gkv::rms_norm, gkv::add_rms_norm, gkv::silu_mul and gkv::apply_rope: CPU kernels vs the formulas
+(in float64, and bit for bit against the decoder's former composite code, which matches
+transformers), gradients (gradcheck in float64, and against autograd through the composite),
+autocast, opcheck, bad inputs, CUDA vs CPU.
 """
 import pytest
 import torch
@@ -31,6 +32,17 @@ def composite_rms_norm(x, weight, eps):
     """The decoder's former code (transformers' Llama/Qwen2 RMSNorm)."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def composite_silu_mul(x):
+    """The decoder's former code: silu(gate) * up over the halves of the joint projection."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def silu_mul_float64(x):
+    gate, up = x.double().chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up
 
 
 def rotate_half(x):
@@ -107,6 +119,32 @@ def test_rms_norm_eps_guards_a_zero_row():
     assert torch.isfinite(out).all() and (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", NORM_DIMS)
+def test_add_rms_norm_cpu_is_the_add_then_the_norm(dtype, D):
+    for leading in NORM_LEADING:
+        x, weight = norm_inputs(leading, D, dtype)
+        residual, _ = norm_inputs(leading, D, dtype, seed=1)
+        total, normed = ops.add_rms_norm(x, residual, weight, EPS)
+        assert torch.equal(total, x + residual) and total.is_contiguous()
+        assert torch.equal(normed, composite_rms_norm(x + residual, weight, EPS))
+
+
+# ---------------------------------------------------------------------------- silu_mul, CPU
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("F", [1, 64, 136, 4736])
+def test_silu_mul_cpu_matches_formula(dtype, F):
+    for leading in NORM_LEADING:
+        x, _ = norm_inputs(leading, 2 * F, dtype)
+        out = ops.silu_mul(x)
+        assert out.dtype == dtype and out.shape == (*leading, F) and out.is_contiguous()
+        assert torch.equal(out, composite_silu_mul(x))
+        torch.testing.assert_close(out.double(), silu_mul_float64(x), **formula_tolerance(dtype))
+    strided = torch.randn(3, 4, 2 * F).transpose(0, 1).to(dtype)
+    assert torch.equal(ops.silu_mul(strided), composite_silu_mul(strided))
+
+
 # ---------------------------------------------------------------------------- apply_rope, CPU
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -151,6 +189,15 @@ def test_rms_norm_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: ops.rms_norm(a, b, 1e-3), (x, weight))
 
 
+def test_add_rms_norm_and_silu_mul_gradcheck():
+    x, weight = norm_inputs((3, 2), 16, torch.float64)
+    residual, _ = norm_inputs((3, 2), 16, torch.float64, seed=1)
+    leaves = [t.requires_grad_() for t in (x, residual, weight)]
+    assert torch.autograd.gradcheck(lambda a, r, w: ops.add_rms_norm(a, r, w, 1e-3), leaves)
+    gate_up = torch.randn(3, 5, 12, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(ops.silu_mul, (gate_up,))
+
+
 def test_apply_rope_gradcheck():
     x = rope_x(2, 3, 5, 8, torch.float64).requires_grad_()
     cos, sin = rope_tables(2, 5, 8, torch.float64)
@@ -181,6 +228,11 @@ def test_gradients_match_autograd_of_the_composite(dtype):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.float(), b.float(), **formula_tolerance(dtype))
 
+    gate_up = torch.randn(5, 3, 2 * 896).to(dtype)
+    (ours,), (theirs,) = composite_grads(ops.silu_mul, composite_silu_mul, (gate_up,),
+                                         torch.randn(5, 3, 896).to(dtype))
+    torch.testing.assert_close(ours, theirs, **formula_tolerance(dtype))
+
     x = rope_x(2, 3, 7, 64, dtype)
     cos, sin = rope_tables(2, 7, 64, dtype)
     grad = torch.randn(2, 3, 7, 64).to(dtype)
@@ -210,6 +262,11 @@ def test_autocast_promotes_mixed_dtypes():
     assert normed.dtype == torch.float32 and rotated.dtype == torch.float32
     assert torch.equal(normed, ops.rms_norm(x.bfloat16().float(), weight, EPS))
     assert torch.equal(rotated, ops.apply_rope(q.bfloat16().float(), cos, sin))
+    # The decoder's residual stream stays fp32 while a layer's output comes out in bf16.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, normed = ops.add_rms_norm(x, x.bfloat16(), weight, EPS)
+    assert total.dtype == torch.float32 and torch.equal(total, x + x.bfloat16().float())
+    assert torch.equal(normed, ops.rms_norm(total, weight, EPS))
     with pytest.raises(RuntimeError, match="weight must have the dtype of x"):
         ops.rms_norm(x.bfloat16(), weight, EPS)
 
@@ -230,6 +287,25 @@ def test_rms_norm_bad_inputs_name_the_argument():
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             ops.rms_norm(*args)
+
+
+def test_add_rms_norm_and_silu_mul_bad_inputs_name_the_argument():
+    x, weight = norm_inputs((3,), 64, torch.float32)
+    cases = [
+        ((x, x[:2], weight, EPS), r"residual must have the shape of x \[3, 64\], got \[2, 64\]"),
+        ((x, x.half(), weight, EPS), "residual must have the dtype of x"),
+        ((x, x, weight[:32], EPS), r"weight.size\(0\) must be D = x.size\(-1\) = 64"),
+        ((x, x, weight, float("nan")), "eps must be finite and >= 0"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.add_rms_norm(*args)
+    for bad, message in [(x[:, :5], r"x.size\(-1\) = 2F must be even and >= 2"),
+                         (x[:, :0], r"x.size\(-1\) = 2F must be even and >= 2"),
+                         (torch.tensor(1.0), r"x must have shape \[..., 2F\]"),
+                         (x.int(), "x must be float32, bfloat16 or float16")]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.silu_mul(bad)
 
 
 def test_apply_rope_bad_inputs_name_the_argument():
@@ -261,6 +337,9 @@ def test_opcheck(device):
     x, weight = norm_inputs((3, 5), 128, torch.float32, device)
     torch.library.opcheck(torch.ops.gkv.rms_norm.default,
                           (x.requires_grad_(), weight.requires_grad_(), EPS))
+    residual = norm_inputs((3, 5), 128, torch.float32, device, seed=1)[0].requires_grad_()
+    torch.library.opcheck(torch.ops.gkv.add_rms_norm.default, (x, residual, weight, EPS))
+    torch.library.opcheck(torch.ops.gkv.silu_mul.default, (residual,))
     q = rope_x(2, 4, 3, 64, torch.float32, device).requires_grad_()
     cos, sin = rope_tables(2, 3, 64, torch.float32, device)
     torch.library.opcheck(torch.ops.gkv.apply_rope.default, (q, cos, sin))
@@ -277,6 +356,43 @@ def test_rms_norm_cuda_matches_cpu(dtype, D):
         out = ops.rms_norm(x.cuda(), weight.cuda(), EPS)
         assert out.dtype == dtype and out.is_contiguous()
         torch.testing.assert_close(out.cpu(), ops.rms_norm(x, weight, EPS), **tolerance(dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", NORM_DIMS + [97])
+def test_add_rms_norm_cuda_matches_cpu(dtype, D):
+    for leading in NORM_LEADING:
+        x, weight = norm_inputs(leading, D, dtype)
+        residual, _ = norm_inputs(leading, D, dtype, seed=1)
+        total, normed = ops.add_rms_norm(x.cuda(), residual.cuda(), weight.cuda(), EPS)
+        # The sum is one rounding of the same fp32 sum on both devices.
+        assert torch.equal(total.cpu(), x + residual)
+        torch.testing.assert_close(normed.cpu(), ops.rms_norm(x + residual, weight, EPS),
+                                   **tolerance(dtype))
+    # Unaligned (scalar path) and strided inputs.
+    x, weight = norm_inputs((6, 4), 128, dtype)
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    unaligned = buf[1:].view_as(x).copy_(x)
+    total, normed = ops.add_rms_norm(unaligned, x.cuda().transpose(0, 1).contiguous().transpose(0, 1),
+                                     weight.cuda(), EPS)
+    assert torch.equal(total.cpu(), x + x)
+    torch.testing.assert_close(normed.cpu(), ops.rms_norm(x + x, weight, EPS), **tolerance(dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("F", [1, 64, 97, 136, 4736])  # 1 and 97: the scalar path
+def test_silu_mul_cuda_matches_cpu(dtype, F):
+    for leading in NORM_LEADING:
+        x, _ = norm_inputs(leading, 2 * F, dtype)
+        out = ops.silu_mul(x.cuda())
+        assert out.dtype == dtype and out.shape == (*leading, F) and out.is_contiguous()
+        torch.testing.assert_close(out.cpu(), ops.silu_mul(x), **tolerance(dtype))
+        assert torch.equal(out, composite_silu_mul(x.cuda()))  # ATen's CUDA silu, then mul
+    strided = torch.randn(3, 4, 2 * F).to(dtype).transpose(0, 1)
+    torch.testing.assert_close(ops.silu_mul(strided.cuda()).cpu(), ops.silu_mul(strided),
+                               **tolerance(dtype))
 
 
 @requires_cuda

@@ -234,6 +234,26 @@ def test_joint_projections_share_the_named_weights(name, tmp_path):
         assert linear_calls(model, tokens)[1] == 4 * layers + 1
 
 
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen3-tied-bias"])
+def test_inference_forward_runs_the_fused_elementwise_ops(name, tmp_path):
+    """Without gradients each residual add runs fused with the norm after it, SiLU with the gate
+    product, and q and k take one RoPE pass (two with Qwen3's per-head norms between)."""
+    hf, path = make_hf(name, tmp_path)
+    model = Model.load(path)
+    layers = hf.config.num_hidden_layers
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = model.forward(tokens)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    qk_norm = hf.config.model_type == "qwen3"
+    assert calls.get("gkv::add_rms_norm") == 2 * layers
+    assert calls.get("gkv::silu_mul") == layers
+    assert calls.get("gkv::apply_rope") == (2 if qk_norm else 1) * layers
+    assert calls.get("gkv::rms_norm") == 1 + (2 * layers if qk_norm else 0)  # the first norm
+    assert_close(logits, hf_logits(hf, tokens))
+
+
 @pytest.mark.parametrize("max_shard_bytes", [0, 40_000])
 @pytest.mark.parametrize("name", ["llama3-rope-bias", "qwen2-gqa", "qwen3-tied-bias"])
 def test_save_load_round_trip_and_transformers_loads_it(name, max_shard_bytes, tmp_path):

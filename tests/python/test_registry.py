@@ -12,7 +12,8 @@ import gkv_ext
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "csrc" / "torch_bindings.cpp"
 OPS = re.findall(r'"(\w+)\(', SCHEMAS.read_text())
-DIFFERENTIABLE = {"gather_tokens", "lifetime_attention", "rms_norm", "apply_rope"}
+DIFFERENTIABLE = {"gather_tokens", "lifetime_attention", "rms_norm", "add_rms_norm",
+                  "silu_mul", "apply_rope"}
 
 
 def test_schemas_found():

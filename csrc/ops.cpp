@@ -58,11 +58,14 @@ void compact_sorted_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
 }
 
 void write_slot_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
-                 const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot) {
+                 const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot,
+                 const std::optional<at::Tensor>& q_ring, const std::optional<at::Tensor>& q,
+                 const std::optional<at::Tensor>& ring_slot) {
+  using Opt = const std::optional<at::Tensor>&;
   static auto handle =
       op<void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&)>("gkv::write_slot_");
-  handle.call(k_cache, v_cache, pos, k, v, new_pos, slot);
+              const at::Tensor&, const at::Tensor&, Opt, Opt, Opt)>("gkv::write_slot_");
+  handle.call(k_cache, v_cache, pos, k, v, new_pos, slot, q_ring, q, ring_slot);
 }
 
 at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx) {

@@ -40,9 +40,13 @@ void compact_sorted_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
 at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& idx);
 
 // k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32 take k/v [B,Hkv,d] and new_pos [B,Hkv] int32
-// at slot `slot` (int64, one element, read on the device).
+// at slot `slot` (int64, one element, read on the device); with q_ring [B,Hq,W,d], q [B,Hq,d] and
+// ring_slot, the query ring takes q at ring_slot too.
 void write_slot_(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
-                 const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot);
+                 const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot,
+                 const std::optional<at::Tensor>& q_ring = std::nullopt,
+                 const std::optional<at::Tensor>& q = std::nullopt,
+                 const std::optional<at::Tensor>& ring_slot = std::nullopt);
 
 // q [B,Hq,T,d], k/v [B,Hkv,T,d], death [B,Hkv,T] int32 -> (out [B,Hq,T,d], lse [B,Hq,T] fp32)
 std::tuple<at::Tensor, at::Tensor> lifetime_attention(const at::Tensor& q, const at::Tensor& k,

@@ -39,14 +39,16 @@ TORCH_LIBRARY(gkv, m) {
       "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, Tensor(d!) score, "
       "Tensor idx) -> ()");
 
-  // One decoded token's K, V and position written into slot `slot` of the cache, the slot read
-  // from device memory (a replayed CUDA graph advances it in place). On CUDA a slot outside
-  // [0, C) writes nothing: checking it would read it back to the host. k_cache/v_cache
-  // [B,Hkv,C,d], pos [B,Hkv,C] int32, k/v [B,Hkv,d], new_pos [B,Hkv] int32, slot int64 with one
-  // element.
+  // One decoded token's K, V and position written into slot `slot` of the cache, and optionally
+  // its query into slot `ring_slot` of the window's query ring, in one launch; the slots are read
+  // from device memory (a replayed CUDA graph advances them in place). On CUDA a slot out of range
+  // writes nothing: checking it would read it back to the host. k_cache/v_cache [B,Hkv,C,d], pos
+  // [B,Hkv,C] int32, k/v [B,Hkv,d], new_pos [B,Hkv] int32, slot int64 with one element; q_ring
+  // [B,Hq,W,d], q [B,Hq,d], ring_slot int64 with one element (all three or none).
   m.def(
       "write_slot_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) pos, Tensor k, Tensor v, "
-      "Tensor new_pos, Tensor slot) -> ()");
+      "Tensor new_pos, Tensor slot, Tensor(d!)? q_ring=None, Tensor? q=None, "
+      "Tensor? ring_slot=None) -> ()");
 
   // Differentiable out-of-place gather along the token axis (backward = scatter-add).
   // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d].

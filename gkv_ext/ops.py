@@ -94,19 +94,23 @@ def compact_(k_cache: Tensor, v_cache: Tensor, pos: Tensor, score: Tensor, idx: 
 
 
 def write_slot_(k_cache: Tensor, v_cache: Tensor, pos: Tensor, k: Tensor, v: Tensor,
-                new_pos: Tensor, slot: Tensor) -> None:
-    """In place: one decoded token's K, V and position written into cache slot ``slot``.
+                new_pos: Tensor, slot: Tensor, q_ring: Optional[Tensor] = None,
+                q: Optional[Tensor] = None, ring_slot: Optional[Tensor] = None) -> None:
+    """In place: one decoded token's K, V and position written into cache slot ``slot``, and
+    optionally its query into slot ``ring_slot`` of the window's query ring, in one launch.
 
-    The slot is a tensor read on the device, so a replayed CUDA graph can advance it in place.
-    On CPU a slot outside ``[0, C)`` raises; on CUDA it writes nothing (checking it would read it
-    back to the host).
+    The slots are tensors read on the device, so a replayed CUDA graph can advance them in place.
+    On CPU a slot out of range raises; on CUDA it writes nothing (checking it would read it back
+    to the host).
 
     Args:
         k_cache, v_cache: ``[B, Hkv, C, d]`` contiguous; pos: ``[B, Hkv, C]`` int32 contiguous.
         k, v: ``[B, Hkv, d]``, dtype of the cache (any strides); new_pos: ``[B, Hkv]`` int32;
         slot: int64 with one element.
+        q_ring: ``[B, Hq, W, d]`` contiguous, dtype of the cache; q: ``[B, Hq, d]``; ring_slot:
+            int64 with one element. All three or none.
     """
-    _ops.write_slot_(k_cache, v_cache, pos, k, v, new_pos, slot)
+    _ops.write_slot_(k_cache, v_cache, pos, k, v, new_pos, slot, q_ring, q, ring_slot)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:

@@ -264,8 +264,10 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
   const auto kN = s.k.narrow(2, 0, N), vN = s.v.narrow(2, 0, N), posN = s.pos.narrow(2, 0, N);
   at::Tensor out;
   if (T == 1) {  // graph-safe: slot and span come from device memory and decode_span
+    std::optional<at::Tensor> q_ring, q_token, ring_slot;  // the window's query ring, same launch
+    if (s.q_ring.defined()) q_ring = s.q_ring, q_token = q.select(2, 0), ring_slot = ring_slot_;
     gkv::write_slot_(s.k, s.v, s.pos, k.select(2, 0), v.select(2, 0), new_pos_.select(2, 0),
-                     live_slot_);
+                     live_slot_, q_ring, q_token, ring_slot);
     if (accumulate) s.score.index_fill_(2, live_slot_, 0.0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
     std::optional<at::Tensor> acc;
@@ -280,8 +282,8 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
     std::optional<at::Tensor> acc;
     if (accumulate) acc = s.score.narrow(2, 0, N);
     out = masked_attention(q, kN, vN, posN, acc);
+    push_queries(s, q);
   }
-  push_queries(s, q);
   return out;
 }
 
@@ -303,10 +305,6 @@ void CompressedKVCache::compress(Layer& s, int64_t layer) {
 void CompressedKVCache::push_queries(Layer& s, const at::Tensor& q) const {
   if (!s.q_ring.defined()) return;
   const int64_t W = s.q_ring.size(2), T = q.size(2);
-  if (T == 1) {
-    s.q_ring.index_copy_(2, ring_slot_, q);
-    return;
-  }
   const int64_t m = std::min(T, W);  // only the last W of this forward can matter
   int64_t n = q_count_ + T - m;      // index of the first query written
   int64_t t = T - m;

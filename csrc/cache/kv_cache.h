@@ -102,7 +102,8 @@ class CompressedKVCache {
                     const at::Tensor& v);
   // Selects and compacts one layer of the forward in progress (its N = length_ + tokens_ slots).
   void compress(Layer& s, int64_t layer);
-  // Remembers q [B,Hq,T,d] as queries q_count_ .. q_count_+T-1.
+  // Remembers q [B,Hq,T,d] as queries q_count_ .. q_count_+T-1 (a one-token decode step writes
+  // its query with its K and V instead: extend's write_slot_).
   void push_queries(Layer& s, const at::Tensor& q) const;
   // [B,Hq,W,d] oldest first, after this forward's queries.
   at::Tensor window_queries(const Layer& s) const;

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <initializer_list>
+#include <vector>
 
 #include "cuda/dispatch.h"
 #include "kernels/compact.cuh"
@@ -17,7 +17,7 @@ namespace {
 // Runs f(Vec*) with Vec the widest of 16/8/4/2/1-byte words dividing every value (sizes, byte
 // strides, addresses), so rows move in 16-byte vectors whenever the layout allows.
 template <typename F>
-cudaError_t with_vec(std::initializer_list<int64_t> values, F&& f) {
+cudaError_t with_vec(const std::vector<int64_t>& values, F&& f) {
   int64_t width = 16;
   for (int64_t v : values) {
     while (v % width != 0) width /= 2;
@@ -98,42 +98,50 @@ void compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
   }
 }
 
+// Row (b, h) of t [B, heads, d] at b * src_b + h * src_h bytes (a copy when d is strided).
+kernels::SlotWrite slot_write(at::Tensor& dst, const at::Tensor& t, const at::Tensor& slot,
+                              std::vector<at::Tensor>& keep_alive) {
+  const at::Tensor& src = keep_alive.emplace_back(t.stride(2) == 1 ? t : t.contiguous());
+  const int64_t es = src.element_size();
+  return {dst.data_ptr(), src.data_ptr(), src.stride(0) * es, src.stride(1) * es, dst.size(1),
+          dst.size(2), slot.data_ptr<int64_t>()};
+}
+
 // k_cache/v_cache [B,Hkv,C,d] and pos [B,Hkv,C] take k/v [B,Hkv,d] and new_pos [B,Hkv] at the
-// slot read on the device: one kernel, no host read (a decode step's graph replays it).
+// slot read on the device (and q_ring [B,Hq,W,d] takes q [B,Hq,d] at ring_slot): one kernel, no
+// host read (a decode step's graph replays it).
 void write_slot_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
-                     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& new_pos,
-                     const at::Tensor& slot) {
-  check_write_slot(k_cache, v_cache, pos, k_in, v_in, new_pos, slot);
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& new_pos,
+                     const at::Tensor& slot, const std::optional<at::Tensor>& q_ring,
+                     const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& ring_slot) {
+  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot, q_ring, q, ring_slot);
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const auto k = k_in.stride(2) == 1 ? k_in : k_in.contiguous();
-  const auto v = v_in.stride(2) == 1 ? v_in : v_in.contiguous();
-  const int64_t es = k.element_size();
+  std::vector<at::Tensor> keep_alive;
   kernels::WriteSlotParams p{};
-  p.dst[0] = k_cache.data_ptr();
-  p.dst[1] = v_cache.data_ptr();
-  p.src[0] = k.data_ptr();
-  p.src[1] = v.data_ptr();
-  p.src_b[0] = k.stride(0) * es;
-  p.src_h[0] = k.stride(1) * es;
-  p.src_b[1] = v.stride(0) * es;
-  p.src_h[1] = v.stride(1) * es;
+  p.part[0] = slot_write(k_cache, k, slot, keep_alive);
+  p.part[1] = slot_write(v_cache, v, slot, keep_alive);
+  p.parts = 2;
+  if (q_ring) {
+    at::Tensor ring = *q_ring;
+    p.part[p.parts++] = slot_write(ring, *q, *ring_slot, keep_alive);
+  }
+  p.B = k_cache.size(0);
+  p.row_bytes = k_cache.size(3) * k_cache.element_size();
   p.pos = pos.data_ptr<int32_t>();
   p.new_pos = new_pos.data_ptr<int32_t>();
   p.pos_b = new_pos.stride(0);
   p.pos_h = new_pos.stride(1);
-  p.slot = slot.data_ptr<int64_t>();
-  p.H = k_cache.size(1);
-  p.rows = k_cache.size(0) * p.H;
-  p.C = k_cache.size(2);
-  p.row_bytes = k_cache.size(3) * es;
-  GKV_CUDA_CHECK("write_slot_",
-                 with_vec({p.row_bytes, p.src_b[0], p.src_h[0], p.src_b[1], p.src_h[1],
-                           reinterpret_cast<int64_t>(p.src[0]), reinterpret_cast<int64_t>(p.src[1]),
-                           reinterpret_cast<int64_t>(p.dst[0]), reinterpret_cast<int64_t>(p.dst[1])},
-                          [&](auto* tag) {
-                            using Vec = std::remove_pointer_t<decltype(tag)>;
-                            return kernels::write_slot<Vec>(p, c10::cuda::getCurrentCUDAStream());
-                          }));
+  // The widest word dividing every row's size, strides and address.
+  std::vector<int64_t> sizes{p.row_bytes};
+  for (int i = 0; i < p.parts; ++i) {
+    sizes.insert(sizes.end(), {p.part[i].src_b, p.part[i].src_h,
+                               reinterpret_cast<int64_t>(p.part[i].src),
+                               reinterpret_cast<int64_t>(p.part[i].dst)});
+  }
+  GKV_CUDA_CHECK("write_slot_", with_vec(sizes, [&](auto* tag) {
+                   using Vec = std::remove_pointer_t<decltype(tag)>;
+                   return kernels::write_slot<Vec>(p, c10::cuda::getCurrentCUDAStream());
+                 }));
 }
 
 // x [B,H,N,d], idx [B,H,K] int64 -> [B,H,K,d]; 16-byte row copies when the layout allows.

@@ -1,6 +1,6 @@
-// Row moves along the token axis, for gkv::compact_, gkv::write_slot_ and gkv::gather_tokens. Rows are moved as
-// raw bytes in vectors of `Vec` (16 bytes when sizes and addresses allow), so one kernel serves
-// every dtype. No torch headers: raw pointers, sizes, byte strides, a stream, a cudaError_t.
+// Row moves along the token axis, for gkv::compact_, gkv::write_slot_ and gkv::gather_tokens.
+// Rows are moved as raw bytes in vectors of `Vec` (16 bytes when sizes and addresses allow), so one
+// kernel serves every dtype. No torch headers: raw pointers, sizes, byte strides, a stream, a cudaError_t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -153,41 +153,57 @@ cudaError_t compact_rows(void* base0, void* base1, int64_t rows, int64_t C, int6
   return cudaGetLastError();
 }
 
-struct WriteSlotParams {
-  void* dst[2];              // k_cache, v_cache [rows, C, row_bytes] contiguous
-  const void* src[2];        // k, v: row (b, h) at b * src_b[i] + h * src_h[i] bytes
-  int64_t src_b[2], src_h[2];
-  int32_t* pos;              // [rows, C]
-  const int32_t* new_pos;    // element (b, h) at b * pos_b + h * pos_h
-  int64_t pos_b, pos_h;
-  const int64_t* slot;       // one value, read on the device
-  int64_t rows, H, C, row_bytes;
+// One token row per (b, head) of a [B, heads, slots, row_bytes] buffer, written at *slot.
+struct SlotWrite {
+  void* dst;            // [B * heads, slots, row_bytes] contiguous
+  const void* src;      // row (b, h) at b * src_b + h * src_h bytes
+  int64_t src_b, src_h;
+  int64_t heads, slots;
+  const int64_t* slot;  // one value, read on the device
 };
 
-// One Vec word of a K or V row per thread (the first word of each row also writes pos). A slot
-// outside [0, C) writes nothing: the op documents it (a check would read the slot to the host).
+struct WriteSlotParams {
+  SlotWrite part[3];        // K, V, and (when parts == 3) the query ring
+  int parts;
+  int64_t B, row_bytes;
+  int32_t* pos;             // [B * heads of K, slots of K]: written with K
+  const int32_t* new_pos;   // element (b, h) at b * pos_b + h * pos_h
+  int64_t pos_b, pos_h;
+};
+
+// One Vec word of a row per thread; the first word of each K row also writes pos. A slot outside
+// [0, slots) writes nothing: the op documents it (a check would read the slot to the host).
 template <typename Vec>
 __global__ void write_slot_kernel(WriteSlotParams p) {
-  const int64_t slot = *p.slot;
-  if (slot < 0 || slot >= p.C) return;
-  const int64_t words = p.row_bytes / int64_t(sizeof(Vec)), total = p.rows * 2 * words;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+  const int64_t words = p.row_bytes / int64_t(sizeof(Vec));
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = e / (2 * words), r = e - row * 2 * words;
-    const int which = r >= words, w = static_cast<int>(r - which * words);
-    const int64_t b = row / p.H, h = row - b * p.H;
-    const auto* src = reinterpret_cast<const Vec*>(static_cast<const char*>(p.src[which]) +
-                                                   b * p.src_b[which] + h * p.src_h[which]);
-    auto* dst = reinterpret_cast<Vec*>(static_cast<char*>(p.dst[which]) +
-                                       (row * p.C + slot) * p.row_bytes);
-    dst[w] = src[w];
-    if (r == 0) p.pos[row * p.C + slot] = p.new_pos[b * p.pos_b + h * p.pos_h];
+    int64_t local = e;
+    int which = 0;
+    while (which < p.parts && local >= p.B * p.part[which].heads * words) {
+      local -= p.B * p.part[which].heads * words;
+      ++which;
+    }
+    if (which == p.parts) return;
+    const SlotWrite& w = p.part[which];
+    const int64_t slot = *w.slot;
+    if (slot < 0 || slot >= w.slots) continue;
+    const int64_t row = local / words, word = local - row * words;
+    const int64_t b = row / w.heads, h = row - b * w.heads;
+    const auto* src = reinterpret_cast<const Vec*>(static_cast<const char*>(w.src) + b * w.src_b +
+                                                   h * w.src_h);
+    auto* dst = reinterpret_cast<Vec*>(static_cast<char*>(w.dst) +
+                                       (row * w.slots + slot) * p.row_bytes);
+    dst[word] = src[word];
+    if (which == 0 && word == 0) p.pos[row * w.slots + slot] = p.new_pos[b * p.pos_b + h * p.pos_h];
   }
 }
 
 template <typename Vec>
 cudaError_t write_slot(const WriteSlotParams& p, cudaStream_t stream) {
-  const int64_t total = p.rows * 2 * (p.row_bytes / int64_t(sizeof(Vec)));
+  int64_t total = 0;
+  for (int i = 0; i < p.parts; ++i) total += p.B * p.part[i].heads;
+  total *= p.row_bytes / int64_t(sizeof(Vec));
   if (total == 0) return cudaSuccess;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, threads), 65536));

@@ -46,7 +46,8 @@ void check_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 
 void check_write_slot(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& new_pos,
-                      const at::Tensor& slot) {
+                      const at::Tensor& slot, const std::optional<at::Tensor>& q_ring,
+                      const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& ring_slot) {
   constexpr const char* op = "write_slot_";
   checks::rank(op, k_cache, "k_cache", 4, "[B, Hkv, C, d]");
   checks::floating(op, k_cache, "k_cache");
@@ -59,25 +60,45 @@ void check_write_slot(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
     checks::size(op, v_cache, "v_cache", dim, k_cache.sym_size(dim), what[dim]);
     if (dim < 3) checks::size(op, pos, "pos", dim, k_cache.sym_size(dim), what[dim]);
   }
-  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    checks::rank(op, *t, name, 3, "[B, Hkv, d]");
-    checks::same_dtype(op, *t, name, k_cache, "k_cache");
-    checks::size(op, *t, name, 0, k_cache.sym_size(0), what[0]);
-    checks::size(op, *t, name, 1, k_cache.sym_size(1), what[1]);
-    checks::size(op, *t, name, 2, k_cache.sym_size(3), what[3]);
-  }
+  // A token's rows: [B, heads, d] of the cache dtype.
+  const auto check_rows = [&](const at::Tensor& t, const char* name, const char* shape,
+                              const c10::SymInt& heads, const char* heads_what) {
+    checks::rank(op, t, name, 3, shape);
+    checks::same_dtype(op, t, name, k_cache, "k_cache");
+    checks::size(op, t, name, 0, k_cache.sym_size(0), what[0]);
+    checks::size(op, t, name, 1, heads, heads_what);
+    checks::size(op, t, name, 2, k_cache.sym_size(3), what[3]);
+  };
+  check_rows(k, "k", "[B, Hkv, d]", k_cache.sym_size(1), what[1]);
+  check_rows(v, "v", "[B, Hkv, d]", k_cache.sym_size(1), what[1]);
   checks::rank(op, new_pos, "new_pos", 2, "[B, Hkv]");
   checks::dtype(op, new_pos, "new_pos", at::kInt);
   checks::size(op, new_pos, "new_pos", 0, k_cache.sym_size(0), what[0]);
   checks::size(op, new_pos, "new_pos", 1, k_cache.sym_size(1), what[1]);
-  checks::dtype(op, slot, "slot", at::kLong);
-  TORCH_CHECK(slot.sym_numel() == 1, "gkv::", op, ": slot must hold one element, got sizes ",
-              slot.sym_sizes());
+  const auto check_slot = [&](const at::Tensor& t, const char* name) {
+    checks::dtype(op, t, name, at::kLong);
+    TORCH_CHECK(t.sym_numel() == 1, "gkv::", op, ": ", name, " must hold one element, got sizes ",
+                t.sym_sizes());
+  };
+  check_slot(slot, "slot");
   checks::same_device(op, {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&pos, "pos"}, {&k, "k"},
                            {&v, "v"}, {&new_pos, "new_pos"}, {&slot, "slot"}});
   checks::contiguous(op, k_cache, "k_cache");
   checks::contiguous(op, v_cache, "v_cache");
   checks::contiguous(op, pos, "pos");
+  TORCH_CHECK(q_ring.has_value() == q.has_value() && q.has_value() == ring_slot.has_value(),
+              "gkv::", op, ": q_ring, q and ring_slot go together (got ", q_ring.has_value(), ", ",
+              q.has_value(), ", ", ring_slot.has_value(), ")");
+  if (!q_ring) return;
+  checks::rank(op, *q_ring, "q_ring", 4, "[B, Hq, W, d]");
+  checks::same_dtype(op, *q_ring, "q_ring", k_cache, "k_cache");
+  checks::size(op, *q_ring, "q_ring", 0, k_cache.sym_size(0), what[0]);
+  checks::size(op, *q_ring, "q_ring", 3, k_cache.sym_size(3), what[3]);
+  check_rows(*q, "q", "[B, Hq, d]", q_ring->sym_size(1), "Hq of q_ring");
+  check_slot(*ring_slot, "ring_slot");
+  checks::same_device(op, {{&k_cache, "k_cache"}, {&*q_ring, "q_ring"}, {&*q, "q"},
+                           {&*ring_slot, "ring_slot"}});
+  checks::contiguous(op, *q_ring, "q_ring");
 }
 
 void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx) {
@@ -121,18 +142,26 @@ void compact_meta(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
 }
 
 void write_slot_cpu(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot) {
-  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot);
+                    const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot,
+                    const std::optional<at::Tensor>& q_ring, const std::optional<at::Tensor>& q,
+                    const std::optional<at::Tensor>& ring_slot) {
+  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot, q_ring, q, ring_slot);
   const auto at_slot = slot.reshape({1});
   check_idx_range("write_slot_", at_slot, "slot", k_cache.size(2), "C");
+  if (q_ring) {
+    check_idx_range("write_slot_", ring_slot->reshape({1}), "ring_slot", q_ring->size(2), "W");
+  }
   k_cache.index_copy_(2, at_slot, k.unsqueeze(2));
   v_cache.index_copy_(2, at_slot, v.unsqueeze(2));
   pos.index_copy_(2, at_slot, new_pos.unsqueeze(2));
+  if (q_ring) q_ring->index_copy_(2, ring_slot->reshape({1}), q->unsqueeze(2));
 }
 
 void write_slot_meta(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot) {
-  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot);
+                     const at::Tensor& v, const at::Tensor& new_pos, const at::Tensor& slot,
+                     const std::optional<at::Tensor>& q_ring, const std::optional<at::Tensor>& q,
+                     const std::optional<at::Tensor>& ring_slot) {
+  check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot, q_ring, q, ring_slot);
 }
 
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {

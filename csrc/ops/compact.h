@@ -1,9 +1,11 @@
-// Argument checks of gkv::compact_, gkv::write_slot_ and gkv::gather_tokens, shared by their CPU, Meta and CUDA
-// kernels. They check ranks, shapes, dtypes, devices and layout; the range of idx depends on its
-// values, so each backend checks it itself (the Meta kernel cannot).
+// Argument checks of gkv::compact_, gkv::write_slot_ and gkv::gather_tokens, shared by their CPU,
+// Meta and CUDA kernels. They check ranks, shapes, dtypes, devices and layout; the range of an
+// index depends on its values, so each backend checks it itself (the Meta kernel cannot).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <optional>
 
 namespace gkv {
 
@@ -14,10 +16,12 @@ void check_compact(const at::Tensor& k_cache, const at::Tensor& v_cache, const a
 
 // k_cache/v_cache [B,Hkv,C,d] fp32/bf16/fp16 and pos [B,Hkv,C] int32, all contiguous (written in
 // place); k/v [B,Hkv,d] of the cache dtype (any strides), new_pos [B,Hkv] int32, slot int64 with one
-// element.
+// element; q_ring [B,Hq,W,d] contiguous of the cache dtype, q [B,Hq,d], ring_slot like slot: all
+// three or none.
 void check_write_slot(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& new_pos,
-                      const at::Tensor& slot);
+                      const at::Tensor& slot, const std::optional<at::Tensor>& q_ring,
+                      const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& ring_slot);
 
 // x [B,H,N,d] floating (float64 too: gradcheck), idx [B,H,K] int64.
 void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx);

@@ -178,15 +178,19 @@ def test_compact_bad_inputs(device, case, match):
 # ---------------------------------------------------------------------------------------------
 # write_slot_
 
-def token_rows(c, d, dtype, gen, joint=False):
-    """k, v [B,H,d] as the decoder hands them over: slices of one joint projection output (batch
-    stride over all heads) when joint, else contiguous; new_pos [B,H] int32."""
+HQ, W = 7, 4  # query heads and window of the query ring in the write_slot_ tests
+
+
+def token_rows(d, dtype, gen, joint=False):
+    """k, v [B,H,d], new_pos [B,H] int32, q [B,HQ,d] as the decoder hands them over: slices of
+    one joint projection output (batch stride over all heads) when joint, else contiguous."""
     if joint:
-        qkv = torch.randn(B, 5 * H, d, generator=gen).to(dtype)
-        k, v = qkv[:, 2 * H:3 * H], qkv[:, 4 * H:]
+        qkv = torch.randn(B, HQ + 2 * H + 1, d, generator=gen).to(dtype)
+        q, k, v = qkv[:, :HQ], qkv[:, HQ:HQ + H], qkv[:, HQ + H + 1:]
     else:
+        q = torch.randn(B, HQ, d, generator=gen).to(dtype)
         k, v = (torch.randn(B, H, d, generator=gen).to(dtype) for _ in range(2))
-    return k, v, torch.randint(0, 10_000, (B, H), generator=gen, dtype=torch.int32)
+    return k, v, torch.randint(0, 10_000, (B, H), generator=gen, dtype=torch.int32), q
 
 
 def reference_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot):
@@ -204,13 +208,23 @@ def test_write_slot_writes_one_slot(device, dtype, d, joint):
     gen = torch.Generator().manual_seed(d)
     for c in (1, 17, 2176):
         k_cache, v_cache, pos, _ = make_cache(c, d, dtype, gen)
-        k, v, new_pos = token_rows(c, d, dtype, gen, joint)
+        ring = poison_(torch.empty(B, HQ, W, d, dtype=dtype))
+        k, v, new_pos, q = token_rows(d, dtype, gen, joint)
         for slot in {0, c // 2, c - 1}:
             expected = reference_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot)
             got = [t.to(device) for t in (k_cache, v_cache, pos)]
-            torch.ops.gkv.write_slot_(*got, k.to(device), v.to(device), new_pos.to(device),
-                                      torch.tensor([slot], device=device))
+            rows = [t.to(device) for t in (k, v, new_pos)]
+            torch.ops.gkv.write_slot_(*got, *rows, torch.tensor([slot], device=device))
             for g, e in zip(got, expected):
+                assert_same(g.cpu(), e)
+            # With the query ring: the same cache writes, and q at ring_slot.
+            ring_slot = slot % W
+            expected_ring = ring.clone()
+            expected_ring[:, :, ring_slot] = q
+            got = [t.to(device) for t in (k_cache, v_cache, pos, ring)]
+            torch.ops.gkv.write_slot_(*got[:3], *rows, torch.tensor([slot], device=device),
+                                      got[3], q.to(device), torch.tensor(ring_slot, device=device))
+            for g, e in zip(got, expected + [expected_ring]):
                 assert_same(g.cpu(), e)
 
 
@@ -218,19 +232,26 @@ def test_write_slot_writes_one_slot(device, dtype, d, joint):
 def test_write_slot_opcheck(device):
     gen = torch.Generator().manual_seed(3)
     k_cache, v_cache, pos, _ = (t.to(device) for t in make_cache(17, 8, torch.float32, gen))
-    rows = [t.to(device) for t in token_rows(17, 8, torch.float32, gen)]
+    k, v, new_pos, q = (t.to(device) for t in token_rows(8, torch.float32, gen))
+    slot = torch.tensor(5, device=device)
     torch.library.opcheck(torch.ops.gkv.write_slot_.default,
-                          (k_cache, v_cache, pos, *rows, torch.tensor(5, device=device)))
+                          (k_cache, v_cache, pos, k, v, new_pos, slot))
+    ring = torch.zeros(B, HQ, W, 8, device=device)
+    torch.library.opcheck(torch.ops.gkv.write_slot_.default,
+                          (k_cache, v_cache, pos, k, v, new_pos, slot, ring, q,
+                           torch.tensor([3], device=device)))
 
 
 @requires_cuda
 def test_write_slot_cuda_slot_out_of_range_writes_nothing():
     gen = torch.Generator().manual_seed(4)
     cache = [t.cuda() for t in make_cache(17, 8, torch.bfloat16, gen)[:3]]
-    rows = [t.cuda() for t in token_rows(17, 8, torch.bfloat16, gen)]
+    cache.append(torch.zeros(B, HQ, W, 8, dtype=torch.bfloat16, device="cuda"))  # the query ring
+    k, v, new_pos, q = (t.cuda() for t in token_rows(8, torch.bfloat16, gen))
     before = [t.clone() for t in cache]
-    for slot in (-1, 17):
-        torch.ops.gkv.write_slot_(*cache, *rows, torch.tensor([slot], device="cuda"))
+    for slot, ring_slot in ((-1, -1), (17, W)):
+        torch.ops.gkv.write_slot_(*cache[:3], k, v, new_pos, torch.tensor([slot], device="cuda"),
+                                  cache[3], q, torch.tensor([ring_slot], device="cuda"))
         for t, b in zip(cache, before):
             assert_same(t, b)
 
@@ -247,12 +268,17 @@ def test_write_slot_cuda_slot_out_of_range_writes_nothing():
     ("slot_dtype", r"slot must be Long, got Int"),
     ("slot_two", r"slot must hold one element"),
     ("pos_noncontig", r"pos must be contiguous"),
+    ("ring_alone", r"q_ring, q and ring_slot go together"),
+    ("ring_d", r"q_ring.size\(3\) must be d of k_cache"),
+    ("q_heads", r"q.size\(1\) must be Hq of q_ring"),
+    ("ring_slot_dtype", r"ring_slot must be Long, got Int"),
 ])
 def test_write_slot_bad_inputs(device, case, match):
     gen = torch.Generator().manual_seed(5)
     k_cache, v_cache, pos, _ = make_cache(10, 8, torch.float32, gen)
-    k, v, new_pos = token_rows(10, 8, torch.float32, gen)
+    k, v, new_pos, q = token_rows(8, torch.float32, gen)
     slot = torch.tensor([3])
+    ring, ring_slot = torch.zeros(B, HQ, W, 8), torch.tensor([1])
     if case == "k_cache_dtype":
         k_cache, v_cache, k, v = (t.double() for t in (k_cache, v_cache, k, v))
     elif case == "v_cache_shape":
@@ -273,18 +299,30 @@ def test_write_slot_bad_inputs(device, case, match):
         slot = torch.tensor([3, 4])
     elif case == "pos_noncontig":
         pos = pos.transpose(0, 1).contiguous().transpose(0, 1)
+    elif case == "ring_alone":
+        q = None
+    elif case == "ring_d":
+        ring = ring[..., :4]
+    elif case == "q_heads":
+        q = q[:, :3]
+    elif case == "ring_slot_dtype":
+        ring_slot = ring_slot.int()
+    args = (k_cache, v_cache, pos, k, v, new_pos, slot, ring, q, ring_slot)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.gkv.write_slot_(*(t.to(device) for t in (k_cache, v_cache, pos, k, v, new_pos,
-                                                            slot)))
+        torch.ops.gkv.write_slot_(*(None if t is None else t.to(device) for t in args))
 
 
 def test_write_slot_cpu_checks_the_slot():
     gen = torch.Generator().manual_seed(6)
     cache = make_cache(10, 8, torch.float32, gen)[:3]
-    rows = token_rows(10, 8, torch.float32, gen)
+    k, v, new_pos, q = token_rows(8, torch.float32, gen)
     for slot in (-1, 10):
         with pytest.raises(RuntimeError, match=r"slot must be in \[0, C = 10\)"):
-            torch.ops.gkv.write_slot_(*cache, *rows, torch.tensor([slot]))
+            torch.ops.gkv.write_slot_(*cache, k, v, new_pos, torch.tensor([slot]))
+    for ring_slot in (-1, W):
+        with pytest.raises(RuntimeError, match=r"ring_slot must be in \[0, W = 4\)"):
+            torch.ops.gkv.write_slot_(*cache, k, v, new_pos, torch.tensor([0]),
+                                      torch.zeros(B, HQ, W, 8), q, torch.tensor([ring_slot]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@
 //      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0), kept per
 //      quarter of the key tile by four threads of the row and merged at the end.
 //   2. lse:   one thread per query row merges the splits into its log-sum-exp.
-//   3. score: grid (B*Hkv*candidate tiles): recomputes the logits of kWsKeys candidates against
-//      every window query, p = exp2(logit - lse), max over the group, mean over the window.
+//   3. score: grid (B*Hkv*groups of score_tiles candidate tiles): with up to resident_q query
+//      tiles kept in shared memory, recomputes the logits of each group's tiles of kWsKeys
+//      candidates against every window query, p = exp2(logit - lse), max over the group, mean
+//      over the window. Queries are loaded once per group of key tiles, not once per key tile.
 // Empty slots are never loaded (their keys may hold NaN); a query that sees nothing has
 // lse = -inf and contributes 0.
 #pragma once
@@ -37,6 +39,8 @@ struct WindowScoresParams {
   int win_tile;            // window queries per row tile: G * win_tile <= kWsRows
   int num_splits;          // key splits of the stats pass
   int split_len;           // keys per split, a multiple of kWsKeys
+  int score_tiles;         // candidate tiles per block of the score pass
+  int resident_q;          // query tiles in shared memory at once in the score pass
   float* part_m;           // [B, Hq, W, num_splits] max logit (log2 units)
   float* part_l;           // [B, Hq, W, num_splits] sum of exp2(logit - max)
   float* lse;              // [B, Hq, W] log2-unit log-sum-exp, -inf when nothing is visible
@@ -46,11 +50,13 @@ constexpr int kWsKeys = 64;    // keys per tile
 constexpr int kWsRows = 64;    // query rows per tile; G <= kWsRows
 constexpr int kWsThreads = 256;
 constexpr int kWsWarps = kWsThreads / 32;
+constexpr int kWsMaxResidentQ = 4;  // query tiles of the score pass in shared memory at once
+constexpr int kWsMaxScoreTiles = 8;
 
-// Shared memory (byte offsets): K tile and Q tile, the fp32 logit/probability tile, the per-row
-// lse and the per-key pos. The tiles are fp32 with rows padded by 4 floats (conflict-free 16-byte
-// reads) on the FFMA path, 16-bit with rows padded by 8 elements (the 8 rows of an ldmatrix hit
-// 8 different 16-byte bank groups) on the tensor-core path.
+// Shared memory (byte offsets): the K tile, `q_tiles` Q tiles, the fp32 logit/probability tile,
+// the per-row lse of the Q tiles and the per-key pos. The tiles are fp32 with rows padded by 4
+// floats (conflict-free 16-byte reads) on the FFMA path, 16-bit with rows padded by 8 elements
+// (the 8 rows of an ldmatrix hit 8 different 16-byte bank groups) on the tensor-core path.
 template <typename T, int D, bool kMma>
 struct WsSmem {
   using Elem = std::conditional_t<kMma, T, float>;
@@ -58,14 +64,21 @@ struct WsSmem {
   static constexpr int kSLd = kWsKeys + 1;
   static constexpr size_t kKs = 0;
   static constexpr size_t kQs = kKs + size_t(kWsKeys) * kLd * sizeof(Elem);
-  static constexpr size_t kSs = kQs + size_t(kWsRows) * kLd * sizeof(Elem);
-  static constexpr size_t kLse = kSs + size_t(kWsRows) * kSLd * sizeof(float);
-  static constexpr size_t kPos = kLse + kWsRows * sizeof(float);
-  static constexpr size_t kBytes = kPos + kWsKeys * sizeof(int);
+  static constexpr size_t kQTile = size_t(kWsRows) * kLd * sizeof(Elem);
+  __host__ __device__ static constexpr size_t ss(int q_tiles) { return kQs + q_tiles * kQTile; }
+  __host__ __device__ static constexpr size_t lse(int q_tiles) {
+    return ss(q_tiles) + size_t(kWsRows) * kSLd * sizeof(float);
+  }
+  __host__ __device__ static constexpr size_t pos(int q_tiles) {
+    return lse(q_tiles) + size_t(q_tiles) * kWsRows * sizeof(float);
+  }
+  __host__ __device__ static constexpr size_t bytes(int q_tiles) {
+    return pos(q_tiles) + kWsKeys * sizeof(int);
+  }
   static_assert(!kMma || (D % 16 == 0 && sizeof(T) == 2), "tensor-core path: 16-bit, d % 16 == 0");
 };
 
-// The block's view of its shared memory.
+// The block's view of its shared memory, with q_tiles Q tiles (qs and lse hold them in order).
 template <typename T, int D, bool kMma>
 struct WsTiles {
   using S = WsSmem<T, D, kMma>;
@@ -74,12 +87,12 @@ struct WsTiles {
   float* ss;
   float* lse;
   int* pos;
-  __device__ explicit WsTiles(unsigned char* smem)
+  __device__ WsTiles(unsigned char* smem, int q_tiles)
       : ks(reinterpret_cast<typename S::Elem*>(smem + S::kKs)),
         qs(reinterpret_cast<typename S::Elem*>(smem + S::kQs)),
-        ss(reinterpret_cast<float*>(smem + S::kSs)),
-        lse(reinterpret_cast<float*>(smem + S::kLse)),
-        pos(reinterpret_cast<int*>(smem + S::kPos)) {}
+        ss(reinterpret_cast<float*>(smem + S::ss(q_tiles))),
+        lse(reinterpret_cast<float*>(smem + S::lse(q_tiles))),
+        pos(reinterpret_cast<int*>(smem + S::pos(q_tiles))) {}
 };
 
 // Stores 16 bytes holding kVec elements of T into a tile: as they are (tensor-core path) or as
@@ -222,7 +235,7 @@ template <typename T, int D, bool kMma>
 __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowScoresParams p) {
   extern __shared__ float4 ws_smem4[];
   using S = WsSmem<T, D, kMma>;
-  const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4));
+  const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4), 1);
   float* ss = sm.ss;
   const int* spos = sm.pos;
   const int G = p.Hq / p.Hkv;
@@ -306,55 +319,69 @@ template <typename T, int D, bool kMma>
 __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowScoresParams p) {
   extern __shared__ float4 ws_smem4[];
   using S = WsSmem<T, D, kMma>;
-  const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4));
+  const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4), p.resident_q);
   float* ss = sm.ss;
-  const float* slse = sm.lse;
   const int* spos = sm.pos;
   const int G = p.Hq / p.Hkv;
   const int M = p.N - p.W;  // candidates
   const int tiles = (M + kWsKeys - 1) / kWsKeys;
-  const int tile = blockIdx.x % tiles;
-  const int bh = blockIdx.x / tiles;
+  const int groups = (tiles + p.score_tiles - 1) / p.score_tiles;
+  const int bh = blockIdx.x / groups;
   const int b = bh / p.Hkv, h = bh % p.Hkv;
-  const int j0 = tile * kWsKeys;
-  const int nk = min(kWsKeys, M - j0);
+  const int t_begin = (blockIdx.x % groups) * p.score_tiles;
+  const int t_end = min(t_begin + p.score_tiles, tiles);
+  const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
+  float* out = p.out + int64_t(bh) * M;
   // Reduction role: thread (key c, part) sums max_g p over window queries il = part mod 4.
   constexpr int kParts = kWsThreads / kWsKeys;
   const int c_red = threadIdx.x % kWsKeys, part = threadIdx.x / kWsKeys;
 
-  // Every window query sees every candidate.
-  ws_load_keys<T, D, kMma>(p, b, h, j0, nk, sm.ks, sm.pos);
-  float score = 0.f;
-  for (int i0 = 0; i0 < p.W; i0 += p.win_tile) {
-    const int nw = min(p.win_tile, p.W - i0);
-    const int rows = G * nw;
-    __syncthreads();  // the previous query tile and probabilities are consumed
-    ws_load_queries<T, D, kMma>(p, b, h, i0, nw, sm.qs, sm.lse);
-    __syncthreads();
-    ws_tile_logits<T, D, kMma>(p, sm.qs, sm.ks, [&](int r, int c, float x) {
-      const float lse = r < rows ? slse[r] : -INFINITY;
-      const bool visible = lse != -INFINITY && spos[c] >= 0;
-      ss[r * S::kSLd + c] = visible ? exp2f(x - lse) : 0.f;
-    });
-    __syncthreads();
-    for (int il = part; il < nw; il += kParts) {
-      float best = 0.f;
-      for (int g = 0; g < G; ++g) best = fmaxf(best, ss[(il * G + g) * S::kSLd + c_red]);
-      score += best;
+  // Every window query sees every candidate. With more query tiles than fit at once (a long
+  // window), each round of resident tiles adds its sums to out, the last one divides.
+  for (int qc0 = 0; qc0 < qchunks; qc0 += p.resident_q) {
+    const int nq = min(p.resident_q, qchunks - qc0);
+    __syncthreads();  // the previous round's queries are consumed
+    for (int r = 0; r < nq; ++r) {
+      const int i0 = (qc0 + r) * p.win_tile;
+      ws_load_queries<T, D, kMma>(p, b, h, i0, min(p.win_tile, p.W - i0),
+                                  sm.qs + r * kWsRows * S::kLd, sm.lse + r * kWsRows);
     }
-  }
-  __syncthreads();
-  ss[part * S::kSLd + c_red] = score;
-  __syncthreads();
-  if (threadIdx.x < nk) {
-    float total = 0.f;
+    for (int t = t_begin; t < t_end; ++t) {
+      const int j0 = t * kWsKeys, nk = min(kWsKeys, M - j0);
+      __syncthreads();  // the previous key tile and the parts' sums are consumed
+      ws_load_keys<T, D, kMma>(p, b, h, j0, nk, sm.ks, sm.pos);
+      float score = 0.f;
+      for (int r = 0; r < nq; ++r) {
+        const int nw = min(p.win_tile, p.W - (qc0 + r) * p.win_tile), rows = G * nw;
+        const float* slse = sm.lse + r * kWsRows;
+        __syncthreads();  // the tiles are loaded and the previous probabilities consumed
+        ws_tile_logits<T, D, kMma>(p, sm.qs + r * kWsRows * S::kLd, sm.ks,
+                                   [&](int row, int c, float x) {
+          const float lse = row < rows ? slse[row] : -INFINITY;
+          const bool visible = lse != -INFINITY && spos[c] >= 0;
+          ss[row * S::kSLd + c] = visible ? exp2f(x - lse) : 0.f;
+        });
+        __syncthreads();
+        for (int il = part; il < nw; il += kParts) {
+          float best = 0.f;
+          for (int g = 0; g < G; ++g) best = fmaxf(best, ss[(il * G + g) * S::kSLd + c_red]);
+          score += best;
+        }
+      }
+      __syncthreads();  // ss now takes the parts' sums
+      ss[part * S::kSLd + c_red] = score;
+      __syncthreads();
+      if (threadIdx.x < nk) {
+        float total = qc0 == 0 ? 0.f : out[j0 + threadIdx.x];
 #pragma unroll
-    for (int t = 0; t < kParts; ++t) total += ss[t * S::kSLd + threadIdx.x];
-    p.out[int64_t(bh) * M + j0 + threadIdx.x] = total / p.W;
+        for (int t2 = 0; t2 < kParts; ++t2) total += ss[t2 * S::kSLd + threadIdx.x];
+        out[j0 + threadIdx.x] = qc0 + nq < qchunks ? total : total / p.W;
+      }
+    }
   }
 }
 
-// Sets win_tile, num_splits and split_len; needs G <= kWsRows.
+// Sets win_tile, num_splits, split_len, score_tiles and resident_q; needs G <= kWsRows.
 inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -372,6 +399,13 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   len = (len + kWsKeys - 1) / kWsKeys * kWsKeys;
   p.split_len = static_cast<int>(len);
   p.num_splits = static_cast<int>((p.N + len - 1) / len);
+  // The score pass: every query tile resident when they fit, and enough candidate tiles per
+  // block that the queries' loads are shared, while keeping about four blocks per SM.
+  p.resident_q = static_cast<int>(qchunks < kWsMaxResidentQ ? qchunks : kWsMaxResidentQ);
+  const int64_t key_tiles = int64_t(p.B) * p.Hkv * ((p.N - p.W + kWsKeys - 1) / kWsKeys);
+  const int64_t per_block = key_tiles / (4 * int64_t(sms));
+  p.score_tiles = static_cast<int>(per_block < 1 ? 1 : (per_block > kWsMaxScoreTiles
+                                                            ? kWsMaxScoreTiles : per_block));
   return cudaSuccess;
 }
 
@@ -379,23 +413,25 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
 // N - W >= 1. kMma: the tensor-core logits (16-bit T, D % 16 == 0).
 template <typename T, int D, bool kMma>
 cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = WsSmem<T, D, kMma>::kBytes;
+  using S = WsSmem<T, D, kMma>;
   cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<T, D, kMma>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, S::bytes(1));
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(window_score_kernel<T, D, kMma>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               S::bytes(kWsMaxResidentQ));
   if (err != cudaSuccess) return err;
   const unsigned qchunks = static_cast<unsigned>((p.W + p.win_tile - 1) / p.win_tile);
-  window_stats_kernel<T, D, kMma><<<dim3(p.B * p.Hkv * qchunks, p.num_splits), kWsThreads, kSmem,
-                              stream>>>(p);
+  window_stats_kernel<T, D, kMma><<<dim3(p.B * p.Hkv * qchunks, p.num_splits), kWsThreads,
+                                    S::bytes(1), stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t rows = int64_t(p.B) * p.Hq * p.W;
   window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
-  window_score_kernel<T, D, kMma><<<static_cast<unsigned>(p.B * p.Hkv * tiles), kWsThreads, kSmem,
-                              stream>>>(p);
+  const int64_t groups = (tiles + p.score_tiles - 1) / p.score_tiles;
+  window_score_kernel<T, D, kMma><<<static_cast<unsigned>(p.B * p.Hkv * groups), kWsThreads,
+                                    S::bytes(p.resident_q), stream>>>(p);
   return cudaGetLastError();
 }
 

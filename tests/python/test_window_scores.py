@@ -91,6 +91,18 @@ def test_cuda_matches_cpu(dtype, d, G, B, Hkv, N, W):
 
 
 @requires_cuda
+@pytest.mark.parametrize("W", [16, 100])
+def test_cuda_score_pass_groups_key_tiles(W):
+    """At a compression's size (B*Hkv = 64, N = 2176) a block of the score pass takes several
+    candidate tiles with its queries loaded once; with W = 100 (12 query tiles at G = 7) it also
+    takes the queries in rounds."""
+    q, k, pos, scale = make_inputs(16, 4, 7, 2176, W, 128, torch.bfloat16)
+    ref = ops.window_scores(q, k, pos, scale)
+    S = ops.window_scores(q.cuda(), k.cuda(), pos.cuda(), scale)
+    torch.testing.assert_close(S.cpu(), ref, **tolerance(torch.float32))
+
+
+@requires_cuda
 def test_cuda_strided_views():
     q, k, pos, scale = make_inputs(2, 4, 7, 3000, 16, 128, torch.bfloat16, device="cuda")
     ref = ops.window_scores(q, k[:, :, :2500].contiguous(), pos[:, :, :2500].contiguous(), scale)

@@ -99,7 +99,7 @@ void compact_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos, at:
 }
 
 // Row (b, h) of t [B, heads, d] at b * src_b + h * src_h bytes (a copy when d is strided).
-kernels::SlotWrite slot_write(at::Tensor& dst, const at::Tensor& t, const at::Tensor& slot,
+kernels::SlotWrite slot_write(const at::Tensor& dst, const at::Tensor& t, const at::Tensor& slot,
                               std::vector<at::Tensor>& keep_alive) {
   const at::Tensor& src = keep_alive.emplace_back(t.stride(2) == 1 ? t : t.contiguous());
   const int64_t es = src.element_size();
@@ -113,7 +113,8 @@ kernels::SlotWrite slot_write(at::Tensor& dst, const at::Tensor& t, const at::Te
 void write_slot_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& new_pos,
                      const at::Tensor& slot, const std::optional<at::Tensor>& q_ring,
-                     const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& ring_slot) {
+                     const std::optional<at::Tensor>& q,
+                     const std::optional<at::Tensor>& ring_slot) {
   check_write_slot(k_cache, v_cache, pos, k, v, new_pos, slot, q_ring, q, ring_slot);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   std::vector<at::Tensor> keep_alive;
@@ -121,10 +122,7 @@ void write_slot_cuda(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& pos,
   p.part[0] = slot_write(k_cache, k, slot, keep_alive);
   p.part[1] = slot_write(v_cache, v, slot, keep_alive);
   p.parts = 2;
-  if (q_ring) {
-    at::Tensor ring = *q_ring;
-    p.part[p.parts++] = slot_write(ring, *q, *ring_slot, keep_alive);
-  }
+  if (q_ring) p.part[p.parts++] = slot_write(*q_ring, *q, *ring_slot, keep_alive);
   p.B = k_cache.size(0);
   p.row_bytes = k_cache.size(3) * k_cache.element_size();
   p.pos = pos.data_ptr<int32_t>();
@@ -155,7 +153,9 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x_in, const at::Tensor& idx_in) 
   auto out = at::empty({x.size(0), x.size(1), idx.size(2), x.size(3)}, x.options());
   auto flags_buf = at::zeros({1}, idx.options().dtype(at::kInt));
   GKV_CUDA_CHECK(op, gather_into(x, idx, out, flags_buf.data_ptr<int>(), stream));
-  if (flags_buf.item<int>() & kernels::kIdxOutOfRange) check_idx_range(op, idx, "idx", x.size(2), "N");
+  if (flags_buf.item<int>() & kernels::kIdxOutOfRange) {
+    check_idx_range(op, idx, "idx", x.size(2), "N");
+  }
   return out;
 }
 

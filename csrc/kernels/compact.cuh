@@ -1,6 +1,7 @@
 // Row moves along the token axis, for gkv::compact_, gkv::write_slot_ and gkv::gather_tokens.
-// Rows are moved as raw bytes in vectors of `Vec` (16 bytes when sizes and addresses allow), so one
-// kernel serves every dtype. No torch headers: raw pointers, sizes, byte strides, a stream, a cudaError_t.
+// Rows are moved as raw bytes in vectors of `Vec` (16 bytes when sizes and addresses allow), so
+// one kernel serves every dtype. No torch headers: raw pointers, sizes, byte strides, a stream, a
+// cudaError_t.
 #pragma once
 
 #include <cuda_runtime.h>

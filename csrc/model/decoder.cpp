@@ -193,7 +193,8 @@ std::pair<at::Tensor, at::Tensor> rotated_qk(at::Tensor q, at::Tensor k, const L
     q = gkv::rms_norm(q, w.q_norm, c.rms_eps);
     k = gkv::rms_norm(k, w.k_norm, c.rms_eps);
   }
-  return {gkv::apply_rope(q.transpose(1, 2), cos, sin), gkv::apply_rope(k.transpose(1, 2), cos, sin)};
+  return {gkv::apply_rope(q.transpose(1, 2), cos, sin),
+          gkv::apply_rope(k.transpose(1, 2), cos, sin)};
 }
 
 }  // namespace

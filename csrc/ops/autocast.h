@@ -1,8 +1,9 @@
-// Autocast kernels of the fused elementwise ops (rms_norm, add_rms_norm, apply_rope). Under autocast the
-// decoder's activations come out of linear layers in the low-precision dtype while the norm weights
-// and the RoPE tables stay fp32; the composite formulas these ops replace promoted such mixes, so
-// the Autocast kernels cast every input to the promoted floating type and call the op below
-// autocast. Inputs that are not all floating pass through unchanged, for the op's own check.
+// Autocast kernels of the fused elementwise ops (rms_norm, add_rms_norm, apply_rope). Under
+// autocast the decoder's activations come out of linear layers in the low-precision dtype while the
+// norm weights, the RoPE tables and the residual stream stay fp32; the composite formulas these ops
+// replace promoted such mixes, so the Autocast kernels cast every input to the promoted floating
+// type and call the op below autocast. Inputs that are not all floating pass through unchanged,
+// for the op's own check.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,6 @@
 // gkv::compact_, gkv::write_slot_ and gkv::gather_tokens: CPU kernels (the oracle), Meta kernels,
-// and the Autograd kernel of gather_tokens (backward = scatter-add, through ATen ops so it runs on every device).
+// and the Autograd kernel of gather_tokens (backward = scatter-add, through ATen ops so it runs on
+// every device).
 #include "ops/compact.h"
 
 #include <ATen/ATen.h>

@@ -26,7 +26,8 @@ void check_write_slot(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
 // x [B,H,N,d] floating (float64 too: gradcheck), idx [B,H,K] int64.
 void check_gather_tokens(const at::Tensor& x, const at::Tensor& idx);
 
-// idx values in [0, n) (`idx_name` and `n_name` name them in the message); reads min and max back to the host.
+// idx values in [0, n) (`idx_name` and `n_name` name them in the message); reads min and max
+// back to the host.
 void check_idx_range(const char* op, const at::Tensor& idx, const char* idx_name, int64_t n,
                      const char* n_name);
 

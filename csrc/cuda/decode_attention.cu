@@ -67,14 +67,16 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
       constexpr bool kMma = !std::is_same_v<scalar_t, float> && kHeadDim >= 16;
       GKV_CUDA_CHECK(kOp, (kernels::decode_attention_plan<scalar_t, kHeadDim, kMma>(p)));
       // Scratch in one allocation: per-split partials (max [B,Hq,S], sum [B,Hq,S],
-      // acc [B,Hq,S,d]) and, for score emission, the logits [B,Hq,length].
+      // acc [B,Hq,S,d], which a single split does not need) and, for score emission, the
+      // logits [B,Hq,length].
       const int64_t parts = B * Hq * p.num_splits;
+      const int64_t n_acc = p.num_splits > 1 ? parts * d : 0;
       const int64_t n_logits = p.score_acc != nullptr ? B * Hq * length : 0;
-      auto scratch = at::empty({parts * (2 + d) + n_logits}, f32);
+      auto scratch = at::empty({2 * parts + n_acc + n_logits}, f32);
       p.part_m = scratch.data_ptr<float>();
       p.part_l = p.part_m + parts;
       p.part_acc = p.part_l + parts;
-      p.logits = n_logits > 0 ? p.part_acc + parts * d : nullptr;
+      p.logits = n_logits > 0 ? p.part_acc + n_acc : nullptr;
       GKV_CUDA_CHECK(kOp, (kernels::decode_attention_launch<scalar_t, kHeadDim, kMma>(p, stream)));
     });
   });

@@ -14,7 +14,8 @@
 //                 group of D/kVec lanes shares one key, 16-byte cp.async through a 3-stage
 //                 per-thread ring.
 //               Both keep the softmax in log2 units (exp2).
-//   2. combine (+ emit): blocks [0, B*Hq) merge the partials of one query head into out. With
+//   2. combine (+ emit): blocks [0, B*Hq) merge the partials of one query head into out (none
+//               when there is one split: the split kernel then writes out itself). With
 //               score_acc, the split kernel also stored every logit (fp32 scratch), and blocks
 //               past B*Hq, one per (b, KV head, kEmitSlots slots), add max_g exp2(logit - lse)
 //               into score_acc without re-reading K; each gets the lse of its G heads from the
@@ -118,6 +119,31 @@ __device__ __forceinline__ void unpack_vec16(const uint4 raw, float (&dst)[N]) {
 template <typename T, int N>
 __device__ __forceinline__ void load_vec16(const T* ptr, float (&dst)[N]) {
   unpack_vec16<T>(__ldg(reinterpret_cast<const uint4*>(ptr)), dst);
+}
+
+// Number of combine blocks: none when a single split holds every slot, since the split kernel
+// then writes the output itself.
+__host__ __device__ inline int64_t decode_combine_rows(const DecodeAttentionParams& p) {
+  return p.num_splits == 1 ? 0 : int64_t(p.B) * p.Hq;
+}
+
+// Stores a split's result for element e of query head hq: its partials (max, sum, acc), or, when
+// it is the only split, the output itself. The combine would weigh that split by exp2(0) = 1, so
+// the bits are the same and its launch is saved. The max and sum are kept either way: the score
+// emission reads them.
+template <typename T, int D>
+__device__ __forceinline__ void store_split(const DecodeAttentionParams& p, int b, int hq,
+                                            int split, int e, float mx, float a, float lsum) {
+  const int64_t row = (int64_t(b) * p.Hq + hq) * p.num_splits + split;
+  if (p.num_splits == 1) {
+    static_cast<T*>(p.out)[row * D + e] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+  } else {
+    p.part_acc[row * D + e] = a;
+  }
+  if (e == 0) {
+    p.part_m[row] = mx;
+    p.part_l[row] = lsum;
+  }
 }
 
 template <typename T, int D, int TG>
@@ -312,12 +338,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
       a += sm_acc[w][g][e] * c;
       lsum += sm_l[w][g] * c;
     }
-    const int64_t row = (int64_t(b) * p.Hq + hq0 + g) * p.num_splits + split;
-    p.part_acc[row * D + e] = a;
-    if (e == 0) {
-      p.part_m[row] = mx;
-      p.part_l[row] = lsum;
-    }
+    store_split<T, D>(p, b, hq0 + g, split, e, mx, a, lsum);
   }
 }
 
@@ -377,8 +398,65 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
   int32_t* ring_pos = reinterpret_cast<int32_t*>(decode_smem + Cfg::kQBytes + Cfg::kRingBytes) +
                       warp * kStages * kKeys;  // this warp's [kStages][kKeys]
 
-  // Q rows of the chunk, zero rows past `rows`, unscaled: the logits are scaled in fp32 so
-  // that they match the FFMA path and the CPU kernel to fp32 rounding.
+  const float scale_log2 = p.scale * kLog2e;
+  const int begin = split * p.split_len;
+  const int end = min(begin + p.split_len, p.length);
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+  const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
+  float* lg = p.logits != nullptr ? p.logits + (int64_t(b) * p.Hq + hq0) * p.length : nullptr;
+
+  // Warp `warp` takes tiles warp, warp + kWarps, ... of kKeys slots each. Slots past `end` are
+  // zero-filled (K, V and pos), never read from memory and masked below.
+  auto tile_start = [&](int t) { return begin + (t * kWarps + warp) * kKeys; };
+  // A lane copies rows lane_row, lane_row + kRowStep, ... of a tile at column lane_col. Its
+  // source pointers start at the warp's first tile and move by whole tiles and rows, so that a
+  // copy costs an add, not a 64-bit index product (which made the loads outnumber the math).
+  constexpr int kRowStep = 32 / kChunks;           // rows one warp-wide copy covers
+  constexpr int kCopies = kKeys * kChunks / 32;    // copies of K (and of V) per lane per tile
+  const int lane_row = lane / kChunks, lane_col = (lane % kChunks) * 8;
+  const int64_t first_row = begin + warp * kKeys + lane_row;
+  const T* k_lane = kb + first_row * p.k_stride[2] + lane_col;
+  const T* v_lane = vb + first_row * p.v_stride[2] + lane_col;
+  const int32_t* pos_lane = pb + (begin + warp * kKeys + lane % kKeys) * p.pos_stride[2];
+  const int64_t k_row_step = kRowStep * p.k_stride[2], v_row_step = kRowStep * p.v_stride[2];
+  constexpr int kTileStep = kWarps * kKeys;  // slots between a warp's tiles
+  auto issue = [&](int t) {
+    const int j0 = tile_start(t);
+    if (j0 < end) {
+      T* sk = ring + (t % kStages) * 2 * kKeys * kLd + lane_row * kLd + lane_col;
+      T* sv = sk + kKeys * kLd;
+      const T* gk = k_lane + int64_t(t) * kTileStep * p.k_stride[2];
+      const T* gv = v_lane + int64_t(t) * kTileStep * p.v_stride[2];
+      auto copy_rows = [&](auto whole_tile) {
+#pragma unroll
+        for (int i = 0; i < kCopies; ++i) {
+          const bool ok = decltype(whole_tile)::value || j0 + lane_row + i * kRowStep < end;
+          cp_async16(sk + i * kRowStep * kLd, ok ? gk : kb, ok);
+          cp_async16(sv + i * kRowStep * kLd, ok ? gv : vb, ok);
+          gk += k_row_step;
+          gv += v_row_step;
+        }
+      };
+      if (j0 + kKeys <= end) {
+        copy_rows(std::true_type{});
+      } else {
+        copy_rows(std::false_type{});
+      }
+      if (lane < kKeys) {
+        const bool ok = j0 + lane < end;
+        cp_async4(ring_pos + (t % kStages) * kKeys + lane,
+                  ok ? pos_lane + int64_t(t) * kTileStep * p.pos_stride[2] : pb, ok);
+      }
+    }
+    cp_async_commit();  // possibly empty: keeps one group per step for the wait below
+  };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+
+  // Q rows of the chunk, loaded while the first K/V tiles are on their way; zero rows past
+  // `rows`; unscaled: the logits are scaled in fp32 so that they match the FFMA path and the CPU
+  // kernel to fp32 rounding.
   const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + hq0 * D;
   for (int c = threadIdx.x; c < kRows * kChunks; c += kWarps * 32) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
@@ -393,39 +471,6 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
     ldmatrix_x4(qa[kk], sq + ((lane & 8) + (lane & 7)) * kLd + kk * 16 + ((lane >> 4) << 3));
   }
 
-  const float scale_log2 = p.scale * kLog2e;
-  const int begin = split * p.split_len;
-  const int end = min(begin + p.split_len, p.length);
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
-  const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
-  const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
-  float* lg = p.logits != nullptr ? p.logits + (int64_t(b) * p.Hq + hq0) * p.length : nullptr;
-
-  // Warp `warp` takes tiles warp, warp + kWarps, ... of kKeys slots each. Slots past `end` are
-  // zero-filled (K, V and pos), never read from memory and masked below.
-  auto tile_start = [&](int t) { return begin + (t * kWarps + warp) * kKeys; };
-  auto issue = [&](int t) {
-    const int j0 = tile_start(t);
-    if (j0 < end) {
-      T* sk = ring + (t % kStages) * 2 * kKeys * kLd;
-      T* sv = sk + kKeys * kLd;
-#pragma unroll
-      for (int i = 0; i < kKeys * kChunks / 32; ++i) {
-        const int c = lane + i * 32, r = c / kChunks, col = (c % kChunks) * 8;
-        const bool ok = j0 + r < end;
-        cp_async16(sk + r * kLd + col, ok ? kb + (j0 + r) * p.k_stride[2] + col : kb, ok);
-        cp_async16(sv + r * kLd + col, ok ? vb + (j0 + r) * p.v_stride[2] + col : vb, ok);
-      }
-      if (lane < kKeys) {
-        const bool ok = j0 + lane < end;
-        cp_async4(ring_pos + (t % kStages) * kKeys + lane,
-                  ok ? pb + (j0 + lane) * p.pos_stride[2] : pb, ok);
-      }
-    }
-    cp_async_commit();  // possibly empty: keeps one group per step for the wait below
-  };
-#pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) issue(t);
 
   // Row state: this lane holds rows gr (index 0) and gr + 8 (index 1). m is the running max of
   // the row (same on the 4 lanes of a quad), l the lane's share of the row sum.
@@ -480,10 +525,20 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
         const int row = gr + (e >> 1) * 8;
         float x = s[nt][e] * scale_log2;
         if (!((live_mask >> key) & 1u)) x = kNegInf;  // select, so a NaN logit cannot survive
-        if (lg != nullptr && row < rows && ((in_mask >> key) & 1u))
-          lg[int64_t(row) * p.length + j0 + key] = x;
         s[nt][e] = x;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+      }
+    }
+    if (lg != nullptr) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = nt * 8 + 2 * tq + (e & 1);
+          const int row = gr + (e >> 1) * 8;
+          if (row < rows && ((in_mask >> key) & 1u))
+            lg[int64_t(row) * p.length + j0 + key] = s[nt][e];
+        }
       }
     }
     float corr[2], ms[2];
@@ -513,20 +568,26 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
       pa[nt * 2 + 1] = pack2<T>(pr[2], pr[3]);  // row gr + 8
     }
 
-    // O = O * corr + P V. V is stored [key][d], i.e. the B operand as [k][n], read transposed:
-    // matrices 0/1 = keys 0-7 / 8-15 at d c0..c0+7, 2/3 the same at d c0+8..c0+15.
+    // O = O * corr + P V. Once the row maxima settle, corr is 1 on every lane and the D / 2
+    // products per lane are skipped (x * 1 = x: the same bits).
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        o[nt][0] *= corr[0];
+        o[nt][1] *= corr[0];
+        o[nt][2] *= corr[1];
+        o[nt][3] *= corr[1];
+      }
+    }
+    // V is stored [key][d], i.e. the B operand as [k][n], read transposed: matrices 0/1 = keys
+    // 0-7 / 8-15 at d c0..c0+7, 2/3 the same at d c0+8..c0+15.
 #pragma unroll
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t vf[4];
       ldmatrix_x4_trans(vf, sv + ((lane & 8) + (lane & 7)) * kLd + nd * 16 + ((lane >> 4) << 3));
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        float(&c4)[4] = o[nd * 2 + half];
-        c4[0] *= corr[0];
-        c4[1] *= corr[0];
-        c4[2] *= corr[1];
-        c4[3] *= corr[1];
-        mma_m16n8k16<T>(c4, pa, vf[half * 2], vf[half * 2 + 1]);
+        mma_m16n8k16<T>(o[nd * 2 + half], pa, vf[half * 2], vf[half * 2 + 1]);
       }
     }
   }
@@ -570,16 +631,11 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
       a += acc_base[w * (kWarpRing * int(sizeof(T)) / 4) + g * D + e] * c;
       lsum += sm_l[w][g] * c;
     }
-    const int64_t row = (int64_t(b) * p.Hq + hq0 + g) * p.num_splits + split;
-    p.part_acc[row * D + e] = a;
-    if (e == 0) {
-      p.part_m[row] = mx;
-      p.part_l[row] = lsum;
-    }
+    store_split<T, D>(p, b, hq0 + g, split, e, mx, a, lsum);
   }
 }
 
-// Number of emit blocks after the B*Hq combine blocks: 0 without score emission.
+// Number of emit blocks after the combine blocks: 0 without score emission.
 inline int64_t decode_emit_blocks(const DecodeAttentionParams& p) {
   if (p.score_acc == nullptr) return 0;
   return int64_t(p.B) * p.Hkv * ((p.length + kEmitSlots - 1) / kEmitSlots);
@@ -615,16 +671,17 @@ __device__ __forceinline__ float combine_block_max(float x, float* red) {
   return m;
 }
 
-// Grid B*Hq + decode_emit_blocks(p), kCombineThreads threads, decode_combine_smem(p) bytes of
-// dynamic shared memory. Block x < B*Hq: query head x; the threads first weigh the splits
-// together (a split per thread, so no thread walks them all twice), then thread e < D owns output
-// element e. Block x >= B*Hq: emission for one (b, KV head) and kEmitSlots slots.
+// Grid decode_combine_rows(p) + decode_emit_blocks(p), kCombineThreads threads,
+// decode_combine_smem(p) bytes of dynamic shared memory. Block x < rows: query head x; the
+// threads first weigh the splits together (a split per thread, so no thread walks them all
+// twice), then thread e < D owns output element e. Block x >= rows: emission for one (b, KV
+// head) and kEmitSlots slots.
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineThreads)
     decode_combine_kernel(const DecodeAttentionParams p) {
   static_assert(D <= kCombineThreads, "one thread per output element");
   extern __shared__ float combine_smem[];
-  const int64_t rows = int64_t(p.B) * p.Hq;
+  const int64_t rows = decode_combine_rows(p);
   if (blockIdx.x < rows) {
     __shared__ float red[kCombineThreads / 32];
     float* weight = combine_smem;  // [num_splits] exp2(part_m - max)
@@ -792,7 +849,8 @@ cudaError_t decode_attention_launch(const DecodeAttentionParams& p, cudaStream_t
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t blocks = int64_t(p.B) * p.Hq + decode_emit_blocks(p);
+  const int64_t blocks = decode_combine_rows(p) + decode_emit_blocks(p);
+  if (blocks == 0) return cudaSuccess;
   decode_combine_kernel<T, D><<<static_cast<unsigned>(blocks), kCombineThreads,
                                 decode_combine_smem(p), stream>>>(p);
   return cudaGetLastError();

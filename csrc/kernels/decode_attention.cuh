@@ -525,20 +525,10 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
         const int row = gr + (e >> 1) * 8;
         float x = s[nt][e] * scale_log2;
         if (!((live_mask >> key) & 1u)) x = kNegInf;  // select, so a NaN logit cannot survive
+        if (lg != nullptr && row < rows && ((in_mask >> key) & 1u))
+          lg[int64_t(row) * p.length + j0 + key] = x;
         s[nt][e] = x;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
-      }
-    }
-    if (lg != nullptr) {
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = nt * 8 + 2 * tq + (e & 1);
-          const int row = gr + (e >> 1) * 8;
-          if (row < rows && ((in_mask >> key) & 1u))
-            lg[int64_t(row) * p.length + j0 + key] = s[nt][e];
-        }
       }
     }
     float corr[2], ms[2];

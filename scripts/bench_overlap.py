@@ -1,0 +1,194 @@
+"""Can a layer's weight GEMMs of one half-batch overlap the decode attention of the other?
+
+  python scripts/bench_overlap.py --batch 928 --carveouts 24,40,56 --out docs/benchmarks_overlap_h200
+
+The question behind the equal-memory target: at G-KV's largest batch (about 928 sequences of a
+Qwen2.5-7B-shaped model at budget 2048 on one H200) the step is the compute-bound weight GEMMs
+(M = B) followed by the memory-bound attention over 2112 live slots; overlapping them would
+approach max(GEMMs, attention) instead of their sum. Measured here, every variant as 28 layers
+replayed from one CUDA graph, random bf16 weights of the Qwen2.5-7B layer shapes:
+  sequential   each layer's q/k/v GEMM, attention, o / gate-up / down GEMMs over the whole batch;
+  gemms only   the same without the attention;
+  ping-pong    two half-batches on two streams; a half's attention waits for the other half's
+               attention of the same layer, so that one half's GEMMs run beside the other's
+               attention;
+  attention    the attention alone.
+Attention is ours (gkv::decode_attention over a 2176-slot cache) or torch SDPA (cuDNN's flash
+kernel on this machine) over the live slots. --carveouts asks cuBLASLt to leave that many SMs
+free for the attention (torch's experimental SM carveout; cuBLASLt is made the preferred BLAS
+library so that every GEMM sees it).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gkv_ext import ops
+from bench_generate import SHAPES  # scripts/ is on the path when a script runs
+
+LIVE, SLOTS = 2112, 2176  # G-KV@2048: live slots mid-way between compressions, capacity
+
+
+def graph_ms(fn, reps=8):
+    """Median milliseconds of one replay of fn captured as a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS workspaces, autotuning)
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class Layers:
+    """The shapes of one Qwen2.5-7B layer, 28 times, over a batch of B one-token rows."""
+
+    def __init__(self, batch, attention, device="cuda", dtype=torch.bfloat16):
+        s = SHAPES["qwen2.5-7b"]
+        self.hidden, self.ffn = s["hidden_size"], s["intermediate_size"]
+        self.hq, self.hkv = s["num_attention_heads"], s["num_key_value_heads"]
+        self.d, self.layers = self.hidden // self.hq, s["num_hidden_layers"]
+        qkv_rows = (self.hq + 2 * self.hkv) * self.d
+        shapes = dict(qkv=(qkv_rows, self.hidden), o=(self.hidden, self.hidden),
+                      gate_up=(2 * self.ffn, self.hidden), down=(self.hidden, self.ffn))
+        # Two weight sets used by alternate layers, so that no layer finds its weights in L2.
+        self.weights = [{n: torch.randn(shape, device=device, dtype=dtype) * 0.02
+                         for n, shape in shapes.items()} for _ in range(2)]
+        self.batch, self.attention = batch, attention
+        slots = SLOTS if attention == "gkv" else LIVE
+        self.k = torch.randn(batch, self.hkv, slots, self.d, device=device, dtype=dtype)
+        self.v = torch.randn_like(self.k)
+        self.pos = torch.arange(slots, device=device, dtype=torch.int32).expand(
+            batch, self.hkv, slots).contiguous()
+        self.x = torch.randn(batch, self.hidden, device=device, dtype=dtype)
+        self.q = torch.randn(batch, self.hq, self.d, device=device, dtype=dtype)
+
+    def attend(self, q, rows):
+        """q [b, Hq, d] over the cache rows `rows`."""
+        if self.attention == "gkv":
+            return ops.decode_attention(q, self.k[rows], self.v[rows], self.pos[rows], LIVE,
+                                        self.d ** -0.5)
+        return F.scaled_dot_product_attention(q.unsqueeze(2), self.k[rows], self.v[rows],
+                                              enable_gqa=True)
+
+    def parts(self, layer, rows):
+        """The layer's three phases over the batch rows `rows`: q/k/v GEMM, attention, the rest."""
+        w, out = self.weights[layer % 2], {}
+
+        def qkv():
+            out["qkv"] = self.x[rows] @ w["qkv"].t()
+
+        def attention():
+            out["attn"] = self.attend(out["qkv"][:, :self.hq * self.d].reshape(-1, self.hq, self.d),
+                                      rows)
+
+        def rest():
+            h = out.get("attn", self.x[rows]).reshape(-1, self.hidden) @ w["o"].t()
+            out["y"] = (h @ w["gate_up"].t())[:, :self.ffn] @ w["down"].t()
+        return qkv, attention, rest
+
+    def sequential(self, with_attention=True):
+        for layer in range(self.layers):
+            qkv, attention, rest = self.parts(layer, slice(0, self.batch))
+            qkv()
+            if with_attention:
+                attention()
+            rest()
+
+    def ping_pong(self, side):
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        streams, attended = [main, side], [None, None]
+        halves = [slice(0, self.batch // 2), slice(self.batch // 2, self.batch)]
+        for layer in range(self.layers):
+            for i in (0, 1):
+                with torch.cuda.stream(streams[i]):
+                    qkv, attention, rest = self.parts(layer, halves[i])
+                    qkv()
+                    if attended[1 - i] is not None:  # the attentions take turns
+                        streams[i].wait_event(attended[1 - i])
+                    attention()
+                    attended[i] = torch.cuda.Event()
+                    attended[i].record(streams[i])
+                    rest()
+        main.wait_stream(side)
+
+    def attention_only(self):
+        for _ in range(self.layers):
+            self.attend(self.q, slice(0, self.batch))
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['attention']}\ncarveout {r['carveout']}" for r in rows]
+    at = range(len(rows))
+    width = 0.2
+    for j, key in enumerate(["sequential_ms", "ping_pong_ms", "gemms_ms", "attention_ms"]):
+        ax.bar([i + (j - 1.5) * width for i in at], [r[key] for r in rows], width,
+               label=key.replace("_ms", "").replace("_", "-"))
+    ax.set_xticks(list(at), labels, fontsize=7)
+    ax.set_ylabel("ms for 28 layers")
+    ax.set_title(f"GEMMs and decode attention, B={rows[0]['batch']}: overlap?")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=928)
+    ap.add_argument("--attention", default="gkv,sdpa", help="gkv, sdpa or both")
+    ap.add_argument("--carveouts", default="", help="SM counts cuBLASLt leaves free, e.g. 24,40")
+    ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (streams and CUDA graphs)")
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    carveouts = [0] + [int(c) for c in args.carveouts.split(",") if c]
+    side = torch.cuda.Stream()
+    rows = []
+    for attention in args.attention.split(","):
+        layers = Layers(args.batch, attention)
+        torch._C._set_sm_carveout_experimental(None)
+        attention_ms = graph_ms(layers.attention_only)
+        for carveout in carveouts:
+            torch._C._set_sm_carveout_experimental(carveout or None)
+            row = dict(batch=args.batch, attention=attention, carveout=carveout,
+                       sequential_ms=graph_ms(layers.sequential),
+                       gemms_ms=graph_ms(lambda: layers.sequential(with_attention=False)),
+                       ping_pong_ms=graph_ms(lambda: layers.ping_pong(side)),
+                       attention_ms=attention_ms)
+            rows.append(row)
+            print(f"B={args.batch} {attention} attention, carveout {carveout}: sequential "
+                  f"{row['sequential_ms']:.2f} ms = GEMMs {row['gemms_ms']:.2f} + attention "
+                  f"{attention_ms:.2f}; ping-pong {row['ping_pong_ms']:.2f}", flush=True)
+        torch._C._set_sm_carveout_experimental(None)
+        del layers
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps(
+            dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
+        plot(rows, args.out + ".png")
+
+
+if __name__ == "__main__":
+    main()

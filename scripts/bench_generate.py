@@ -137,6 +137,7 @@ class Run:
         self.generated = first - prompt  # the rest of the prompt, then generated tokens
         self.fill_to(0, chunk, source=tokens[:, first:])
         self.steppers = {}
+        self.warm_compression = {}  # per stepper: its first (eager) compression is behind it
 
     def fill_to(self, generated, chunk=None, source=None):
         """Teacher-forces tokens up to `generated` tokens (those of `source` [B, n] in order, else
@@ -157,24 +158,36 @@ class Run:
             self.generated += n
 
     def decode(self, steps, graph=True, warmup=2):
-        """Times `steps` greedy decode steps after `warmup` untimed ones (a CUDA graph's capture);
-        returns their milliseconds and whether each one compressed the cache."""
+        """Times `steps` greedy decode steps after `warmup` untimed ones (a CUDA graph's capture)
+        and, under a budget, after the stepper's first compression (eager; the later ones replay
+        a graph of it), so that the timed steps are the steady state of a long generation, at
+        most divide_length steps later; returns their milliseconds and whether each one
+        compressed the cache."""
         if graph not in self.steppers:
             self.steppers[graph] = gkv_ext.DecodeStepper(self.model, self.cache, cuda_graph=graph)
+            self.warm_compression[graph] = self.policy.budget is None
         stepper = self.steppers[graph]
-        replays = stepper.replays
-        timer = Timer(self.device)
-        compressed = []
-        for i in range(warmup + steps):
-            if i == warmup:
-                timer.mark()
+        replays, done = stepper.replays, 0
+
+        def step():
+            nonlocal done
             compresses = self.cache.decode_compresses(1)
             self.logits = stepper.step(self.logits.argmax(-1))
-            if i >= warmup:
-                compressed.append(compresses)
-                timer.mark()
-        self.generated += warmup + steps
-        self.replayed = (stepper.replays - replays) / (warmup + steps)
+            done += 1
+            return compresses
+
+        for _ in range(warmup):
+            self.warm_compression[graph] |= step()
+        while not self.warm_compression[graph]:
+            self.warm_compression[graph] = step()
+        timer = Timer(self.device)
+        timer.mark()
+        compressed = []
+        for _ in range(steps):
+            compressed.append(step())
+            timer.mark()
+        self.generated += done
+        self.replayed = (stepper.replays - replays) / done
         return timer.intervals(), compressed
 
 
@@ -212,7 +225,8 @@ def bench_engine(model, args, device, bw):
         # G-KV's cache is flat once it holds the budget: the first two points show it.
         points = args.points if policy.budget is None else args.points[:2]
         try:
-            run = Run(model, policy, B, args.prompt, max(points) + len(args.modes) * (args.steps + 2), device)
+            run = Run(model, policy, B, args.prompt,
+                      max(points) + len(args.modes) * (args.steps + 2 + args.divide), device)
             for g in points:
                 run.fill_to(g)
                 for mode in args.modes:
@@ -306,7 +320,7 @@ def bench_equal_memory(model, args, device, bw, out):
         steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt, args.max_new + steps_per_point + 2,
+                run = Run(model, policy, B, args.prompt, args.max_new + steps_per_point + 2 + args.divide,
                           device, chunk=fill_chunk(args))
                 steps = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):

@@ -175,7 +175,8 @@ at::Tensor CompressedKVCache::begin_decode(int64_t tokens) {
   return positions;
 }
 
-void CompressedKVCache::account_replayed_decode(const std::function<void()>& replay) {
+void CompressedKVCache::account_replayed_decode(const std::function<void()>& replay,
+                                                const CompressionRunner& run_compression) {
   check_decode(1);
   replay();
   if (!decode_compresses(1)) {
@@ -190,7 +191,7 @@ void CompressedKVCache::account_replayed_decode(const std::function<void()>& rep
   compress_ = true;
   new_pos_ = step_new_pos_;
   done_.assign(shape_.layers, true);
-  end_forward();
+  finish_forward(run_compression);
 }
 
 void CompressedKVCache::check_qkv(int64_t layer, const at::Tensor& q, const at::Tensor& k,
@@ -332,7 +333,9 @@ void CompressedKVCache::log_evictions(int64_t layer, const at::Tensor& pos, cons
   death_.select(1, layer).scatter_(2, target, value);
 }
 
-void CompressedKVCache::end_forward() {
+void CompressedKVCache::end_forward() { finish_forward(nullptr); }
+
+void CompressedKVCache::finish_forward(const CompressionRunner& run_compression) {
   TORCH_CHECK(tokens_ > 0, "end_forward: no forward in progress");
   for (int64_t l = 0; l < shape_.layers; ++l) {
     TORCH_CHECK(done_[l], "end_forward: layer ", l, " did not attend in this forward");
@@ -343,7 +346,16 @@ void CompressedKVCache::end_forward() {
   // of them attended (no layer reads another's cache, so the decisions are the same), which lets
   // a replayed decode graph run first (account_replayed_decode).
   if (compressed && forwards_ > 0) {
-    for (int64_t l = 0; l < shape_.layers; ++l) compress(layers_[l], l);
+    const auto compress_layers = [&] {
+      for (int64_t l = 0; l < shape_.layers; ++l) compress(layers_[l], l);
+    };
+    if (run_compression) {
+      // compress() reads no other host state than these (window_queries: the ring's rotation).
+      const int64_t W = policy_.observed_queries();
+      run_compression({N, history_len_, W > 0 ? (q_count_ + tokens_) % W : 0}, compress_layers);
+    } else {
+      compress_layers();
+    }
   }
   length_ = compressed ? *policy_.budget : N;
   if (compressed) history_len_ = *policy_.budget - policy_.window;

@@ -27,6 +27,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <array>
 #include <functional>
 #include <vector>
 
@@ -63,11 +64,20 @@ class CompressedKVCache {
   // a budget, else the live length rounded up to kSpanQuantum, so it changes rarely.
   int64_t decode_span() const;
   static constexpr int64_t kSpanQuantum = 512;
+  // What the device work of a one-token forward's compression depends on besides the cache's
+  // own buffers: the slots scored, the slots holding history, the query ring's oldest slot. Equal
+  // keys, equal kernels with equal arguments.
+  using CompressionKey = std::array<int64_t, 3>;
+  // Runs `compress` (every layer's selection and compaction, device work only) or replays a CUDA
+  // graph recorded from an earlier call with the same key.
+  using CompressionRunner =
+      std::function<void(const CompressionKey& key, const std::function<void()>& compress)>;
   // One one-token forward whose device work (that of begin_decode(1), every layer's attend and
   // end_forward) is `replay`, a CUDA graph's replay: checks that the forward fits, runs replay,
   // then does the host bookkeeping of those calls; when the forward is a compression step, the
-  // compression itself runs here too, after the replay.
-  void account_replayed_decode(const std::function<void()>& replay);
+  // compression itself runs here too, after the replay, through run_compression when given.
+  void account_replayed_decode(const std::function<void()>& replay,
+                               const CompressionRunner& run_compression = nullptr);
   // q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,Hq,T,d] in the dtype of q.
   at::Tensor attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
   void end_forward();
@@ -100,6 +110,8 @@ class CompressedKVCache {
                      const at::Tensor& v);
   at::Tensor extend(Layer& s, int64_t layer, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v);
+  // end_forward, with the compression of a later forward run through run_compression.
+  void finish_forward(const CompressionRunner& run_compression);
   // Selects and compacts one layer of the forward in progress (its N = length_ + tokens_ slots).
   void compress(Layer& s, int64_t layer);
   // Remembers q [B,Hq,T,d] as queries q_count_ .. q_count_+T-1 (a one-token decode step writes

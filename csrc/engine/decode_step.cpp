@@ -28,8 +28,14 @@ struct DecodeStepper::Graph {
   at::Tensor tokens;   // [B,1] int64: its input, written before each replay
   at::Tensor logits;   // [B,V] fp32: its output
 };
+// A compression recorded after a replayed decode step, for the cache's state `key`.
+struct DecodeStepper::CompressionGraph {
+  at::cuda::CUDAGraph graph;
+  cache::CompressedKVCache::CompressionKey key{};
+};
 #else
 struct DecodeStepper::Graph {};
+struct DecodeStepper::CompressionGraph {};
 #endif
 
 DecodeStepper::DecodeStepper(const model::Decoder& model, cache::CompressedKVCache& cache,
@@ -60,12 +66,14 @@ at::Tensor DecodeStepper::step(const at::Tensor& tokens) {
   const int64_t span = cache_.decode_span();
   if (graph_ && graph_->span == span) {
     graph_->tokens.copy_(input);
-    cache_.account_replayed_decode([&] { graph_->graph.replay(); });
+    cache_.account_replayed_decode(
+        [&] { graph_->graph.replay(); },
+        [&](const auto& key, const auto& compress) { run_compression(key, compress); });
     ++replays_;
     return graph_->logits;
   }
-  // A graph holds no compression (compaction sizes its work on the host), so a compression
-  // step is never the one captured; once the span's graph exists it replays those too.
+  // The decode graph holds no compression, so a compression step is never the one captured;
+  // once the span's graph exists it replays those too, then runs their compression.
   if (cache_.decode_compresses(1)) return eager(input);
   if (const auto warm_up = capture(input, span); warm_up.defined()) return warm_up;
   graph_->graph.replay();  // the capture advanced the cache's host state as it recorded
@@ -77,39 +85,74 @@ at::Tensor DecodeStepper::step(const at::Tensor& tokens) {
 }
 
 #ifdef GKV_WITH_CUDA
-at::Tensor DecodeStepper::capture(const at::Tensor& input, int64_t span) {
+void DecodeStepper::on_capture_stream(bool finish_graphs, const std::function<void()>& work) {
   // Capture runs on a side stream (the legacy default stream cannot be captured), ordered after
   // the work already queued on the current one, and everything after it waits for it.
   const c10::cuda::CUDAGuard device_guard(model_.device());
   const auto current = c10::cuda::getCurrentCUDAStream();
   const auto side = c10::cuda::getStreamFromPool();
-  if (graph_) current.synchronize();  // the old span's graph may still run: finish it first
-  graph_.reset();
+  if (finish_graphs) current.synchronize();  // a graph about to be freed may still run
   c10::Event queued(c10::DeviceType::CUDA);
   queued.record(current);
   queued.block(side);
-  at::Tensor logits;
   {
     const c10::cuda::CUDAStreamGuard stream_guard(side);
+    work();
+  }
+  c10::Event done(c10::DeviceType::CUDA);
+  done.record(side);
+  done.block(current);
+}
+
+at::Tensor DecodeStepper::capture(const at::Tensor& input, int64_t span) {
+  at::Tensor logits;
+  on_capture_stream(graph_ != nullptr, [&] {
+    graph_.reset();
     if (!warmed_) {
       // The first graph-eligible step runs eagerly on the side stream instead, so that state the
       // ops make lazily per stream (cuBLAS workspaces) exists before anything is captured.
       logits = eager(input);
       warmed_ = true;
-    } else {
-      auto g = std::make_unique<Graph>();
-      g->span = span;
-      g->tokens = input.clone();
-      g->graph.capture_begin();
-      g->logits = eager(g->tokens);  // recorded, not run; the cache's host state advances here
-      g->graph.capture_end();
-      graph_ = std::move(g);
+      return;
     }
-  }
-  c10::Event done(c10::DeviceType::CUDA);
-  done.record(side);
-  done.block(current);
+    auto g = std::make_unique<Graph>();
+    g->span = span;
+    g->tokens = input.clone();
+    g->graph.capture_begin();
+    g->logits = eager(g->tokens);  // recorded, not run; the cache's host state advances here
+    g->graph.capture_end();
+    graph_ = std::move(g);
+  });
   return logits;
+}
+
+void DecodeStepper::run_compression(const cache::CompressedKVCache::CompressionKey& key,
+                                    const std::function<void()>& compress) {
+  if (compression_ && compression_->key == key) {
+    compression_->graph.replay();
+    ++compression_replays_;
+    return;
+  }
+  if (!compression_warmed_) {
+    // The first one runs eagerly: the kernels' one-time host setup (shared-memory attributes,
+    // occupancy queries) happens outside any capture.
+    compress();
+    compression_warmed_ = true;
+    return;
+  }
+  on_capture_stream(compression_ != nullptr, [&] {
+    compression_.reset();
+    auto g = std::make_unique<CompressionGraph>();
+    g->key = key;
+    // The decode graph's pool: its temporaries and these are never live at the same time (the
+    // two graphs replay one after the other on one stream), so they share the memory.
+    g->graph.capture_begin(graph_->graph.pool());
+    compress();  // recorded, not run
+    g->graph.capture_end();
+    compression_ = std::move(g);
+  });
+  compression_->graph.replay();
+  ++compression_replays_;
 }
 #endif
 

@@ -6,13 +6,15 @@
 // A step is replayed when it runs on CUDA and attends over the span the graph was captured with
 // (one span under a budget; FullKV's grows by CompressedKVCache::kSpanQuantum, and the graph is
 // captured again). A compression step (every divide_length steps) replays the same graph, then
-// compresses eagerly, since a compression's work is sized on the host; it is never the step
-// captured. The replay is the eager step's own kernels with the same arguments, so both give the
-// same bits; the cache's host bookkeeping goes through account_replayed_decode.
+// compresses: eagerly the first time, then from a second graph recorded for the cache's
+// CompressionKey (one key under a budget once the cache is full, so one capture). The replays
+// are the eager steps' own kernels with the same arguments, so both give the same bits; the
+// cache's host bookkeeping goes through account_replayed_decode.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 
 #include "cache/kv_cache.h"
@@ -51,6 +53,7 @@ class DecodeStepper {
   // returned tensor may be overwritten by the next step.
   at::Tensor step(const at::Tensor& tokens);
   int64_t replays() const { return replays_; }  // steps that were graph replays
+  int64_t compression_replays() const { return compression_replays_; }  // and compressions
 
  private:
   at::Tensor eager(const at::Tensor& tokens);  // tokens [B,1]
@@ -58,14 +61,26 @@ class DecodeStepper {
   // left to a replay) and returns an undefined tensor, or, the first time, runs the step eagerly
   // on the capture stream (a warm-up) and returns its logits.
   at::Tensor capture(const at::Tensor& input, int64_t span);
+  // CUDA builds: runs work on a side stream that a capture may use, ordered after the current
+  // stream's queued work (all of it finished first when finish_graphs: a graph is to be freed),
+  // and orders the current stream after it.
+  void on_capture_stream(bool finish_graphs, const std::function<void()>& work);
+  // The cache's CompressionRunner: replays compression_ when its key matches, else runs compress
+  // eagerly (the first time) or records it into a new compression_ and replays that.
+  void run_compression(const cache::CompressedKVCache::CompressionKey& key,
+                       const std::function<void()>& compress);
 
   const model::Decoder& model_;
   cache::CompressedKVCache& cache_;
   bool use_graph_;
-  bool warmed_ = false;  // a step already ran on the capture stream
+  bool warmed_ = false;              // a step already ran on the capture stream
+  bool compression_warmed_ = false;  // a compression already ran after a replay
   int64_t replays_ = 0;
+  int64_t compression_replays_ = 0;
   struct Graph;  // CUDA only: defined in decode_step.cpp
   std::unique_ptr<Graph> graph_;
+  struct CompressionGraph;  // CUDA only: defined in decode_step.cpp
+  std::unique_ptr<CompressionGraph> compression_;
 };
 
 }  // namespace gkv::engine

@@ -42,37 +42,70 @@ constexpr int inv_norm_lanes() {
   return chunks < 32 ? chunks : 32;
 }
 
-// k [rows, N, D] (16-byte aligned), pos [rows, N] int32 -> inv [rows, Np] fp32. A group of
-// inv_norm_lanes() lanes per slot, 16-byte loads. No early exit: the whole warp shuffles.
+constexpr int kInvNormThreads = 256;
+constexpr int kInvNormSlots = 4;  // slots per lane group: their loads are in flight together
+
+// Slots of the flattened [rows, Np] that one inv_norm block takes.
 template <typename T, int D>
-__global__ void inv_norm_kernel(const T* __restrict__ k, const int* __restrict__ pos, int64_t rows,
-                                int N, int Np, float* __restrict__ inv) {
+constexpr int inv_norm_block_slots() {
+  return kInvNormThreads / inv_norm_lanes<T, D>() * kInvNormSlots;
+}
+
+// k [rows, N, D] (16-byte aligned), pos [rows, N] int32 -> inv [rows, Np] fp32. A group of
+// inv_norm_lanes() lanes per slot, 16-byte loads; group g of a block takes its slots g,
+// g + groups, ..., so that a warp's load reads whole keys side by side, and issues all their
+// loads before it reduces. No early exit: the whole warp shuffles.
+template <typename T, int D>
+__global__ void __launch_bounds__(kInvNormThreads)
+    inv_norm_kernel(const T* __restrict__ k, const int* __restrict__ pos, int64_t rows, int N,
+                    int Np, float* __restrict__ inv) {
   constexpr int kLanes = inv_norm_lanes<T, D>();
   constexpr int kVec = 16 / int(sizeof(T));
+  constexpr int kChunks = D / kVec;  // 16-byte chunks per key
+  constexpr int kGroups = kInvNormThreads / kLanes;
   static_assert(D % kVec == 0 && kLanes >= 1 && 32 % kLanes == 0, "bad inv_norm lane split");
-  const int64_t slot = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
-  const int sub = threadIdx.x % kLanes;
-  const bool in_range = slot < rows * Np;
-  const int64_t r = slot / Np;
-  const int j = static_cast<int>(slot - r * Np);
-  const bool valid = in_range && j < N && pos[r * N + j] >= 0;
-  float ss = 0.f;
-  if (valid) {
-    const uint4* key = reinterpret_cast<const uint4*>(k + (r * N + j) * D);
-    for (int c = sub; c < D / kVec; c += kLanes) {
-      const uint4 v = key[c];
-      const T* e = reinterpret_cast<const T*>(&v);
+  const int group = threadIdx.x / kLanes, sub = threadIdx.x % kLanes;
+  const int64_t first = blockIdx.x * int64_t(inv_norm_block_slots<T, D>()) + group;
+  int64_t slot[kInvNormSlots], key[kInvNormSlots];
+  bool in_n[kInvNormSlots];  // a slot below N (its key is read whether it is empty or not)
+  float ss[kInvNormSlots];
+#pragma unroll
+  for (int s = 0; s < kInvNormSlots; ++s) {
+    slot[s] = first + s * kGroups;
+    const int64_t r = slot[s] / Np;
+    const int j = static_cast<int>(slot[s] - r * Np);
+    in_n[s] = slot[s] < rows * Np && j < N;
+    key[s] = r * N + j;
+    ss[s] = 0.f;
+  }
+  // The keys are loaded before pos is known: a load that waited for pos would add a round trip.
+#pragma unroll
+  for (int c0 = 0; c0 < kChunks; c0 += kLanes) {
+    const int c = c0 + sub;
+    uint4 v[kInvNormSlots];
+#pragma unroll
+    for (int s = 0; s < kInvNormSlots; ++s) {
+      v[s] = in_n[s] && c < kChunks ? reinterpret_cast<const uint4*>(k + key[s] * D)[c]
+                                    : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int s = 0; s < kInvNormSlots; ++s) {
+      const T* e = reinterpret_cast<const T*>(&v[s]);
 #pragma unroll
       for (int x = 0; x < kVec; ++x) {
         const float f = to_float(e[x]);
-        ss = fmaf(f, f, ss);
+        ss[s] = fmaf(f, f, ss[s]);
       }
     }
   }
 #pragma unroll
-  for (int off = 1; off < kLanes; off <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-  if (in_range && sub == 0) {
-    inv[slot] = valid ? 1.f / (sqrtf(ss) + 1e-6f) : __int_as_float(0x7fc00000);
+  for (int s = 0; s < kInvNormSlots; ++s) {
+#pragma unroll
+    for (int off = 1; off < kLanes; off <<= 1) ss[s] += __shfl_xor_sync(0xffffffffu, ss[s], off);
+    if (slot[s] < rows * Np && sub == 0) {
+      const bool valid = in_n[s] && pos[key[s]] >= 0;
+      inv[slot[s]] = valid ? 1.f / (sqrtf(ss[s]) + 1e-6f) : __int_as_float(0x7fc00000);
+    }
   }
 }
 
@@ -677,8 +710,8 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
   }
   float* last_c = rowsum + splits * rows * N;
   int* last = reinterpret_cast<int*>(last_c + splits * rows * N);
-  const int64_t inv_threads = rows * Np * inv_norm_lanes<T, D>();
-  inv_norm_kernel<T, D><<<ceil_div(inv_threads, 256), 256, 0, stream>>>(k, pos, rows, N, Np, inv);
+  inv_norm_kernel<T, D><<<ceil_div(rows * Np, inv_norm_block_slots<T, D>()), kInvNormThreads, 0,
+                          stream>>>(k, pos, rows, N, Np, inv);
   cudaError_t err;
   if constexpr (!redundancy_uses_mma<T, D>()) {
     constexpr size_t smem = ffma_smem_bytes<D>();

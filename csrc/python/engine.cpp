@@ -109,7 +109,10 @@ void bind_engine(py::module& m) {
            "whether a forward of `tokens` new tokens would compress the cache")
       .def("decode_span", &CompressedKVCache::decode_span,
            "slots a one-token forward attends over (masked past the live length)")
-      .def("account_replayed_decode", &CompressedKVCache::account_replayed_decode,
+      .def("account_replayed_decode",
+           [](CompressedKVCache& cache, const std::function<void()>& replay) {
+             cache.account_replayed_decode(replay);
+           },
            py::arg("replay"),
            "a one-token forward whose device work is replay() (a CUDA graph's replay): checks "
            "that it fits, calls replay, keeps the host books, and compresses after it on a "
@@ -184,5 +187,7 @@ void bind_engine(py::module& m) {
           py::arg("tokens"),
           "tokens [B] int64 -> logits [B,V] fp32 (overwritten by the next step)")
       .def_property_readonly("replays", &DecodeStepper::replays,
-                             "steps that were CUDA graph replays");
+                             "steps that were CUDA graph replays")
+      .def_property_readonly("compression_replays", &DecodeStepper::compression_replays,
+                             "compressions that were CUDA graph replays");
 }

@@ -252,7 +252,8 @@ def test_cuda_graph_decode_equals_eager_bit_for_bit(tiny, policy, dtype):
 def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
     """DecodeStepper equals stepping Model.forward through the cache; on CUDA every step but the
     first (a warm-up on the capture stream) is a graph replay, the compressing ones included
-    (they compress after the replay)."""
+    (they compress after the replay), and every compression but the first (eager, a warm-up) is
+    replayed from a second graph."""
     _, model = tiny["llama"]
     model = on_device(model, device)
     p = make_policy("gkv", 10)
@@ -278,6 +279,7 @@ def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
     assert torch.equal(step_cache.death(), ref_cache.death())
     assert compressing == 5
     assert stepper.replays == (40 - 1 if device == "cuda" else 0)
+    assert stepper.compression_replays == (compressing - 1 if device == "cuda" else 0)
     with pytest.raises(RuntimeError, match=r"tokens must be \[B\] int64 with B = 3"):
         stepper.step(torch.zeros(2, dtype=torch.long, device=device))
 

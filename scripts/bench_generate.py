@@ -320,8 +320,9 @@ def bench_equal_memory(model, args, device, bw, out):
         steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt, args.max_new + steps_per_point + 2 + args.divide,
-                          device, chunk=fill_chunk(args))
+                run = Run(model, policy, B, args.prompt,
+                          args.max_new + steps_per_point + 2 + args.divide, device,
+                          chunk=fill_chunk(args))
                 steps = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=fill_chunk(args))

@@ -317,10 +317,15 @@ void CompressedKVCache::push_queries(Layer& s, const at::Tensor& q) const {
   }
 }
 
+int64_t CompressedKVCache::oldest_query_slot() const {
+  const int64_t W = policy_.observed_queries();
+  return W > 0 ? (q_count_ + tokens_) % W : 0;
+}
+
 at::Tensor CompressedKVCache::window_queries(const Layer& s) const {
   const int64_t W = s.q_ring.size(2), seen = q_count_ + tokens_;
   TORCH_CHECK(seen >= W, "CompressedKVCache: ", seen, " queries seen, the window needs ", W);
-  return at::roll(s.q_ring, {-(seen % W)}, {2});
+  return at::roll(s.q_ring, {-oldest_query_slot()}, {2});
 }
 
 void CompressedKVCache::log_evictions(int64_t layer, const at::Tensor& pos, const at::Tensor& idx) {
@@ -350,9 +355,8 @@ void CompressedKVCache::finish_forward(const CompressionRunner& run_compression)
       for (int64_t l = 0; l < shape_.layers; ++l) compress(layers_[l], l);
     };
     if (run_compression) {
-      // compress() reads no other host state than these (window_queries: the ring's rotation).
-      const int64_t W = policy_.observed_queries();
-      run_compression({N, history_len_, W > 0 ? (q_count_ + tokens_) % W : 0}, compress_layers);
+      // compress() reads no other host state than these.
+      run_compression({N, history_len_, oldest_query_slot()}, compress_layers);
     } else {
       compress_layers();
     }

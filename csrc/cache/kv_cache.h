@@ -117,6 +117,8 @@ class CompressedKVCache {
   // Remembers q [B,Hq,T,d] as queries q_count_ .. q_count_+T-1 (a one-token decode step writes
   // its query with its K and V instead: extend's write_slot_).
   void push_queries(Layer& s, const at::Tensor& q) const;
+  // The query ring's slot of its oldest query, after this forward's queries (0 without a ring).
+  int64_t oldest_query_slot() const;
   // [B,Hq,W,d] oldest first, after this forward's queries.
   at::Tensor window_queries(const Layer& s) const;
   // pos [B,Hkv,N] int32 of the scored slots, idx [B,Hkv,budget] the kept ones.

@@ -128,29 +128,26 @@ at::Tensor DecodeStepper::capture(const at::Tensor& input, int64_t span) {
 
 void DecodeStepper::run_compression(const cache::CompressedKVCache::CompressionKey& key,
                                     const std::function<void()>& compress) {
-  if (compression_ && compression_->key == key) {
-    compression_->graph.replay();
-    ++compression_replays_;
-    return;
+  if (!compression_ || compression_->key != key) {
+    if (!compression_warmed_) {
+      // The first one runs eagerly: the kernels' one-time host setup (shared-memory attributes,
+      // occupancy queries) happens outside any capture.
+      compress();
+      compression_warmed_ = true;
+      return;
+    }
+    on_capture_stream(compression_ != nullptr, [&] {
+      compression_.reset();
+      auto g = std::make_unique<CompressionGraph>();
+      g->key = key;
+      // The decode graph's pool: its temporaries and these are never live at the same time (the
+      // two graphs replay one after the other on one stream), so they share the memory.
+      g->graph.capture_begin(graph_->graph.pool());
+      compress();  // recorded, not run
+      g->graph.capture_end();
+      compression_ = std::move(g);
+    });
   }
-  if (!compression_warmed_) {
-    // The first one runs eagerly: the kernels' one-time host setup (shared-memory attributes,
-    // occupancy queries) happens outside any capture.
-    compress();
-    compression_warmed_ = true;
-    return;
-  }
-  on_capture_stream(compression_ != nullptr, [&] {
-    compression_.reset();
-    auto g = std::make_unique<CompressionGraph>();
-    g->key = key;
-    // The decode graph's pool: its temporaries and these are never live at the same time (the
-    // two graphs replay one after the other on one stream), so they share the memory.
-    g->graph.capture_begin(graph_->graph.pool());
-    compress();  // recorded, not run
-    g->graph.capture_end();
-    compression_ = std::move(g);
-  });
   compression_->graph.replay();
   ++compression_replays_;
 }

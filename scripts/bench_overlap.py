@@ -1,6 +1,7 @@
 """Can a layer's weight GEMMs of one half-batch overlap the decode attention of the other?
 
   python scripts/bench_overlap.py --batch 928 --carveouts 24,40,56 --out docs/benchmarks_overlap_h200
+  python scripts/bench_overlap.py --batch 928 --attention-sms 32,40,48 --out docs/benchmarks_partition_h200
 
 The question behind the equal-memory target: at G-KV's largest batch (about 928 sequences of a
 Qwen2.5-7B-shaped model at budget 2048 on one H200) the step is the compute-bound weight GEMMs
@@ -13,6 +14,10 @@ replayed from one CUDA graph, random bf16 weights of the Qwen2.5-7B layer shapes
                attention of the same layer, so that one half's GEMMs run beside the other's
                attention;
   attention    the attention alone.
+  partitioned  (--attention-sms N) the SMs cut in two with CUDA green contexts
+               (gkv_ext._C.SmPartition): every attention runs on a stream that owns N SMs, every
+               GEMM on a stream that owns the rest; the two halves' layers are pipelined so that
+               one half's attention runs beside the other half's GEMMs.
 Attention is ours (gkv::decode_attention over a 2176-slot cache) or torch SDPA (cuDNN's flash
 kernel on this machine) over the live slots. --carveouts asks cuBLASLt to leave that many SMs
 free for the attention (torch's experimental SM carveout; cuBLASLt is made the preferred BLAS
@@ -25,10 +30,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gkv_ext import ops
+from gkv_ext import _C, ops
 from bench_generate import SHAPES  # scripts/ is on the path when a script runs
 
 LIVE, SLOTS = 2112, 2176  # G-KV@2048: live slots mid-way between compressions, capacity
+
+
+def eager_ms(fn, reps=8):
+    """Median milliseconds of one eager run of fn, after a warm-up run."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def timed_ms(fn):
+    """(ms, how): a CUDA graph replay where fn can be captured, else an eager run."""
+    try:
+        return graph_ms(fn), "graph"
+    except RuntimeError as err:  # e.g. a capture that the driver refuses across green contexts
+        print(f"  capture failed ({str(err).splitlines()[0]}); timing eagerly", flush=True)
+        torch.cuda.synchronize()
+        return eager_ms(fn), "eager"
 
 
 def graph_ms(fn, reps=8):
@@ -127,16 +157,88 @@ class Layers:
                     rest()
         main.wait_stream(side)
 
+    def partitioned(self, gemm_stream, attention_stream):
+        """Half i's attention of layer l waits for its q/k/v GEMM; its o / gate-up / down GEMMs
+        wait for that attention. The GEMM stream takes the halves in turn, so it runs one half's
+        GEMMs while the attention stream runs the other half's attention."""
+        main = torch.cuda.current_stream()
+        gemm_stream.wait_stream(main)
+        attention_stream.wait_stream(main)
+        halves = [slice(0, self.batch // 2), slice(self.batch // 2, self.batch)]
+        pending = [None, None]  # per half: (rest of the previous layer, its attention's event)
+
+        def finish(i):
+            rest, attended = pending[i]
+            gemm_stream.wait_event(attended)
+            rest()
+
+        for layer in range(self.layers):
+            for i in (0, 1):
+                qkv, attention, rest = self.parts(layer, halves[i])
+                with torch.cuda.stream(gemm_stream):
+                    if pending[i] is not None:
+                        finish(i)
+                    qkv()
+                    projected = torch.cuda.Event()
+                    projected.record(gemm_stream)
+                with torch.cuda.stream(attention_stream):
+                    attention_stream.wait_event(projected)
+                    attention()
+                    attended = torch.cuda.Event()
+                    attended.record(attention_stream)
+                pending[i] = (rest, attended)
+        with torch.cuda.stream(gemm_stream):
+            for i in (0, 1):
+                finish(i)
+        main.wait_stream(gemm_stream)
+
     def attention_only(self):
         for _ in range(self.layers):
             self.attend(self.q, slice(0, self.batch))
 
 
-def plot(rows, path):
+def on_stream(stream, fn):
+    """fn run on `stream`, ordered after (and before) the current stream's work."""
+    def run():
+        main = torch.cuda.current_stream()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            fn()
+        main.wait_stream(stream)
+    return run
+
+
+def partition_rows(layers, attention, sms_list, use_carveout):
+    """Rows of the partitioned schedule, one per attention SM count."""
+    rows = []
+    for sms in sms_list:
+        part = _C.SmPartition(torch.cuda.current_device(), sms)
+        attention_stream = torch.cuda.ExternalStream(part.stream(0))
+        gemm_stream = torch.cuda.ExternalStream(part.stream(1))
+        # cuBLASLt sizes its grids for the SMs it is told are free.
+        torch._C._set_sm_carveout_experimental(part.sms(0) if use_carveout else None)
+        row = dict(batch=layers.batch, attention=attention, attention_sms=part.sms(0),
+                   gemm_sms=part.sms(1), carveout=part.sms(0) if use_carveout else 0)
+        runs = dict(gemms=on_stream(gemm_stream, lambda: layers.sequential(with_attention=False)),
+                    attention=on_stream(attention_stream, layers.attention_only),
+                    partitioned=lambda: layers.partitioned(gemm_stream, attention_stream))
+        for name, fn in runs.items():
+            row[name + "_ms"], row[name + "_timing"] = timed_ms(fn)
+        torch._C._set_sm_carveout_experimental(None)
+        rows.append(row)
+        print(f"B={layers.batch} {attention} attention on {row['attention_sms']} SMs "
+              f"{row['attention_ms']:.2f} ms, GEMMs on {row['gemm_sms']} SMs (carveout "
+              f"{row['carveout']}) {row['gemms_ms']:.2f} ms; partitioned "
+              f"{row['partitioned_ms']:.2f} ms ({row['partitioned_timing']})", flush=True)
+        del part
+    return rows
+
+
+def plot(rows, partition, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(12 if partition else 7, 4))
     labels = [f"{r['attention']}\ncarveout {r['carveout']}" for r in rows]
     at = range(len(rows))
     width = 0.2
@@ -147,7 +249,21 @@ def plot(rows, path):
     ax.set_ylabel("ms for 28 layers")
     ax.set_title(f"GEMMs and decode attention, B={rows[0]['batch']}: overlap?")
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    if partition:
+        ax2 = fig.add_subplot(1, 2, 2)
+        ax.set_position([0.08, 0.2, 0.4, 0.7])
+        for attention in sorted({r["attention"] for r in partition}):
+            mine = [r for r in partition if r["attention"] == attention]
+            for key, style in (("partitioned_ms", "o-"), ("attention_ms", "s--"),
+                               ("gemms_ms", "^:")):
+                ax2.plot([r["attention_sms"] for r in mine], [r[key] for r in mine], style,
+                         label=f"{attention} {key.replace('_ms', '')}")
+        ax2.set_xlabel("SMs given to the attention")
+        ax2.set_ylabel("ms for 28 layers")
+        ax2.set_title("SMs partitioned (green contexts)", fontsize=9)
+        ax2.legend(fontsize=6)
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
@@ -157,14 +273,19 @@ def main():
     ap.add_argument("--batch", type=int, default=928)
     ap.add_argument("--attention", default="gkv,sdpa", help="gkv, sdpa or both")
     ap.add_argument("--carveouts", default="", help="SM counts cuBLASLt leaves free, e.g. 24,40")
+    ap.add_argument("--attention-sms", default="",
+                    help="SM counts given to the attention in the partitioned schedule, e.g. 32,40")
+    ap.add_argument("--no-partition-carveout", action="store_true",
+                    help="partitioned: do not tell cuBLASLt about the attention's SMs")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device (streams and CUDA graphs)")
     torch.backends.cuda.preferred_blas_library("cublaslt")
     carveouts = [0] + [int(c) for c in args.carveouts.split(",") if c]
+    attention_sms = [int(c) for c in args.attention_sms.split(",") if c]
     side = torch.cuda.Stream()
-    rows = []
+    rows, partition = [], []
     for attention in args.attention.split(","):
         layers = Layers(args.batch, attention)
         torch._C._set_sm_carveout_experimental(None)
@@ -181,13 +302,16 @@ def main():
                   f"{row['sequential_ms']:.2f} ms = GEMMs {row['gemms_ms']:.2f} + attention "
                   f"{attention_ms:.2f}; ping-pong {row['ping_pong_ms']:.2f}", flush=True)
         torch._C._set_sm_carveout_experimental(None)
+        partition += partition_rows(layers, attention, attention_sms,
+                                    not args.no_partition_carveout)
         del layers
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(
-            dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=1))
-        plot(rows, args.out + ".png")
+            dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows,
+                 partition=partition), indent=1))
+        plot(rows, partition, args.out + ".png")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #include "cache/kv_cache.h"
 #include "cache/policy.h"
 #include "engine/generate.h"
+#include "engine/sm_partition.h"
 
 namespace py = pybind11;
 using gkv::cache::CacheShape;
@@ -190,4 +191,14 @@ void bind_engine(py::module& m) {
                              "steps that were CUDA graph replays")
       .def_property_readonly("compression_replays", &DecodeStepper::compression_replays,
                              "compressions that were CUDA graph replays");
+
+  using gkv::engine::SmPartition;
+  py::class_<SmPartition>(m, "SmPartition",
+                          "The device's SMs in two disjoint sets, each behind its own stream "
+                          "(CUDA green contexts; csrc/engine/sm_partition.h).")
+      .def(py::init<int, int>(), py::arg("device"), py::arg("first_sms"))
+      .def("sms", &SmPartition::sms, py::arg("set"), "SMs of set 0 or 1")
+      .def("stream", &SmPartition::stream, py::arg("set"),
+           "cudaStream_t of set 0 or 1 as an integer, for torch.cuda.ExternalStream")
+      .def_property_readonly("device", &SmPartition::device);
 }

@@ -13,7 +13,8 @@ the weights are random and the text is meaningless):
      steps timed one by one with device events:
      the mean step time, the share of it spent in the steps that compress (score + select +
      compact: their excess over the median step), the KV memory and the bandwidth floor
-     (bytes of weights + live KV) / the measured copy bandwidth.
+     (weight bytes one step reads + live KV) / the measured copy bandwidth. A step reads every
+     weight except an untied embedding table, of which it reads only the batch's rows.
   2. transformers' own generate (full cache, sdpa) on the same weights at the same batch sizes,
      timed over its first --hf-steps generated tokens: its cheapest steps (its cache is smallest
      there and grows by torch.cat), so the ratio against it is conservative.
@@ -107,6 +108,19 @@ def weight_bytes(model):
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def step_weight_bytes(model, batch):
+    """Weight bytes one decode step of `batch` rows reads: every weight, except that an untied
+    embedding table gives only the rows of the batch's tokens (a tied one is read whole by the
+    lm_head)."""
+    weights = model.state_dict()
+    embed = weights["model.embed_tokens.weight"]
+    head = weights.get("lm_head.weight")
+    if head is None or head.data_ptr() == embed.data_ptr():
+        return weight_bytes(model)
+    row_bytes = embed.shape[1] * embed.element_size()
+    return weight_bytes(model) - embed.shape[0] * row_bytes + batch * row_bytes
+
+
 def kv_bytes_per_slot(config, dtype):
     """K and V bytes of one token in every layer and KV head."""
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
@@ -196,14 +210,14 @@ def cache_bytes(cache, layers):
                for t in (cache.keys(l), cache.values(l), cache.positions(l), cache.scores(l)))
 
 
-def measure_point(run, steps, bw, wbytes, slot_bytes, graph=True):
+def measure_point(run, steps, bw, slot_bytes, graph=True):
     times, compressed = run.decode(steps, graph)
     plain = [t for t, c in zip(times, compressed) if not c]
     median = statistics.median(plain)
     excess = sum(t - median for t, c in zip(times, compressed) if c)
     step = sum(times) / len(times)
-    live = run.cache.length
-    floor = (wbytes + live * run.logits.shape[0] * slot_bytes) / bw / 1e6
+    live, batch = run.cache.length, run.logits.shape[0]
+    floor = (step_weight_bytes(run.model, batch) + live * batch * slot_bytes) / bw / 1e6
     return dict(step_ms=step, tokens_per_s=run.logits.shape[0] / step * 1e3,
                 compress_share=excess / sum(times), live_slots=live,
                 kv_mb=cache_bytes(run.cache, run.model.config.num_layers) / 2**20,
@@ -216,7 +230,6 @@ def is_oom(e):
 
 
 def bench_engine(model, args, device, bw):
-    wbytes = weight_bytes(model)
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
     rows = []
     configs = [("FullKV", policies.FullKV())] + [(f"G-KV@{b}", policies.GKV(b)) for b in args.budgets]
@@ -231,7 +244,7 @@ def bench_engine(model, args, device, bw):
                 run.fill_to(g)
                 for mode in args.modes:
                     rows.append(dict(batch=B, policy=name, mode=mode, generated=g,
-                                     **measure_point(run, args.steps, bw, wbytes, slot_bytes,
+                                     **measure_point(run, args.steps, bw, slot_bytes,
                                                      graph=mode == "graph")))
         except RuntimeError as e:
             if not is_oom(e):
@@ -309,7 +322,6 @@ def mean_step_over_generation(points, steps_ms, total):
 def bench_equal_memory(model, args, device, bw, out):
     """Appends each policy's row to `out` as soon as it is measured (and prints it): a run cut
     short keeps FullKV's row, whose teacher-forced fill to 16K tokens takes minutes."""
-    wbytes = weight_bytes(model)
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
     budget = max(args.budgets)
     configs = [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]
@@ -326,7 +338,7 @@ def bench_equal_memory(model, args, device, bw, out):
                 steps = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=fill_chunk(args))
-                    steps.append(measure_point(run, steps_per_point, bw, wbytes, slot_bytes)["step_ms"])
+                    steps.append(measure_point(run, steps_per_point, bw, slot_bytes)["step_ms"])
                 break
             except RuntimeError as e:
                 if not is_oom(e) or B <= 1:
@@ -347,7 +359,7 @@ def print_tables(result):
     print(f"\n{result['device']}, copy bandwidth {result['copy_gbps']:.0f} GB/s; model "
           f"{result['shape']} with random {result['dtype']} weights ({result['weight_gb']:.2f} GB); "
           f"prompt {result['prompt']}")
-    print("\nDecode step of our engine (mean over the timed steps; floor = (weights + live KV) / copy bandwidth)")
+    print("\nDecode step of our engine (mean over the timed steps; floor = (weights read + live KV) / copy bandwidth)")
     print(f"{'B':>4} {'policy':>11} {'mode':>6} {'generated':>9} {'live':>6} {'step ms':>8} "
           f"{'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'KV MiB':>8} {'compress':>8}")
     for r in result["engine"]:

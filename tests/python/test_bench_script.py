@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import gkv_ext
+
 ROOT = Path(__file__).resolve().parents[2]
 # The checkout's package first, whether or not it is pip-installed.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -104,6 +106,24 @@ def test_bench_generate_prefills_in_chunks_to_the_same_cache(monkeypatch):
         live = slice(0, 40)  # the slots past the live ones are never written
         torch.testing.assert_close(chunked.cache.keys(layer)[:, :, live],
                                    whole.cache.keys(layer)[:, :, live])
+
+
+def test_bench_generate_floor_reads_only_the_batch_rows_of_an_untied_embedding(monkeypatch):
+    """The bandwidth floor counts the weight bytes a decode step reads: an untied embedding table
+    gives only the batch's rows; a tied one is read whole by the lm_head."""
+    bench = load_script("bench_generate", monkeypatch)
+    bench.transformers = pytest.importorskip("transformers")
+    hf, model = bench.build_models("tiny", torch.device("cpu"), torch.float32)
+    every = sum(p.numel() * 4 for p in hf.parameters())
+    vocab, hidden = hf.get_parameter("model.embed_tokens.weight").shape
+    assert bench.weight_bytes(model) == every
+    for batch in (1, 3):
+        assert bench.step_weight_bytes(model, batch) == every - (vocab - batch) * hidden * 4
+    config = bench.transformers.Qwen2Config(**bench.SHAPES["tiny"], tie_word_embeddings=True)
+    hf = bench.transformers.AutoModelForCausalLM.from_config(config)
+    tied = gkv_ext.Model.from_tensors(gkv_ext.ModelConfig.from_json(config.to_json_string()),
+                                      dict(hf.state_dict()))
+    assert bench.step_weight_bytes(tied, 3) == sum(p.numel() * 4 for p in hf.parameters())
 
 
 def test_bench_hf_quick(tmp_path):

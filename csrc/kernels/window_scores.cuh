@@ -8,15 +8,18 @@
 //   - FFMA (fp32, and d = 8): the tiles are fp32 with q pre-scaled, and each of the 256 threads
 //     computes a 4 x 4 block (rows ty + 16a, keys tx + 16u) from 16-byte shared-memory reads.
 //   1. stats: grid (B*Hkv*query chunks, key splits): per query row, the max and sum of exp2 over
-//      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0), kept per
-//      quarter of the key tile by four threads of the row and merged at the end.
+//      the visible slots of one key split (query i sees j <= N-W+i with pos[j] >= 0). Tensor
+//      cores: each lane keeps its rows' running statistics in registers while the next key tile
+//      streams in (cp.async double buffer). FFMA: the logits go through shared memory and four
+//      threads of a row keep a quarter of the key tile each; both merge the parts at the end.
 //   2. lse:   one thread per query row merges the splits into its log-sum-exp.
 //   3. score: grid (B*Hkv*groups of score_tiles candidate tiles): with up to resident_q query
 //      tiles kept in shared memory, recomputes the logits of each group's tiles of kWsKeys
 //      candidates against every window query, p = exp2(logit - lse), max over the group, mean
 //      over the window. Queries are loaded once per group of key tiles, not once per key tile.
-// Empty slots are never loaded (their keys may hold NaN); a query that sees nothing has
-// lse = -inf and contributes 0.
+// An empty slot's key may hold NaN: the score pass never loads it, the tensor-core stats pass
+// masks its logits before any arithmetic. A query that sees nothing has lse = -inf and
+// contributes 0.
 #pragma once
 
 #include <type_traits>
@@ -157,6 +160,54 @@ __device__ void ws_load_queries(const WindowScoresParams& p, int b, int h, int i
   }
 }
 
+// Tensor-core tiles: warp w computes the 16 query rows r0 = 16 (w % 4) .. +15 against the 32 keys
+// c0 = 32 (w / 4) .. +31. Its C fragments s[nt][e] hold row r0 + gr + 8 (e / 2), key
+// c0 + 8 nt + 2 tq + e % 2 (gr = lane / 4, tq = lane % 4).
+struct WsWarpTile {
+  int r0, c0, gr, tq, lane;
+  __device__ WsWarpTile() {
+    static_assert(kWsRows == 64 && kWsKeys == 64 && kWsWarps == 8, "4 x 2 warps of 16 x 32");
+    lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    r0 = (warp & 3) * 16, c0 = (warp >> 2) * 32, gr = lane >> 2, tq = lane & 3;
+  }
+  __device__ int row(int e) const { return r0 + gr + 8 * (e >> 1); }
+  __device__ int key(int nt, int e) const { return c0 + 8 * nt + 2 * tq + (e & 1); }
+};
+
+// The warp's logits in log2 units (fp32 products scaled in fp32, as the FFMA path and the CPU
+// kernel do): s[nt][e] as in WsWarpTile. qs and ks: 16-bit tiles with rows of kLd elements.
+template <typename T, int D, int kLd>
+__device__ __forceinline__ void ws_warp_logits(const WindowScoresParams& p, const WsWarpTile& w,
+                                               const T* qs, const T* ks, float (&s)[4][4]) {
+  const int lane = w.lane;
+  // Fragment layouts as in decode_split_mma_kernel: K stored [key][d] is the B operand [n][k].
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t qa[4];
+    ldmatrix_x4(qa, qs + (w.r0 + (lane & 8) + (lane & 7)) * kLd + kk * 16 + ((lane >> 4) << 3));
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      uint32_t kf[4];
+      ldmatrix_x4(kf, ks + (w.c0 + 16 * pair + ((lane >> 4) << 3) + (lane & 7)) * kLd + kk * 16 +
+                          (lane & 8));
+      mma_m16n8k16<T>(s[2 * pair], qa, kf[0], kf[1]);
+      mma_m16n8k16<T>(s[2 * pair + 1], qa, kf[2], kf[3]);
+    }
+  }
+  const float scale_log2 = p.scale * kLog2e;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+  }
+}
+
 // Calls emit(r, c, logit) for every query row r and key c of the kWsRows x kWsKeys tile, the
 // logit in log2 units; each thread emits 16 of them.
 template <typename T, int D, bool kMma, typename Emit>
@@ -166,32 +217,13 @@ __device__ __forceinline__ void ws_tile_logits(const WindowScoresParams& p,
                                                Emit&& emit) {
   constexpr int kLd = WsSmem<T, D, kMma>::kLd;
   if constexpr (kMma) {
-    static_assert(kWsRows == 64 && kWsKeys == 64 && kWsWarps == 8, "4 x 2 warps of 16 x 32");
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int r0 = (warp & 3) * 16, c0 = (warp >> 2) * 32;  // this warp's 16 rows, 32 keys
-    const int gr = lane >> 2, tq = lane & 3;
-    // Fragment layouts as in decode_split_mma_kernel: K stored [key][d] is the B operand [n][k].
-    float s[4][4] = {};  // C fragments of n-tiles of keys c0 + 8nt .. +7
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qa[4];
-      ldmatrix_x4(qa, qs + (r0 + (lane & 8) + (lane & 7)) * kLd + kk * 16 + ((lane >> 4) << 3));
-#pragma unroll
-      for (int pair = 0; pair < 2; ++pair) {
-        uint32_t kf[4];
-        ldmatrix_x4(kf, ks + (c0 + 16 * pair + ((lane >> 4) << 3) + (lane & 7)) * kLd + kk * 16 +
-                            (lane & 8));
-        mma_m16n8k16<T>(s[2 * pair], qa, kf[0], kf[1]);
-        mma_m16n8k16<T>(s[2 * pair + 1], qa, kf[2], kf[3]);
-      }
-    }
-    // Scaled in fp32, as the FFMA path and the CPU kernel do.
-    const float scale_log2 = p.scale * kLog2e;
+    const WsWarpTile w;
+    float s[4][4];
+    ws_warp_logits<T, D, kLd>(p, w, qs, ks, s);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        emit(r0 + gr + 8 * (e >> 1), c0 + 8 * nt + 2 * tq + (e & 1), s[nt][e] * scale_log2);
+      for (int e = 0; e < 4; ++e) emit(w.row(e), w.key(nt, e), s[nt][e]);
     }
   } else {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -231,8 +263,10 @@ __device__ __forceinline__ void ws_tile_logits(const WindowScoresParams& p,
   }
 }
 
-template <typename T, int D, bool kMma>
-__global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowScoresParams p) {
+// The stats pass on the FFMA path (fp32, d = 8).
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads) window_stats_ffma_kernel(const WindowScoresParams p) {
+  constexpr bool kMma = false;
   extern __shared__ float4 ws_smem4[];
   using S = WsSmem<T, D, kMma>;
   const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4), 1);
@@ -298,6 +332,155 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_kernel(const WindowSc
     const int64_t out_row = (int64_t(b) * p.Hq + h * G + row % G) * p.W + i0 + row / G;
     p.part_m[out_row * p.num_splits + split] = mx;
     p.part_l[out_row * p.num_splits + split] = sum;
+  }
+}
+
+// Shared memory of window_stats_mma_kernel: the Q tile, two K tiles with their pos (a cp.async
+// double buffer) and the row statistics that warps 4-7 hand to warps 0-3.
+template <typename T, int D>
+struct WsStatsMmaSmem {
+  static constexpr int kLd = WsSmem<T, D, true>::kLd;
+  static constexpr size_t kQs = 0;
+  static constexpr size_t kKs = kQs + size_t(kWsRows) * kLd * sizeof(T);
+  static constexpr size_t kPos = kKs + 2 * size_t(kWsKeys) * kLd * sizeof(T);
+  static constexpr size_t kMerge = kPos + 2 * kWsKeys * sizeof(int);
+  static constexpr size_t kBytes = kMerge + 2 * kWsRows * sizeof(float);
+};
+
+// Starts the copies of keys j0 .. j0+nk-1 of (b, h) and of their pos into one buffer. Keys past
+// nk are zero-filled and must be masked by the caller (their pos reads 0); an empty slot's key
+// is copied as it is (it may hold NaN) and is masked by its pos before any arithmetic.
+template <typename T, int D, int kLd>
+__device__ __forceinline__ void ws_copy_keys_async(const WindowScoresParams& p, int b, int h,
+                                                   int j0, int nk, T* ks, int* spos) {
+  constexpr int kVec = 16 / sizeof(T), kPerKey = D / kVec;
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+  for (int idx = threadIdx.x; idx < kWsKeys * kPerKey; idx += blockDim.x) {
+    const int c = idx / kPerKey, vv = idx % kPerKey;
+    const bool valid = c < nk;
+    cp_async16(ks + c * kLd + vv * kVec, kb + int64_t(j0 + (valid ? c : 0)) * p.k_stride[2] + vv * kVec,
+               valid);
+  }
+  if (threadIdx.x < kWsKeys) {
+    const int c = threadIdx.x;
+    const bool valid = c < nk;
+    const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
+    cp_async4(spos + c, pb + int64_t(j0 + (valid ? c : 0)) * p.pos_stride[2], valid);
+  }
+}
+
+// Row statistics (m: max logit, l: sum of exp2(logit - m)) with those of another part of the
+// row merged in; a row with nothing visible stays (-inf, 0).
+__device__ __forceinline__ void ws_merge_stats(float& m, float& l, float m2, float l2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) return;
+  l = l * exp2f(m - mx) + l2 * exp2f(m2 - mx);
+  m = mx;
+}
+
+// The stats pass on tensor cores: the key tiles stream through a cp.async double buffer while
+// the previous tile is scored, and each lane keeps the running statistics of its two rows over
+// its keys in registers (the logits never go through shared memory). At the end the four lanes
+// of a row merge by shuffles, then the two warps of a row through shared memory.
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads) window_stats_mma_kernel(const WindowScoresParams p) {
+  using S = WsStatsMmaSmem<T, D>;
+  extern __shared__ float4 ws_smem4[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(ws_smem4);
+  T* qs = reinterpret_cast<T*>(smem + S::kQs);
+  T* ks = reinterpret_cast<T*>(smem + S::kKs);
+  int* spos = reinterpret_cast<int*>(smem + S::kPos);
+  float* merge = reinterpret_cast<float*>(smem + S::kMerge);
+  const int G = p.Hq / p.Hkv;
+  const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
+  const int qc = blockIdx.x % qchunks;
+  const int bh = blockIdx.x / qchunks;
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  const int split = blockIdx.y;
+  const int i0 = qc * p.win_tile;
+  const int nw = min(p.win_tile, p.W - i0);
+  const int rows = G * nw;
+  const int begin = split * p.split_len;
+  // The last slot that a query of this chunk sees is N-W+i0+nw-1.
+  const int end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
+  const int tiles = end > begin ? (end - begin + kWsKeys - 1) / kWsKeys : 0;
+
+  if (tiles > 0) ws_copy_keys_async<T, D, S::kLd>(p, b, h, begin, min(kWsKeys, end - begin), ks, spos);
+  cp_async_commit();
+  ws_load_queries<T, D, true>(p, b, h, i0, nw, qs, nullptr);  // while the first keys arrive
+
+  const WsWarpTile w;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  int last[2];  // the last slot each of the lane's rows sees; -1: a padding row sees nothing
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    const int r = w.row(2 * x);
+    last[x] = r < rows ? p.N - p.W + i0 + r / G : -1;
+  }
+  for (int t = 0; t < tiles; ++t) {
+    const int j0 = begin + t * kWsKeys, buf = t & 1;
+    if (t + 1 < tiles) {
+      ws_copy_keys_async<T, D, S::kLd>(p, b, h, j0 + kWsKeys, min(kWsKeys, end - j0 - kWsKeys),
+                                       ks + (buf ^ 1) * kWsKeys * S::kLd, spos + (buf ^ 1) * kWsKeys);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // tile t (and, the first time, the queries) is in shared memory
+    float s[4][4];
+    ws_warp_logits<T, D, S::kLd>(p, w, qs, ks + buf * kWsKeys * S::kLd, s);
+    const int* pos_t = spos + buf * kWsKeys;
+    const int nk = min(kWsKeys, end - j0);
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      float mx = m[x];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int e = 2 * x; e < 2 * x + 2; ++e) {
+          const int c = w.key(nt, e);
+          const bool visible = c < nk && pos_t[c] >= 0 && j0 + c <= last[x];
+          s[nt][e] = visible ? s[nt][e] : -INFINITY;
+          mx = fmaxf(mx, s[nt][e]);
+        }
+      }
+      if (mx != -INFINITY) {
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) sum += exp2f(s[nt][2 * x] - mx) + exp2f(s[nt][2 * x + 1] - mx);
+        l[x] = l[x] * exp2f(m[x] - mx) + sum;
+        m[x] = mx;
+      }
+    }
+    __syncthreads();  // buffer `buf` is refilled by the next iteration's copies
+  }
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[x], off);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[x], off);
+      ws_merge_stats(m[x], l[x], m2, l2);
+    }
+  }
+  const bool hands_on = w.c0 != 0;  // warps 4-7 (keys 32-63) hand their rows to warps 0-3
+  if (hands_on && w.tq == 0) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      merge[w.row(2 * x)] = m[x];
+      merge[kWsRows + w.row(2 * x)] = l[x];
+    }
+  }
+  __syncthreads();
+  if (!hands_on && w.tq == 0) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      const int r = w.row(2 * x);
+      if (r >= rows) continue;
+      ws_merge_stats(m[x], l[x], merge[r], merge[kWsRows + r]);
+      const int64_t out_row = (int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G;
+      p.part_m[out_row * p.num_splits + split] = m[x];
+      p.part_l[out_row * p.num_splits + split] = l[x];
+    }
   }
 }
 
@@ -414,16 +597,24 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
 template <typename T, int D, bool kMma>
 cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t stream) {
   using S = WsSmem<T, D, kMma>;
-  cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<T, D, kMma>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, S::bytes(1));
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(window_score_kernel<T, D, kMma>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               S::bytes(kWsMaxResidentQ));
+  cudaError_t err = cudaFuncSetAttribute(window_score_kernel<T, D, kMma>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         S::bytes(kWsMaxResidentQ));
   if (err != cudaSuccess) return err;
   const unsigned qchunks = static_cast<unsigned>((p.W + p.win_tile - 1) / p.win_tile);
-  window_stats_kernel<T, D, kMma><<<dim3(p.B * p.Hkv * qchunks, p.num_splits), kWsThreads,
-                                    S::bytes(1), stream>>>(p);
+  const dim3 stats_grid(p.B * p.Hkv * qchunks, p.num_splits);
+  if constexpr (kMma) {
+    constexpr size_t smem = WsStatsMmaSmem<T, D>::kBytes;
+    err = cudaFuncSetAttribute(window_stats_mma_kernel<T, D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    window_stats_mma_kernel<T, D><<<stats_grid, kWsThreads, smem, stream>>>(p);
+  } else {
+    err = cudaFuncSetAttribute(window_stats_ffma_kernel<T, D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, S::bytes(1));
+    if (err != cudaSuccess) return err;
+    window_stats_ffma_kernel<T, D><<<stats_grid, kWsThreads, S::bytes(1), stream>>>(p);
+  }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t rows = int64_t(p.B) * p.Hq * p.W;
   window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);

@@ -32,23 +32,9 @@ import torch.nn.functional as F
 
 from gkv_ext import _C, ops
 from bench_generate import SHAPES  # scripts/ is on the path when a script runs
+from bench_ops import timed
 
 LIVE, SLOTS = 2112, 2176  # G-KV@2048: live slots mid-way between compressions, capacity
-
-
-def eager_ms(fn, reps=8):
-    """Median milliseconds of one eager run of fn, after a warm-up run."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def timed_ms(fn):
@@ -58,7 +44,7 @@ def timed_ms(fn):
     except RuntimeError as err:  # e.g. a capture that the driver refuses across green contexts
         print(f"  capture failed ({str(err).splitlines()[0]}); timing eagerly", flush=True)
         torch.cuda.synchronize()
-        return eager_ms(fn), "eager"
+        return timed(fn, reps=8, warmup=1), "eager"
 
 
 def graph_ms(fn, reps=8):
@@ -71,17 +57,7 @@ def graph_ms(fn, reps=8):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return timed(graph.replay, reps, warmup=1)
 
 
 class Layers:

@@ -263,6 +263,25 @@ __device__ __forceinline__ void ws_tile_logits(const WindowScoresParams& p,
   }
 }
 
+// What a block of the stats pass takes, from its grid position (B*Hkv*query chunks, key splits):
+// the window queries i0 .. i0+nw-1 of KV head h of sample b (rows = G * nw query rows) against
+// the slots begin .. end-1 of key split `split`.
+struct WsStatsBlock {
+  int G, b, h, split, i0, nw, rows, begin, end;
+  __device__ explicit WsStatsBlock(const WindowScoresParams& p) {
+    G = p.Hq / p.Hkv;
+    const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
+    const int bh = blockIdx.x / qchunks;
+    b = bh / p.Hkv, h = bh % p.Hkv, split = blockIdx.y;
+    i0 = (blockIdx.x % qchunks) * p.win_tile;
+    nw = min(p.win_tile, p.W - i0);
+    rows = G * nw;
+    begin = split * p.split_len;
+    // The last slot that a query of this chunk sees is N-W+i0+nw-1.
+    end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
+  }
+};
+
 // The stats pass on the FFMA path (fp32, d = 8).
 template <typename T, int D>
 __global__ void __launch_bounds__(kWsThreads) window_stats_ffma_kernel(const WindowScoresParams p) {
@@ -272,18 +291,9 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_ffma_kernel(const Win
   const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4), 1);
   float* ss = sm.ss;
   const int* spos = sm.pos;
-  const int G = p.Hq / p.Hkv;
-  const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
-  const int qc = blockIdx.x % qchunks;
-  const int bh = blockIdx.x / qchunks;
-  const int b = bh / p.Hkv, h = bh % p.Hkv;
-  const int split = blockIdx.y;
-  const int i0 = qc * p.win_tile;
-  const int nw = min(p.win_tile, p.W - i0);
-  const int rows = G * nw;
-  const int begin = split * p.split_len;
-  // The last slot that a query of this chunk sees is N-W+i0+nw-1.
-  const int end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
+  const WsStatsBlock blk(p);
+  const int G = blk.G, b = blk.b, h = blk.h, split = blk.split, i0 = blk.i0, nw = blk.nw;
+  const int rows = blk.rows, begin = blk.begin, end = blk.end;
 
   ws_load_queries<T, D, kMma>(p, b, h, i0, nw, sm.qs, nullptr);
   // Row statistics without shuffles: thread (row, part) keeps a running max and sum of exp2 over
@@ -391,18 +401,9 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_mma_kernel(const Wind
   T* ks = reinterpret_cast<T*>(smem + S::kKs);
   int* spos = reinterpret_cast<int*>(smem + S::kPos);
   float* merge = reinterpret_cast<float*>(smem + S::kMerge);
-  const int G = p.Hq / p.Hkv;
-  const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
-  const int qc = blockIdx.x % qchunks;
-  const int bh = blockIdx.x / qchunks;
-  const int b = bh / p.Hkv, h = bh % p.Hkv;
-  const int split = blockIdx.y;
-  const int i0 = qc * p.win_tile;
-  const int nw = min(p.win_tile, p.W - i0);
-  const int rows = G * nw;
-  const int begin = split * p.split_len;
-  // The last slot that a query of this chunk sees is N-W+i0+nw-1.
-  const int end = min(min(begin + p.split_len, p.N), p.N - p.W + i0 + nw);
+  const WsStatsBlock blk(p);
+  const int G = blk.G, b = blk.b, h = blk.h, split = blk.split, i0 = blk.i0, nw = blk.nw;
+  const int rows = blk.rows, begin = blk.begin, end = blk.end;
   const int tiles = end > begin ? (end - begin + kWsKeys - 1) / kWsKeys : 0;
 
   if (tiles > 0) ws_copy_keys_async<T, D, S::kLd>(p, b, h, begin, min(kWsKeys, end - begin), ks, spos);

@@ -72,8 +72,12 @@ struct SmPartition::Contexts {
 
 SmPartition::SmPartition(int device, int first_sms) : device_(device) {
   TORCH_CHECK(first_sms >= 1, "gkv::SmPartition: first_sms must be >= 1, got ", first_sms);
-  TORCH_CHECK(cudaSetDevice(device) == cudaSuccess && cudaFree(nullptr) == cudaSuccess,
-              "gkv::SmPartition: cannot use CUDA device ", device);
+  int current = 0;
+  TORCH_CHECK(cudaGetDevice(&current) == cudaSuccess, "gkv::SmPartition: no CUDA device");
+  // The green contexts need the device's primary context; the caller's device stays current.
+  const bool ready = cudaSetDevice(device) == cudaSuccess && cudaFree(nullptr) == cudaSuccess;
+  cudaSetDevice(current);
+  TORCH_CHECK(ready, "gkv::SmPartition: cannot use CUDA device ", device);
   const GreenApi& api = GreenApi::get();
   CUdevResource whole{}, parts[2]{};
   check(api.get_resource(device, &whole, CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource");

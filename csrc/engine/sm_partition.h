@@ -20,7 +20,8 @@ class SmPartition {
   SmPartition& operator=(const SmPartition&) = delete;
 
   int sms(int set) const;              // SMs of set 0 or 1
-  std::uintptr_t stream(int set) const;  // its cudaStream_t, as an integer (torch ExternalStream)
+  // Its cudaStream_t, as an integer (for torch.cuda.ExternalStream); valid while this lives.
+  std::uintptr_t stream(int set) const;
   int device() const { return device_; }
 
  private:

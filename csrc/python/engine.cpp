@@ -199,6 +199,7 @@ void bind_engine(py::module& m) {
       .def(py::init<int, int>(), py::arg("device"), py::arg("first_sms"))
       .def("sms", &SmPartition::sms, py::arg("set"), "SMs of set 0 or 1")
       .def("stream", &SmPartition::stream, py::arg("set"),
-           "cudaStream_t of set 0 or 1 as an integer, for torch.cuda.ExternalStream")
+           "cudaStream_t of set 0 or 1 as an integer, for torch.cuda.ExternalStream; valid "
+           "while the SmPartition lives")
       .def_property_readonly("device", &SmPartition::device);
 }

@@ -37,16 +37,6 @@ from bench_ops import timed
 LIVE, SLOTS = 2112, 2176  # G-KV@2048: live slots mid-way between compressions, capacity
 
 
-def timed_ms(fn):
-    """(ms, how): a CUDA graph replay where fn can be captured, else an eager run."""
-    try:
-        return graph_ms(fn), "graph"
-    except RuntimeError as err:  # e.g. a capture that the driver refuses across green contexts
-        print(f"  capture failed ({str(err).splitlines()[0]}); timing eagerly", flush=True)
-        torch.cuda.synchronize()
-        return timed(fn, reps=8, warmup=1), "eager"
-
-
 def graph_ms(fn, reps=8):
     """Median milliseconds of one replay of fn captured as a CUDA graph."""
     side = torch.cuda.Stream()
@@ -199,13 +189,13 @@ def partition_rows(layers, attention, sms_list, use_carveout):
                     attention=on_stream(attention_stream, layers.attention_only),
                     partitioned=lambda: layers.partitioned(gemm_stream, attention_stream))
         for name, fn in runs.items():
-            row[name + "_ms"], row[name + "_timing"] = timed_ms(fn)
+            row[name + "_ms"] = graph_ms(fn)
         torch._C._set_sm_carveout_experimental(None)
         rows.append(row)
         print(f"B={layers.batch} {attention} attention on {row['attention_sms']} SMs "
               f"{row['attention_ms']:.2f} ms, GEMMs on {row['gemm_sms']} SMs (carveout "
               f"{row['carveout']}) {row['gemms_ms']:.2f} ms; partitioned "
-              f"{row['partitioned_ms']:.2f} ms ({row['partitioned_timing']})", flush=True)
+              f"{row['partitioned_ms']:.2f} ms", flush=True)
         del part
     return rows
 

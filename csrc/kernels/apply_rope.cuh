@@ -34,6 +34,8 @@ __device__ __forceinline__ T rope_pair(float a, float c, float b, float s) {
 
 template <typename T, int kVec>
 __global__ void apply_rope_kernel(RopeParams p) {
+  chain_wait();
+  chain_release();
   using V = Pack<T, kVec>;
   const int64_t packs = p.half / kVec;  // per half row
   const int64_t total = p.rows * packs;
@@ -69,8 +71,7 @@ cudaError_t apply_rope_launch(const RopeParams& p, cudaStream_t stream) {
   if (total == 0) return cudaSuccess;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65536));
-  apply_rope_kernel<T, kVec><<<blocks, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_chained(apply_rope_kernel<T, kVec>, blocks, threads, 0, stream, p);
 }
 
 }  // namespace gkv::kernels

@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 namespace gkv::kernels {
 
@@ -44,5 +47,53 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Chained launches (programmatic dependent launch, sm_90+). A decode step is a chain of short
+// kernels; launched plainly, each one's launch and ramp-up wait for the previous kernel to drain.
+// A kernel started by launch_chained may be scheduled while its predecessor on the stream still
+// runs, so it must call chain_wait() before it touches global memory: that waits for the
+// predecessor to complete and its writes to be visible. As every chained kernel waits, a kernel
+// further back has completed too. chain_release() then lets the next chained kernel be scheduled.
+__device__ __forceinline__ void chain_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void chain_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// GKV_CHAINED_LAUNCH=0 launches every kernel plainly, for A/B timing and for debugging.
+inline bool chained_launch_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("GKV_CHAINED_LAUNCH");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the end of the kernel before it
+// (see chain_wait); the kernel must call chain_wait() first. Below sm_90 it is a plain launch.
+template <typename... Params, typename... Args>
+cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                           cudaStream_t stream, Args&&... args) {
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute chained{};
+  chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  chained.val.programmaticStreamSerializationAllowed = major >= 9 && chained_launch_enabled();
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &chained;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 }  // namespace gkv::kernels

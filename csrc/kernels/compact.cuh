@@ -176,6 +176,8 @@ struct WriteSlotParams {
 // [0, slots) writes nothing: the op documents it (a check would read the slot to the host).
 template <typename Vec>
 __global__ void write_slot_kernel(WriteSlotParams p) {
+  chain_wait();
+  chain_release();
   const int64_t words = p.row_bytes / int64_t(sizeof(Vec));
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;;
        e += int64_t(gridDim.x) * blockDim.x) {
@@ -208,8 +210,7 @@ cudaError_t write_slot(const WriteSlotParams& p, cudaStream_t stream) {
   if (total == 0) return cudaSuccess;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, threads), 65536));
-  write_slot_kernel<Vec><<<blocks, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_chained(write_slot_kernel<Vec>, blocks, threads, 0, stream, p);
 }
 
 }  // namespace gkv::kernels

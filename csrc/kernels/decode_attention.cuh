@@ -149,6 +149,8 @@ __device__ __forceinline__ void store_split(const DecodeAttentionParams& p, int 
 template <typename T, int D, int TG>
 __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     decode_split_kernel(const DecodeAttentionParams p) {
+  chain_wait();
+  chain_release();
   using Cfg = DecodeConfig<T, D>;
   constexpr int kVec = Cfg::kVec, kTpk = Cfg::kTpk, kKpw = Cfg::kKpw, kU = Cfg::kUnroll;
   constexpr int kStages = Cfg::kStages;
@@ -375,6 +377,8 @@ struct DecodeMmaConfig {
 template <typename T, int D>
 __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
     decode_split_mma_kernel(const DecodeAttentionParams p) {
+  chain_wait();
+  chain_release();
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "16-bit only");
   using Cfg = DecodeMmaConfig<D>;
   constexpr int kWarps = Cfg::kWarps, kRows = Cfg::kRows, kKeys = Cfg::kKeys;
@@ -669,6 +673,8 @@ __device__ __forceinline__ float combine_block_max(float x, float* red) {
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineThreads)
     decode_combine_kernel(const DecodeAttentionParams p) {
+  chain_wait();
+  chain_release();
   static_assert(D <= kCombineThreads, "one thread per output element");
   extern __shared__ float combine_smem[];
   const int64_t rows = decode_combine_rows(p);
@@ -827,23 +833,24 @@ cudaError_t decode_attention_launch(const DecodeAttentionParams& p, cudaStream_t
     using Cfg = DecodeMmaConfig<D>;
     const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * ((G + Cfg::kRows - 1) / Cfg::kRows)),
                     static_cast<unsigned>(p.num_splits));
-    decode_split_mma_kernel<T, D><<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
+    const cudaError_t err =
+        launch_chained(decode_split_mma_kernel<T, D>, grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream, p);
+    if (err != cudaSuccess) return err;
   } else {
     const int tg = decode_tile_group(G);
+    cudaError_t err = cudaSuccess;
     dispatch_tile_group(tg, [&](auto tile) {
       constexpr int TG = decltype(tile)::value;
       const dim3 grid(static_cast<unsigned>(p.B * p.Hkv * (G / TG)),
                       static_cast<unsigned>(p.num_splits));
-      decode_split_kernel<T, D, TG><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+      err = launch_chained(decode_split_kernel<T, D, TG>, grid, kDecodeWarps * 32, 0, stream, p);
     });
+    if (err != cudaSuccess) return err;
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   const int64_t blocks = decode_combine_rows(p) + decode_emit_blocks(p);
   if (blocks == 0) return cudaSuccess;
-  decode_combine_kernel<T, D><<<static_cast<unsigned>(blocks), kCombineThreads,
-                                decode_combine_smem(p), stream>>>(p);
-  return cudaGetLastError();
+  return launch_chained(decode_combine_kernel<T, D>, static_cast<unsigned>(blocks), kCombineThreads,
+                        decode_combine_smem(p), stream, p);
 }
 
 }  // namespace gkv::kernels

@@ -40,6 +40,8 @@ struct RmsNormParams {
 // holding it in registers, so any D fits.
 template <typename T, int kVec, bool kAdd>
 __global__ void rms_norm_kernel(RmsNormParams p) {
+  chain_wait();
+  chain_release();
   using V = Pack<T, kVec>;
   const int64_t vecs = p.D / kVec, first = blockIdx.x * p.D;
   const V* x = reinterpret_cast<const V*>(static_cast<const T*>(p.x) + first);
@@ -84,12 +86,9 @@ cudaError_t rms_norm_launch(const RmsNormParams& p, cudaStream_t stream) {
   const int64_t warps_needed = (vecs + 31) / 32;
   const int threads = static_cast<int>(std::clamp<int64_t>(warps_needed * 32, 32, kRmsMaxThreads));
   const auto blocks = static_cast<unsigned>(p.rows);
-  if (p.residual != nullptr) {
-    rms_norm_kernel<T, kVec, true><<<blocks, threads, 0, stream>>>(p);
-  } else {
-    rms_norm_kernel<T, kVec, false><<<blocks, threads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  const auto kernel = p.residual != nullptr ? rms_norm_kernel<T, kVec, true>
+                                            : rms_norm_kernel<T, kVec, false>;
+  return launch_chained(kernel, blocks, threads, 0, stream, p);
 }
 
 }  // namespace gkv::kernels

@@ -17,6 +17,8 @@ namespace gkv::kernels {
 template <typename T, int kVec>
 __global__ void silu_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows,
                                 int64_t F) {
+  chain_wait();
+  chain_release();
   using V = Pack<T, kVec>;
   const int64_t packs = F / kVec, total = rows * packs;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
@@ -41,8 +43,7 @@ cudaError_t silu_mul_launch(const T* x, T* out, int64_t rows, int64_t F, cudaStr
   if (total == 0) return cudaSuccess;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65536));
-  silu_mul_kernel<T, kVec><<<blocks, threads, 0, stream>>>(x, out, rows, F);
-  return cudaGetLastError();
+  return launch_chained(silu_mul_kernel<T, kVec>, blocks, threads, 0, stream, x, out, rows, F);
 }
 
 }  // namespace gkv::kernels

@@ -443,6 +443,8 @@ def main(argv=None):
                     help="FULLKV,GKV: the equal-memory batches (e.g. found by an earlier run); "
                          "skips the search")
     ap.add_argument("--only", default="engine,transformers,memory")
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
+                    help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
     if args.memory_batches and len(args.memory_batches) != 2:
@@ -450,6 +452,8 @@ def main(argv=None):
     # `timeout` stops a long run with SIGTERM: exit through the sections' finally, which saves.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     device = torch.device("cuda" if torch.cuda.is_available() and gkv_ext.built_with_cuda else "cpu")
+    if args.blas and device.type == "cuda":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     quick = args.quick or device.type != "cuda"
     defaults = dict(shape="tiny", batches=[1, 4], budgets=[32, 64], points=[64, 256], prompt=48,
                     max_new=256, steps=32, hf_steps=16) if quick else \
@@ -466,7 +470,8 @@ def main(argv=None):
     hf, model = build_models(args.shape, device, dtype)
     bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-                  copy_gbps=bw, shape=args.shape, dtype=str(dtype).replace("torch.", ""),
+                  copy_gbps=bw, blas=args.blas, shape=args.shape,
+                  dtype=str(dtype).replace("torch.", ""),
                   weight_gb=weight_bytes(model) / 1e9, prompt=args.prompt, max_new=args.max_new,
                   hf_steps=args.hf_steps, torch=torch.__version__,
                   transformers_version=transformers.__version__)

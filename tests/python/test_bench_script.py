@@ -189,3 +189,23 @@ def test_bench_hf_bad_arguments_exit_with_one_line(tmp_path):
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [
         "bench_hf: batches, new tokens, budget, prompt and samples must be >= 1"]
+
+
+def test_bench_gemms_quick(tmp_path):
+    out = tmp_path / "gemms"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gemms.py"), "--quick",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert [(r["proj"], r["B"]) for r in result["rows"]] == [("tiny", 1), ("tiny", 4)]
+    assert all(r["us"] > 0 and r["TBps"] > 0 for r in result["rows"])
+    assert "| tiny | 4 | 256 | 128 |" in run.stdout
+
+
+def test_bench_gemms_bad_batches_exit_with_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gemms.py"), "--batches",
+                          "0", "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=600, env=ENV)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1].endswith("batches must be >= 1, got [0]")

@@ -1,0 +1,123 @@
+"""The decode step's weight GEMMs, per BLAS library torch can pick.
+
+  python scripts/bench_gemms.py --batches 16,64 --out docs/benchmarks_gemms_h200
+  python scripts/bench_gemms.py --quick            # tiny sizes, any device (CPU included)
+
+Each projection of the Qwen2.5-7B-shaped decoder (q/k/v with its bias, o, gate/up, down) runs as
+28 F.linear calls on a batch of B rows, each layer with its own weight (so nothing stays in L2),
+replayed from one CUDA graph as the engine replays its step, once per BLAS library
+(torch.backends.cuda.preferred_blas_library). Prints microseconds per call and the weight
+bandwidth (weight bytes / time) against the device's copy bandwidth, and writes OUT.json and
+OUT.png. On CPU there is one library, "default", and no graph.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ops import copy_bandwidth, table, timed  # noqa: E402
+
+# name, K (in), N (out), bias
+PROJECTIONS = [("qkv", 3584, 4608, True), ("o", 3584, 3584, False),
+               ("gate_up", 3584, 37888, False), ("down", 18944, 3584, False)]
+QUICK_PROJECTIONS = [("tiny", 128, 256, True)]
+
+
+def graphed(fn, device):
+    """fn replayed from a CUDA graph on CUDA (captured after an eager warm-up), fn elsewhere."""
+    fn()
+    if device.type != "cuda":
+        return fn
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench(device, dtype, projections, batches, libraries, layers, reps):
+    rows = []
+    jobs = [(p, b) for p in projections for b in batches]
+    weights = {}
+    for (name, K, N, bias), B in tqdm(jobs, desc="gemms", unit="shape"):
+        if name not in weights:
+            weights.clear()  # one projection's weights at a time
+            weights[name] = [(torch.randn(N, K, device=device, dtype=dtype) / K**0.5,
+                              torch.randn(N, device=device, dtype=dtype) if bias else None)
+                             for _ in range(layers)]
+        x = torch.randn(B, K, device=device, dtype=dtype)
+
+        def chain(x=x, ws=weights[name]):
+            for w, b in ws:
+                F.linear(x, w, b)
+
+        for library in libraries:
+            if device.type == "cuda":
+                torch.backends.cuda.preferred_blas_library(library)
+            ms = timed(graphed(chain, device), reps) / layers
+            rows.append({"proj": name, "B": B, "N": N, "K": K, "library": library,
+                         "us": ms * 1e3, "TBps": N * K * x.element_size() / ms / 1e9})
+    return rows
+
+
+def plot(rows, copy_tbps, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = list(dict.fromkeys((r["proj"], r["B"]) for r in rows))
+    libraries = list(dict.fromkeys(r["library"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(libraries)
+    for i, library in enumerate(libraries):
+        values = [next(r["TBps"] for r in rows if (r["proj"], r["B"]) == s and r["library"] == library)
+                  for s in shapes]
+        ax.bar([j + i * width for j in range(len(shapes))], values, width, label=library)
+    ax.axhline(copy_tbps, color="k", ls="--", lw=1, label="copy bandwidth")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+    ax.set_xticklabels([f"{p}\nB={b}" for p, b in shapes], fontsize=8)
+    ax.set_ylabel("weight TB/s")
+    ax.set_title("decode-step GEMMs, 28 layers per CUDA graph")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, any device")
+    ap.add_argument("--batches", type=ints, default=None, help="rows per GEMM (decode batch sizes)")
+    ap.add_argument("--libraries", default="cublas,cublaslt", help="BLAS libraries to compare (CUDA)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default="bench_gemms", help="writes OUT.json and OUT.png")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type != "cuda"
+    batches = args.batches or ([1, 4] if quick else [1, 16, 64])
+    if min(batches) < 1:
+        ap.error(f"batches must be >= 1, got {batches}")
+    libraries = args.libraries.split(",") if device.type == "cuda" else ["default"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
+    rows = bench(device, dtype, QUICK_PROJECTIONS if quick else PROJECTIONS, batches, libraries,
+                 4 if quick else 28, 3 if quick else args.reps)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"device": name, "torch": torch.__version__, "copy_GBps": bw, "rows": rows}, indent=1))
+    plot(rows, bw / 1e3, out.with_suffix(".png"))
+    print(f"\ndevice: {name}; copy bandwidth {bw:.0f} GB/s")
+    print(table("weight GEMMs per call (us) and weight bandwidth (TB/s)", rows))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

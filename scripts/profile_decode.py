@@ -8,6 +8,9 @@ compress (a CUDA graph replays the same kernels with the same arguments; --graph
 with torch.profiler.
 Prints, per kernel name: calls per step, microseconds per call and milliseconds per step, largest
 first; with --compress, the steps profiled are compressing ones instead.
+Our decode kernels are launched chained (programmatic dependent launch): each is counted from its
+early start, so its time overlaps its predecessor's and the per-kernel times add up to more than
+the step. GKV_CHAINED_LAUNCH=0 launches them plainly, for times that add up.
 """
 import argparse
 import collections

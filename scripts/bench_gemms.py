@@ -20,23 +20,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import copy_bandwidth, table, timed  # noqa: E402
+from bench_ops import copy_bandwidth, graph_replay, table, timed  # noqa: E402
 
 # name, K (in), N (out), bias
 PROJECTIONS = [("qkv", 3584, 4608, True), ("o", 3584, 3584, False),
                ("gate_up", 3584, 37888, False), ("down", 18944, 3584, False)]
 QUICK_PROJECTIONS = [("tiny", 128, 256, True)]
-
-
-def graphed(fn, device):
-    """fn replayed from a CUDA graph on CUDA (captured after an eager warm-up), fn elsewhere."""
-    fn()
-    if device.type != "cuda":
-        return fn
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def bench(device, dtype, projections, batches, libraries, layers, reps):
@@ -58,7 +47,7 @@ def bench(device, dtype, projections, batches, libraries, layers, reps):
         for library in libraries:
             if device.type == "cuda":
                 torch.backends.cuda.preferred_blas_library(library)
-            ms = timed(graphed(chain, device), reps) / layers
+            ms = timed(graph_replay(chain) if device.type == "cuda" else chain, reps) / layers
             rows.append({"proj": name, "B": B, "N": N, "K": K, "library": library,
                          "us": ms * 1e3, "TBps": N * K * x.element_size() / ms / 1e9})
     return rows

@@ -54,6 +54,20 @@ def timed(fn, reps, warmup=3):
     return statistics.median(samples)
 
 
+def graph_replay(fn):
+    """The replay of fn captured as a CUDA graph, after a warm-up outside the capture (cuBLAS
+    workspaces, autotuning)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth(device, nbytes):
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)

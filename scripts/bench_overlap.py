@@ -32,22 +32,14 @@ import torch.nn.functional as F
 
 from gkv_ext import _C, ops
 from bench_generate import SHAPES  # scripts/ is on the path when a script runs
-from bench_ops import timed
+from bench_ops import graph_replay, timed
 
 LIVE, SLOTS = 2112, 2176  # G-KV@2048: live slots mid-way between compressions, capacity
 
 
 def graph_ms(fn, reps=8):
     """Median milliseconds of one replay of fn captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS workspaces, autotuning)
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return timed(graph.replay, reps, warmup=1)
+    return timed(graph_replay(fn), reps, warmup=1)
 
 
 class Layers:

@@ -17,11 +17,13 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& pos, int64_t length,
-                            double scale, const std::optional<at::Tensor>& score_acc) {
+                            double scale, const std::optional<at::Tensor>& score_acc,
+                            const std::optional<at::Tensor>& live_length) {
   static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, int64_t, double,
+                                     const std::optional<at::Tensor>&,
                                      const std::optional<at::Tensor>&)>("gkv::decode_attention");
-  return handle.call(q, k_cache, v_cache, pos, length, scale, score_acc);
+  return handle.call(q, k_cache, v_cache, pos, length, scale, score_acc, live_length);
 }
 
 at::Tensor window_scores(const at::Tensor& q_win, const at::Tensor& k, const at::Tensor& pos,

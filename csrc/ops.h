@@ -9,12 +9,13 @@
 
 namespace gkv {
 
-// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32
-// -> out [B,Hq,d]
+// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32,
+// live_length [1] int64 -> out [B,Hq,d]
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& pos, int64_t length,
                             double scale,
-                            const std::optional<at::Tensor>& score_acc = std::nullopt);
+                            const std::optional<at::Tensor>& score_acc = std::nullopt,
+                            const std::optional<at::Tensor>& live_length = std::nullopt);
 
 // q_win [B,Hq,W,d], k [B,Hkv,N,d], pos [B,Hkv,N] int32 -> S [B,Hkv,N-W] fp32
 at::Tensor window_scores(const at::Tensor& q_win, const at::Tensor& k, const at::Tensor& pos,

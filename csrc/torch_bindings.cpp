@@ -10,10 +10,14 @@ TORCH_LIBRARY(gkv, m) {
   // One query token per sequence against slots [0, length) of the cache, GQA (query head h*G+g
   // reads KV head h), empty slots masked. When score_acc is given, adds into it, per KV head and
   // slot, the max over the G query heads of their softmax probability (score emission, H2O).
-  // q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32.
+  // When live_length is given, only slots [0, min(length, live_length[0])) are read; the rest
+  // count as empty. It is read from the op's device when the op runs, so a CUDA graph captured
+  // with a fixed length attends over what the cache holds at each replay.
+  // q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32,
+  // live_length [1] int64.
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int length, "
-      "float scale, Tensor(a!)? score_acc=None) -> Tensor");
+      "float scale, Tensor(a!)? score_acc=None, Tensor? live_length=None) -> Tensor");
 
   // The G-KV local score S (section 2.1): the W window queries are those of the last W slots
   // (query i sees slots <= N-W+i); softmax over visible slots; max over the group; mean over the W

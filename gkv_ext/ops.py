@@ -15,7 +15,8 @@ _ops = torch.ops.gkv
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, length: int,
-                     scale: float, score_acc: Optional[Tensor] = None) -> Tensor:
+                     scale: float, score_acc: Optional[Tensor] = None,
+                     live_length: Optional[Tensor] = None) -> Tensor:
     """One query token per sequence against cache slots ``[0, length)``.
 
     Args:
@@ -27,11 +28,15 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, l
         score_acc: optional ``[B, Hkv, C]`` float32; when given, the op adds into it (in place),
             for each KV head and slot, the max over the G query heads of their softmax
             probability (the attention that H2O accumulates).
+        live_length: optional ``[1]`` int64 on the device of ``q``: only slots
+            ``[0, min(length, live_length[0]))`` are read, the others count as empty. It is read
+            on the device when the op runs, so a CUDA graph captured with a fixed ``length``
+            reads only the slots the cache holds at each replay.
 
     Returns:
         ``[B, Hq, d]`` in the dtype of ``q``; a row with no live slot is 0.
     """
-    return _ops.decode_attention(q, k_cache, v_cache, pos, length, scale, score_acc)
+    return _ops.decode_attention(q, k_cache, v_cache, pos, length, scale, score_acc, live_length)
 
 
 def window_scores(q_win: Tensor, k: Tensor, pos: Tensor, scale: float) -> Tensor:

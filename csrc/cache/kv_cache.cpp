@@ -95,7 +95,9 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
                     kv_opts.dtype(at::kInt));
   const auto i64 = kv_opts.dtype(at::kLong);
-  live_slot_ = at::zeros({1}, i64);
+  step_slots_ = at::arange(2, i64);  // length_ = 0
+  live_slot_ = step_slots_.narrow(0, 0, 1);
+  attend_end_ = step_slots_.narrow(0, 1, 1);
   ring_slot_ = at::zeros({1}, i64);
   step_pos_ = at::zeros({s.batch, 1}, i64);
   step_new_pos_ = at::zeros({s.batch, s.kv_heads, 1}, kv_opts.dtype(at::kInt));
@@ -273,7 +275,9 @@ at::Tensor CompressedKVCache::extend(Layer& s, int64_t layer, const at::Tensor& 
     const double scale = 1.0 / std::sqrt(static_cast<double>(shape_.head_dim));
     std::optional<at::Tensor> acc;
     if (accumulate) acc = s.score;
-    out = gkv::decode_attention(q.select(2, 0), s.k, s.v, s.pos, decode_span(), scale, acc)
+    // The span is fixed for the graph; attend_end_ cuts it to the live slots at run time.
+    out = gkv::decode_attention(q.select(2, 0), s.k, s.v, s.pos, decode_span(), scale, acc,
+                                attend_end_)
               .unsqueeze(2);
   } else {
     s.k.narrow(2, N0, T).copy_(k);
@@ -367,10 +371,11 @@ void CompressedKVCache::finish_forward(const CompressionRunner& run_compression)
   forwards_ += forwards_ == 0 ? 1 : tokens_;
   const int64_t W = policy_.observed_queries();
   if (tokens_ == 1 && !compressed) {  // in place, as a replayed graph does it
-    live_slot_.add_(1);
+    step_slots_.add_(1);
     if (W > 0) ring_slot_.add_(1).remainder_(W);
   } else {
     live_slot_.fill_(length_);
+    attend_end_.fill_(length_ + 1);
     if (W > 0) ring_slot_.fill_(q_count_ % W);
   }
   tokens_ = 0;

@@ -133,7 +133,9 @@ class CompressedKVCache {
   at::Tensor death_;     // [B,L,Hkv,max_tokens+1] int32; the last column absorbs kept slots
   at::Tensor next_pos_;  // [B] int64: position of the next token of each row
   // Device copies of the per-step state, updated in place (see the top of this file).
+  at::Tensor step_slots_;    // [2] int64: live_slot_ and attend_end_, advanced by one add
   at::Tensor live_slot_;     // [1] int64: = length_, where a one-token forward writes
+  at::Tensor attend_end_;    // [1] int64: = length_ + 1, the slots its attention reads
   at::Tensor ring_slot_;     // [1] int64: = q_count_ % W, where it writes its query
   at::Tensor step_pos_;      // [B,1] int64: positions of a one-token forward
   at::Tensor step_new_pos_;  // [B,Hkv,1] int32: the same per KV head

@@ -17,13 +17,14 @@ namespace {
 
 constexpr const char* kOp = "decode_attention";
 
-// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32
-// -> out [B,Hq,d]
+// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32,
+// live_length [1] int64 -> out [B,Hq,d]
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& pos,
                                  int64_t length, double scale,
-                                 const std::optional<at::Tensor>& score_acc) {
-  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc);
+                                 const std::optional<at::Tensor>& score_acc,
+                                 const std::optional<at::Tensor>& live_length) {
+  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc, live_length);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), Hkv = k_cache.size(1);
   const int64_t C = k_cache.size(2);
@@ -57,6 +58,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr();
   p.score_acc = score_acc.has_value() ? score_acc->data_ptr<float>() : nullptr;
+  p.live_length = live_length.has_value() ? live_length->data_ptr<int64_t>() : nullptr;
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = q.options().dtype(at::kFloat);

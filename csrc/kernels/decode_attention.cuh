@@ -20,8 +20,10 @@
 //               past B*Hq, one per (b, KV head, kEmitSlots slots), add max_g exp2(logit - lse)
 //               into score_acc without re-reading K; each gets the lse of its G heads from the
 //               partials itself, so both parts run in the same launch.
-// Slots >= length are never read; empty slots (pos < 0) are masked before they reach a sum, so
-// garbage or NaN in either cannot leak.
+// Slots >= length are never read, nor slots >= *live_length when it is given (read on the device
+// after the chain wait, so a graph replay sees the value of that moment; the planned splits then
+// share the live slots). Empty slots (pos < 0) are masked
+// before they reach a sum, so garbage or NaN in either cannot leak.
 #pragma once
 
 #include <atomic>
@@ -46,6 +48,7 @@ struct DecodeAttentionParams {
   float scale;
   void* out;                // [B, Hq, d] contiguous, dtype of q
   float* score_acc;         // [B, Hkv, C] contiguous, or nullptr: no emission
+  const int64_t* live_length;  // [1]: slots from *live_length on count as empty; or nullptr
   int num_splits;           // from decode_attention_plan
   int split_len;            // slots per split
   float* part_m;            // [B, Hq, num_splits] max logit (log2 units)
@@ -121,6 +124,30 @@ __device__ __forceinline__ void load_vec16(const T* ptr, float (&dst)[N]) {
   unpack_vec16<T>(__ldg(reinterpret_cast<const uint4*>(ptr)), dst);
 }
 
+// The end of the slots read: length, cut to *live_length when given (clamped to [0, length]).
+// Device memory, so only after chain_wait().
+__device__ __forceinline__ int decode_end(const DecodeAttentionParams& p) {
+  if (p.live_length == nullptr) return p.length;
+  const int64_t live = *p.live_length;
+  return live <= 0 ? 0 : (live < p.length ? static_cast<int>(live) : p.length);
+}
+
+// The slots [begin, end) of split `split`. With live_length, the planned number of splits shares
+// the live slots evenly (in multiples of kStep, the block's keys per step), rather than the
+// plan's length: the kernel lasts as long as its longest split.
+template <int kStep>
+__device__ __forceinline__ void decode_split_range(const DecodeAttentionParams& p, int split,
+                                                   int& begin, int& end) {
+  const int n = decode_end(p);
+  int len = p.split_len;
+  if (p.live_length != nullptr) {
+    len = (n + p.num_splits - 1) / p.num_splits;
+    len = (len + kStep - 1) / kStep * kStep;
+  }
+  begin = split * len;
+  end = min(begin + len, n);
+}
+
 // Number of combine blocks: none when a single split holds every slot, since the split kernel
 // then writes the output itself.
 __host__ __device__ inline int64_t decode_combine_rows(const DecodeAttentionParams& p) {
@@ -185,8 +212,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
   }
 
-  const int begin = split * p.split_len;
-  const int end = min(begin + p.split_len, p.length);
+  int begin, end;
+  decode_split_range<Cfg::kKeysPerStep>(p, split, begin, end);
   const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1] + dl * kVec;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1] + dl * kVec;
   const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
@@ -403,8 +430,8 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
                       warp * kStages * kKeys;  // this warp's [kStages][kKeys]
 
   const float scale_log2 = p.scale * kLog2e;
-  const int begin = split * p.split_len;
-  const int end = min(begin + p.split_len, p.length);
+  int begin, end;
+  decode_split_range<Cfg::kBlockStep>(p, split, begin, end);
   const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
   const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
   const int32_t* pb = p.pos + b * p.pos_stride[0] + h * p.pos_stride[1];
@@ -712,7 +739,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int64_t eb = blockIdx.x - rows;
   const int64_t bh = eb / per_row;
   const int j_begin = static_cast<int>(eb % per_row) * kEmitSlots;
-  const int j_end = min(j_begin + kEmitSlots, p.length);
+  const int j_end = min(j_begin + kEmitSlots, decode_end(p));  // the logits stored
   const int b = static_cast<int>(bh / p.Hkv), h = static_cast<int>(bh % p.Hkv);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int g = warp; g < G; g += kCombineThreads / 32) {  // a warp per head, lanes over splits

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -18,7 +19,8 @@ constexpr const char* kOp = "decode_attention";
 
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& pos, int64_t length,
-                            const std::optional<at::Tensor>& score_acc) {
+                            const std::optional<at::Tensor>& score_acc,
+                            const std::optional<at::Tensor>& live_length) {
   checks::rank(kOp, q, "q", 3, "[B, Hq, d]");
   checks::rank(kOp, k_cache, "k_cache", 4, "[B, Hkv, C, d]");
   checks::rank(kOp, v_cache, "v_cache", 4, "[B, Hkv, C, d]");
@@ -59,6 +61,13 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     checks::size(kOp, acc, "score_acc", 2, C, "C of k_cache");
     checks::contiguous(kOp, acc, "score_acc");
   }
+  if (live_length.has_value()) {
+    const auto& live = *live_length;
+    TORCH_CHECK(live.dim() == 1 && live.sym_size(0) == 1, "gkv::", kOp,
+                ": live_length must have shape [1], got ", live.sym_sizes());
+    checks::dtype(kOp, live, "live_length", at::kLong);
+    checks::same_device(kOp, {{&q, "q"}, {&live, "live_length"}});
+  }
 }
 
 at::Tensor softmax_or_zero(const at::Tensor& s) {
@@ -79,16 +88,21 @@ at::Tensor vector_readable(const at::Tensor& t) {
 
 namespace {
 
-// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32
-// -> out [B,Hq,d]
+// q [B,Hq,d], k_cache/v_cache [B,Hkv,C,d], pos [B,Hkv,C] int32, score_acc [B,Hkv,C] fp32,
+// live_length [1] int64 -> out [B,Hq,d]
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& pos, int64_t length,
-                                double scale, const std::optional<at::Tensor>& score_acc) {
-  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc);
+                                double scale, const std::optional<at::Tensor>& score_acc,
+                                const std::optional<at::Tensor>& live_length) {
+  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc, live_length);
   const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), Hkv = k_cache.size(1);
   const int64_t G = Hq / Hkv;
   if (length == 0) return at::zeros_like(q, at::MemoryFormat::Contiguous);
   auto live = pos.narrow(2, 0, length).ge(0);           // [B,Hkv,L]
+  if (live_length.has_value()) {  // slots from live_length on count as empty
+    const int64_t cut = std::clamp(live_length->item<int64_t>(), int64_t{0}, length);
+    live.narrow(2, cut, length - cut).fill_(false);
+  }
   auto dead = live.logical_not();
   auto k = k_cache.narrow(2, 0, length).to(at::kFloat);  // [B,Hkv,L,d]
   // Dead slots may hold anything (NaN included); zero their values so 0 * NaN never appears.
@@ -108,8 +122,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& pos,
                                  int64_t length, double /*scale*/,
-                                 const std::optional<at::Tensor>& score_acc) {
-  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc);
+                                 const std::optional<at::Tensor>& score_acc,
+                                 const std::optional<at::Tensor>& live_length) {
+  check_decode_attention(q, k_cache, v_cache, pos, length, score_acc, live_length);
   return q.new_empty_symint(q.sym_sizes());
 }
 

@@ -146,19 +146,76 @@ def test_cuda_q_sliced_from_joint_heads(dtype, d):
                                atol=0, rtol=0)
 
 
+def cut_to_live(pos, live):
+    """pos with every slot from `live` on marked empty: what live_length must amount to."""
+    cut = pos.clone()
+    cut[:, :, live:] = -1
+    return cut
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_live_length_counts_later_slots_as_empty(dtype):
+    """live_length cuts the slots read at live_length[0] (clamped to [0, length]): the same
+    output and the same score emission as those slots marked empty, bit for bit."""
+    B, Hkv, G, C, length = 3, 2, 4, 40, 37
+    q, k, v, pos, acc, scale = make_inputs(B, Hkv, G, C, length, 16, dtype)
+    for live in (-2, 0, 1, 20, 37, 90):
+        cut = min(max(live, 0), length)
+        acc_live, acc_cut = acc.clone(), acc.clone()
+        out = ops.decode_attention(q, k, v, pos, length, scale, acc_live,
+                                   torch.tensor([live]))
+        ref = ops.decode_attention(q, k, v, cut_to_live(pos, cut), length, scale, acc_cut)
+        assert torch.equal(out, ref)
+        assert torch.equal(acc_live.nan_to_num(-9), acc_cut.nan_to_num(-9))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [8, 128])
+# (1, 4, 2049): several splits, the later ones wholly past the live slots; (48, 4, 700): one split.
+@pytest.mark.parametrize("B,Hkv,C", [(3, 2, 301), (1, 4, 2049), (48, 4, 700)])
+def test_cuda_live_length_matches_cpu(dtype, d, B, Hkv, C):
+    """On CUDA the cut is read on the device: one CUDA graph, captured once with length = C,
+    replayed with live_length changed in place in between, matches the CPU kernel each time
+    (score emission included)."""
+    G, length = 7, C
+    q, k, v, pos, acc, scale = make_inputs(B, Hkv, G, C, length, d, dtype, seed=C)
+    qc, kc, vc, pc = (t.cuda() for t in (q, k, v, pos))
+    live = torch.zeros(1, dtype=torch.long, device="cuda")
+    acc_gpu = acc.cuda()
+    graph = torch.cuda.CUDAGraph()
+    ops.decode_attention(qc, kc, vc, pc, length, scale, acc_gpu.clone(), live)  # warm-up
+    with torch.cuda.graph(graph):
+        out = ops.decode_attention(qc, kc, vc, pc, length, scale, acc_gpu, live)
+    for cut in (C, C // 2 + 1, 1, 0, C - 3):
+        live.fill_(cut)
+        acc_gpu.copy_(acc)
+        graph.replay()
+        acc_cpu = acc.clone()
+        ref = ops.decode_attention(q, k, v, pos, length, scale, acc_cpu, torch.tensor([cut]))
+        torch.testing.assert_close(out.cpu(), ref, **tolerance(dtype))
+        torch.testing.assert_close(acc_gpu.cpu(), acc_cpu, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
 def opcheck_args(device):
     q, k, v, pos, acc, scale = make_inputs(2, 2, 4, 33, 29, 8, torch.float32, device=device)
     acc = acc.nan_to_num(0.0)
     return (q, k, v, pos, 29, scale, acc)
 
 
+def opcheck_live_args(device):
+    return opcheck_args(device) + (torch.tensor([21], device=device),)
+
+
 def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.gkv.decode_attention.default, opcheck_args("cpu"))
+    torch.library.opcheck(torch.ops.gkv.decode_attention.default, opcheck_live_args("cpu"))
 
 
 @requires_cuda
 def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.gkv.decode_attention.default, opcheck_args("cuda"))
+    torch.library.opcheck(torch.ops.gkv.decode_attention.default, opcheck_live_args("cuda"))
 
 
 def good_args():
@@ -202,6 +259,14 @@ BAD = {
     "v dtype": (lambda a: dict(v_cache=a["v_cache"].bfloat16()),
                 r"v_cache must have the dtype of q"),
     "mixed devices": (lambda a: dict(k_cache=a["k_cache"].to("meta")), r"k_cache is on meta"),
+    "live dtype": (lambda a: dict(live_length=torch.tensor([3], dtype=torch.int32)),
+                   r"live_length must be Long"),
+    "live shape": (lambda a: dict(live_length=torch.tensor([3, 4])),
+                   r"live_length must have shape \[1\], got \[2\]"),
+    "live scalar": (lambda a: dict(live_length=torch.tensor(3)),
+                    r"live_length must have shape \[1\], got \[\]"),
+    "live device": (lambda a: dict(live_length=torch.tensor([3], device="meta")),
+                    r"live_length is on meta"),
 }
 
 

@@ -17,7 +17,8 @@
 // query ring slot, the positions), updated in place, and attend over a span fixed in advance
 // (decode_span) rather than the live length: such a forward launches the same kernels with the
 // same arguments every step, so a CUDA graph of it can be replayed (engine::DecodeStepper).
-// Slots past the live length hold pos -1, so the span's extra slots are masked.
+// Slots past the live length hold pos -1, so the span's extra slots are masked; the attention
+// also reads the live length from device memory and skips them.
 //
 // Symbols: B batch, L layers, Hq / Hkv query / KV heads, G = Hq / Hkv, d head_dim, P prompt
 // length (padding included), T tokens in this forward, cap slots per head, W queries remembered.

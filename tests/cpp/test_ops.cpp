@@ -45,6 +45,21 @@ TEST_CASE("decode_attention matches dense attention and emits max-over-group sco
   }
 }
 
+TEST_CASE("decode_attention with live_length attends to the slots before it only") {
+  at::manual_seed(3);
+  auto q = at::randn({1, 4, 8});
+  auto k = at::randn({1, 2, 6, 8});
+  auto v = at::randn({1, 2, 6, 8});
+  auto out = gkv::decode_attention(q, k, v, positions(1, 2, 6), 6, 0.5, std::nullopt,
+                                   at::tensor({4}, at::kLong));
+  auto first4 = gkv::decode_attention(q, k.narrow(2, 0, 4), v.narrow(2, 0, 4), positions(1, 2, 4),
+                                      4, 0.5);
+  REQUIRE(close(out, first4));
+  REQUIRE_THROWS_WITH(gkv::decode_attention(q, k, v, positions(1, 2, 6), 6, 0.5, std::nullopt,
+                                            at::tensor({4}, at::kInt)),
+                      gkv_test::contains("live_length must be Long"));
+}
+
 TEST_CASE("window_scores with one window query is its max-over-group probability") {
   at::manual_seed(1);
   auto q = at::randn({1, 4, 1, 8});

@@ -22,8 +22,8 @@
 //               partials itself, so both parts run in the same launch.
 // Slots >= length are never read, nor slots >= *live_length when it is given (read on the device
 // after the chain wait, so a graph replay sees the value of that moment; the planned splits then
-// share the live slots). Empty slots (pos < 0) are masked
-// before they reach a sum, so garbage or NaN in either cannot leak.
+// share the live slots). Empty slots (pos < 0) are masked before they reach a sum, so garbage
+// or NaN in either cannot leak.
 #pragma once
 
 #include <atomic>

@@ -1,8 +1,9 @@
 // The G-KV local score S of the candidate keys (gkv::window_scores), in two passes over K.
 //
-// Logit tiles: a block holds, in shared memory, a tile of kWsRows query rows (the G heads of a run
-// of window queries: row r is query i0 + r / G of head h*G + r % G) and a tile of kWsKeys keys,
-// and computes their logits (in log2 units: q . k * scale * log2 e) in one of two ways:
+// Logit tiles of the stats pass (and of the FFMA score pass): a block holds, in shared memory, a
+// tile of kWsRows query rows (the G heads of a run of window queries: row r is query i0 + r / G
+// of head h*G + r % G) and a tile of kWsKeys keys, and computes their logits (in log2 units:
+// q . k * scale * log2 e) in one of two ways:
 //   - tensor cores (bf16/fp16, d in {16, 32, 64, 128}): the tiles stay 16-bit; each of the 8
 //     warps computes a 16 x 32 block with mma.sync.m16n8k16 (fp32 accumulators), scaled in fp32.
 //   - FFMA (fp32, and d = 8): the tiles are fp32 with q pre-scaled, and each of the 256 threads
@@ -13,13 +14,16 @@
 //      streams in (cp.async double buffer). FFMA: the logits go through shared memory and four
 //      threads of a row keep a quarter of the key tile each; both merge the parts at the end.
 //   2. lse:   one thread per query row merges the splits into its log-sum-exp.
-//   3. score: grid (B*Hkv*groups of score_tiles candidate tiles): with up to resident_q query
-//      tiles kept in shared memory, recomputes the logits of each group's tiles of kWsKeys
-//      candidates against every window query, p = exp2(logit - lse), max over the group, mean
-//      over the window. Queries are loaded once per group of key tiles, not once per key tile.
-// An empty slot's key may hold NaN: the score pass never loads it, the tensor-core stats pass
-// masks its logits before any arithmetic. A query that sees nothing has lse = -inf and
-// contributes 0.
+//   3. score: grid (B*Hkv*groups of score_tiles candidate tiles): recomputes the logits of each
+//      group's tiles of kWsKeys candidates against every window query, p = exp2(logit - lse),
+//      max over the group, mean over the window; the queries are loaded once per group of tiles.
+//      Tensor cores: the query rows stay in registers as mma B fragments, a query's group padded
+//      to a power of two so that its max is taken in registers and by shuffles, and the keys
+//      stream through a cp.async double buffer. FFMA: the probabilities go through shared
+//      memory, with up to resident_q query tiles kept there.
+// An empty slot's key may hold NaN: the FFMA score pass never loads it, the tensor-core stats
+// pass masks its logits before any arithmetic, and in the tensor-core score pass it stays in its
+// own key's column, written as 0. A query that sees nothing has lse = -inf and contributes 0.
 #pragma once
 
 #include <type_traits>
@@ -135,28 +139,28 @@ __device__ void ws_load_keys(const WindowScoresParams& p, int b, int h, int j0, 
   }
 }
 
-// Window queries i0 .. i0+nw-1 of the G heads of KV head h into the Q tile (row r = il*G + g),
-// scaled into log2 units on the FFMA path; rows past G*nw are 0. With lse != nullptr, also each
-// row's lse.
+// Window queries i0 .. i0+nw-1 of the G heads of KV head h into a Q tile of tile_rows rows: row
+// r is head g = r % gp of query il = r / gp (gp >= G rows per query; rows with g >= G or il >= nw
+// are 0), scaled into log2 units on the FFMA path. With lse != nullptr, also each row's lse.
 template <typename T, int D, bool kMma>
-__device__ void ws_load_queries(const WindowScoresParams& p, int b, int h, int i0, int nw,
-                                typename WsSmem<T, D, kMma>::Elem* qs, float* slse) {
+__device__ void ws_load_queries(const WindowScoresParams& p, int b, int h, int i0, int nw, int gp,
+                                int tile_rows, typename WsSmem<T, D, kMma>::Elem* qs, float* slse) {
   constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec, kLd = WsSmem<T, D, kMma>::kLd;
   const int G = p.Hq / p.Hkv;
-  const int rows = G * nw;
   const float qscale = p.scale * kLog2e;
-  for (int idx = threadIdx.x; idx < kWsRows * kPerRow; idx += blockDim.x) {
-    const int r = idx / kPerRow, vv = idx % kPerRow;
+  for (int idx = threadIdx.x; idx < tile_rows * kPerRow; idx += blockDim.x) {
+    const int r = idx / kPerRow, vv = idx % kPerRow, g = r % gp, il = r / gp;
     uint4 raw = make_uint4(0, 0, 0, 0);
-    if (r < rows) {
-      const int64_t row = (int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G;
+    if (g < G && il < nw) {
+      const int64_t row = (int64_t(b) * p.Hq + h * G + g) * p.W + i0 + il;
       raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + row * D + vv * kVec));
     }
     ws_store_vec<T, kMma>(qs + r * kLd + vv * kVec, raw, qscale);
   }
   if (slse != nullptr) {
-    for (int r = threadIdx.x; r < rows; r += blockDim.x)
-      slse[r] = p.lse[(int64_t(b) * p.Hq + h * G + r % G) * p.W + i0 + r / G];
+    for (int r = threadIdx.x; r < gp * nw; r += blockDim.x) {
+      if (r % gp < G) slse[r] = p.lse[(int64_t(b) * p.Hq + h * G + r % gp) * p.W + i0 + r / gp];
+    }
   }
 }
 
@@ -208,58 +212,44 @@ __device__ __forceinline__ void ws_warp_logits(const WindowScoresParams& p, cons
   }
 }
 
-// Calls emit(r, c, logit) for every query row r and key c of the kWsRows x kWsKeys tile, the
-// logit in log2 units; each thread emits 16 of them.
-template <typename T, int D, bool kMma, typename Emit>
-__device__ __forceinline__ void ws_tile_logits(const WindowScoresParams& p,
-                                               const typename WsSmem<T, D, kMma>::Elem* qs,
-                                               const typename WsSmem<T, D, kMma>::Elem* ks,
-                                               Emit&& emit) {
-  constexpr int kLd = WsSmem<T, D, kMma>::kLd;
-  if constexpr (kMma) {
-    const WsWarpTile w;
-    float s[4][4];
-    ws_warp_logits<T, D, kLd>(p, w, qs, ks, s);
+// FFMA path: calls emit(r, c, logit) for every query row r and key c of the kWsRows x kWsKeys
+// tile, the logit in log2 units (q is pre-scaled); each thread emits 16 of them.
+template <int D, typename Emit>
+__device__ __forceinline__ void ws_ffma_tile_logits(const float* qs, const float* ks, Emit&& emit) {
+  constexpr int kLd = WsSmem<float, D, false>::kLd;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[4][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+  for (int a = 0; a < 4; ++a) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) emit(w.row(e), w.key(nt, e), s[nt][e]);
-    }
-  } else {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float acc[4][4];
+    for (int u = 0; u < 4; ++u) acc[a][u] = 0.f;
+  }
+#pragma unroll 4
+  for (int e = 0; e < D; e += 4) {
+    float4 qv[4], kv[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+      qv[a] = *reinterpret_cast<const float4*>(qs + (ty + 16 * a) * kLd + e);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      kv[u] = *reinterpret_cast<const float4*>(ks + (tx + 16 * u) * kLd + e);
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) acc[a][u] = 0.f;
-    }
-#pragma unroll 4
-    for (int e = 0; e < D; e += 4) {
-      float4 qv[4], kv[4];
-#pragma unroll
-      for (int a = 0; a < 4; ++a)
-        qv[a] = *reinterpret_cast<const float4*>(qs + (ty + 16 * a) * kLd + e);
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        kv[u] = *reinterpret_cast<const float4*>(ks + (tx + 16 * u) * kLd + e);
-#pragma unroll
-      for (int a = 0; a < 4; ++a) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          float t = acc[a][u];
-          t = fmaf(qv[a].x, kv[u].x, t);
-          t = fmaf(qv[a].y, kv[u].y, t);
-          t = fmaf(qv[a].z, kv[u].z, t);
-          t = fmaf(qv[a].w, kv[u].w, t);
-          acc[a][u] = t;
-        }
+      for (int u = 0; u < 4; ++u) {
+        float t = acc[a][u];
+        t = fmaf(qv[a].x, kv[u].x, t);
+        t = fmaf(qv[a].y, kv[u].y, t);
+        t = fmaf(qv[a].z, kv[u].z, t);
+        t = fmaf(qv[a].w, kv[u].w, t);
+        acc[a][u] = t;
       }
     }
+  }
 #pragma unroll
-    for (int a = 0; a < 4; ++a) {
+  for (int a = 0; a < 4; ++a) {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) emit(ty + 16 * a, tx + 16 * u, acc[a][u]);
-    }
+    for (int u = 0; u < 4; ++u) emit(ty + 16 * a, tx + 16 * u, acc[a][u]);
   }
 }
 
@@ -295,7 +285,7 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_ffma_kernel(const Win
   const int G = blk.G, b = blk.b, h = blk.h, split = blk.split, i0 = blk.i0, nw = blk.nw;
   const int rows = blk.rows, begin = blk.begin, end = blk.end;
 
-  ws_load_queries<T, D, kMma>(p, b, h, i0, nw, sm.qs, nullptr);
+  ws_load_queries<T, D, kMma>(p, b, h, i0, nw, G, kWsRows, sm.qs, nullptr);
   // Row statistics without shuffles: thread (row, part) keeps a running max and sum of exp2 over
   // keys part * 16 .. part * 16 + 15 of every tile (a warp reads 32 rows at one column: no bank
   // conflicts); the four parts of a row merge once, at the end.
@@ -306,7 +296,7 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_ffma_kernel(const Win
     __syncthreads();  // the previous tile is consumed
     ws_load_keys<T, D, kMma>(p, b, h, j0, min(kWsKeys, end - j0), sm.ks, sm.pos);
     __syncthreads();
-    ws_tile_logits<T, D, kMma>(p, sm.qs, sm.ks, [&](int r, int c, float x) {
+    ws_ffma_tile_logits<D>(sm.qs, sm.ks, [&](int r, int c, float x) {
       const int last = p.N - p.W + i0 + r / G;  // the last slot query row r sees
       const bool visible = r < rows && spos[c] >= 0 && j0 + c <= last;
       ss[r * S::kSLd + c] = visible ? x : -INFINITY;
@@ -408,7 +398,7 @@ __global__ void __launch_bounds__(kWsThreads) window_stats_mma_kernel(const Wind
 
   if (tiles > 0) ws_copy_keys_async<T, D, S::kLd>(p, b, h, begin, min(kWsKeys, end - begin), ks, spos);
   cp_async_commit();
-  ws_load_queries<T, D, true>(p, b, h, i0, nw, qs, nullptr);  // while the first keys arrive
+  ws_load_queries<T, D, true>(p, b, h, i0, nw, G, kWsRows, qs, nullptr);  // while keys arrive
 
   const WsWarpTile w;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -499,8 +489,12 @@ static __global__ void window_lse_kernel(const WindowScoresParams p) {
   p.lse[row] = lsum > 0.f ? ms + log2f(lsum) : -INFINITY;
 }
 
-template <typename T, int D, bool kMma>
-__global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowScoresParams p) {
+// The score pass on the FFMA path (fp32, d = 8): the logits of a tile go through shared memory,
+// then thread (key c, part) takes the max over the group and sums over window queries
+// il = part mod 4.
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads) window_score_ffma_kernel(const WindowScoresParams p) {
+  constexpr bool kMma = false;
   extern __shared__ float4 ws_smem4[];
   using S = WsSmem<T, D, kMma>;
   const WsTiles<T, D, kMma> sm(reinterpret_cast<unsigned char*>(ws_smem4), p.resident_q);
@@ -516,7 +510,6 @@ __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowSc
   const int t_end = min(t_begin + p.score_tiles, tiles);
   const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
   float* out = p.out + int64_t(bh) * M;
-  // Reduction role: thread (key c, part) sums max_g p over window queries il = part mod 4.
   constexpr int kParts = kWsThreads / kWsKeys;
   const int c_red = threadIdx.x % kWsKeys, part = threadIdx.x / kWsKeys;
 
@@ -527,7 +520,7 @@ __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowSc
     __syncthreads();  // the previous round's queries are consumed
     for (int r = 0; r < nq; ++r) {
       const int i0 = (qc0 + r) * p.win_tile;
-      ws_load_queries<T, D, kMma>(p, b, h, i0, min(p.win_tile, p.W - i0),
+      ws_load_queries<T, D, kMma>(p, b, h, i0, min(p.win_tile, p.W - i0), G, kWsRows,
                                   sm.qs + r * kWsRows * S::kLd, sm.lse + r * kWsRows);
     }
     for (int t = t_begin; t < t_end; ++t) {
@@ -539,8 +532,7 @@ __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowSc
         const int nw = min(p.win_tile, p.W - (qc0 + r) * p.win_tile), rows = G * nw;
         const float* slse = sm.lse + r * kWsRows;
         __syncthreads();  // the tiles are loaded and the previous probabilities consumed
-        ws_tile_logits<T, D, kMma>(p, sm.qs + r * kWsRows * S::kLd, sm.ks,
-                                   [&](int row, int c, float x) {
+        ws_ffma_tile_logits<D>(sm.qs + r * kWsRows * S::kLd, sm.ks, [&](int row, int c, float x) {
           const float lse = row < rows ? slse[row] : -INFINITY;
           const bool visible = lse != -INFINITY && spos[c] >= 0;
           ss[row * S::kSLd + c] = visible ? exp2f(x - lse) : 0.f;
@@ -565,6 +557,161 @@ __global__ void __launch_bounds__(kWsThreads) window_score_kernel(const WindowSc
   }
 }
 
+// The score pass on tensor cores takes the window queries in rounds of kWsRoundRows rows. Row r
+// of a round is head g = r % Gp of query r / Gp, the group padded to Gp, the power of two >= G
+// (rows g >= G are zero and score nothing), so that a query's rows sit at aligned places in the
+// mma fragments and its max over the group is taken in registers and by shuffles: no logit or
+// probability goes through shared memory.
+constexpr int kWsRoundRows = 128;
+constexpr int kWsRowGroups = kWsRoundRows / 32;  // 32 query rows per warp
+
+__host__ __device__ inline int ws_padded_group(int G) {
+  int gp = 1;
+  while (gp < G) gp <<= 1;
+  return gp;
+}
+
+// Shared memory of window_score_mma_kernel: two K tiles with their pos (a cp.async double
+// buffer; the round's Q rows pass through the two tiles first), the rows' lse and the row
+// groups' sums per key.
+template <typename T, int D>
+struct WsScoreMmaSmem {
+  static constexpr int kLd = WsSmem<T, D, true>::kLd;
+  static constexpr size_t kKs = 0;
+  static constexpr size_t kPos = kKs + 2 * size_t(kWsKeys) * kLd * sizeof(T);
+  static constexpr size_t kLse = kPos + 2 * kWsKeys * sizeof(int);
+  static constexpr size_t kRed = kLse + kWsRoundRows * sizeof(float);
+  static constexpr size_t kBytes = kRed + kWsRowGroups * kWsKeys * sizeof(float);
+  static_assert(kWsRoundRows == 2 * kWsKeys, "a round's Q rows fill the two K tiles");
+};
+
+// Block: (b, h) and a group of score_tiles candidate tiles. Warp w keeps the B fragments of
+// query rows 32 (w / 2) .. +31 of the round (four n8 tiles) in registers and multiplies them by
+// keys 32 (w % 2) .. +31 of each tile (two m16 tiles of A: K stored [key][d]). Lane (g8, t4)
+// of a C fragment holds keys g8 and g8 + 8, rows 2 t4 and 2 t4 + 1 of each n8 tile: the rows
+// of one query are pairs in a lane, then the lanes of one g8 (xor 1, 2), then n8 tiles, then
+// row groups (warps), by Gp. An empty slot's key is copied as it is (it may hold NaN): the
+// garbage stays in its own key's column, which is written as 0.
+template <typename T, int D>
+__global__ void __launch_bounds__(kWsThreads, 2) window_score_mma_kernel(const WindowScoresParams p) {
+  using S = WsScoreMmaSmem<T, D>;
+  constexpr int kLd = S::kLd;
+  extern __shared__ float4 ws_smem4[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(ws_smem4);
+  T* ks = reinterpret_cast<T*>(smem + S::kKs);
+  int* spos = reinterpret_cast<int*>(smem + S::kPos);
+  float* slse = reinterpret_cast<float*>(smem + S::kLse);
+  float* red = reinterpret_cast<float*>(smem + S::kRed);
+  const int G = p.Hq / p.Hkv, gp = ws_padded_group(G);
+  const int M = p.N - p.W;  // candidates
+  const int tiles = (M + kWsKeys - 1) / kWsKeys;
+  const int groups = (tiles + p.score_tiles - 1) / p.score_tiles;
+  const int bh = blockIdx.x / groups;
+  const int b = bh / p.Hkv, h = bh % p.Hkv;
+  const int t_begin = (blockIdx.x % groups) * p.score_tiles;
+  const int t_end = min(t_begin + p.score_tiles, tiles);
+  float* out = p.out + int64_t(bh) * M;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row_group = warp >> 1, key0 = (warp & 1) * 32;
+  const int g8 = lane >> 2, t4 = lane & 3;
+  const float scale_log2 = p.scale * kLog2e;
+  const int n_per_query = min(4, max(1, gp / 8));          // n8 tiles of one query in a warp
+  const int groups_per_query = max(1, gp / 32);            // row groups of one query
+  const int round_queries = kWsRoundRows / gp;
+
+  for (int i0 = 0; i0 < p.W; i0 += round_queries) {
+    const int nw = min(round_queries, p.W - i0);
+    cp_async_wait<0>();
+    __syncthreads();  // the previous round's tiles are consumed
+    ws_load_queries<T, D, true>(p, b, h, i0, nw, gp, kWsRoundRows, ks, nullptr);
+    for (int r = threadIdx.x; r < kWsRoundRows; r += blockDim.x) {
+      const int g = r % gp, il = r / gp;
+      float lse = INFINITY;  // a padding row, or a query that sees nothing: probability 0
+      if (g < G && il < nw) {
+        const float x = p.lse[(int64_t(b) * p.Hq + h * G + g) * p.W + i0 + il];
+        lse = x == -INFINITY ? INFINITY : x;
+      }
+      slse[r] = lse;
+    }
+    __syncthreads();
+    uint32_t qf[D / 16][2][4];  // [kk][pair of n8 tiles]: b0, b1 of tile 2 pair, then 2 pair + 1
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair) {
+        ldmatrix_x4(qf[kk][pair], ks + (32 * row_group + 16 * pair + ((lane >> 4) << 3) + (lane & 7)) * kLd +
+                                      kk * 16 + (lane & 8));
+      }
+    }
+    float lse[4][2];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) lse[n][q] = slse[32 * row_group + 8 * n + 2 * t4 + q];
+    }
+    __syncthreads();  // the tiles now take keys
+    ws_copy_keys_async<T, D, kLd>(p, b, h, t_begin * kWsKeys, min(kWsKeys, M - t_begin * kWsKeys),
+                                  ks, spos);
+    cp_async_commit();
+    for (int t = t_begin; t < t_end; ++t) {
+      const int buf = (t - t_begin) & 1, j0 = t * kWsKeys, nk = min(kWsKeys, M - j0);
+      if (t + 1 < t_end) {
+        ws_copy_keys_async<T, D, kLd>(p, b, h, j0 + kWsKeys, min(kWsKeys, M - j0 - kWsKeys),
+                                      ks + (buf ^ 1) * kWsKeys * kLd, spos + (buf ^ 1) * kWsKeys);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();  // tile t is in shared memory
+      const T* kt = ks + buf * kWsKeys * kLd;
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        float acc[4][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t ka[4];
+          ldmatrix_x4(ka, kt + (key0 + 16 * m + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int n = 0; n < 4; ++n) {
+            mma_m16n8k16<T>(acc[n], ka, qf[kk][n >> 1][2 * (n & 1)], qf[kk][n >> 1][2 * (n & 1) + 1]);
+          }
+        }
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {  // key key0 + 16 m + 8 x + g8
+          float total = 0.f, query_max = 0.f;
+#pragma unroll
+          for (int n = 0; n < 4; ++n) {
+            const float p0 = exp2f(acc[n][2 * x] * scale_log2 - lse[n][0]);
+            const float p1 = exp2f(acc[n][2 * x + 1] * scale_log2 - lse[n][1]);
+            float v = gp >= 2 ? fmaxf(p0, p1) : p0 + p1;
+            // Lanes t4 ^ off hold rows 2 off further: the same query below Gp rows, else the next.
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+              const float o = __shfl_xor_sync(0xffffffffu, v, off);
+              v = 2 * off < gp ? fmaxf(v, o) : v + o;
+            }
+            query_max = (n & (n_per_query - 1)) == 0 ? v : fmaxf(query_max, v);
+            if (((n + 1) & (n_per_query - 1)) == 0) total += query_max;
+          }
+          if (t4 == 0) red[row_group * kWsKeys + key0 + 16 * m + 8 * x + g8] = total;
+        }
+      }
+      __syncthreads();  // the row groups' sums are in; buffer `buf` is refilled next
+      if (threadIdx.x < nk) {
+        const int c = threadIdx.x;
+        float score = 0.f;
+        for (int q0 = 0; q0 < kWsRowGroups; q0 += groups_per_query) {
+          float best = 0.f;
+          for (int r = q0; r < q0 + groups_per_query; ++r) best = fmaxf(best, red[r * kWsKeys + c]);
+          score += best;
+        }
+        float total = (i0 == 0 ? 0.f : out[j0 + c]) + score;
+        if (i0 + nw == p.W) total /= p.W;
+        out[j0 + c] = spos[buf * kWsKeys + c] >= 0 ? total : 0.f;
+      }
+    }
+  }
+}
+
 // Sets win_tile, num_splits, split_len, score_tiles and resident_q; needs G <= kWsRows.
 inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   int device = 0, sms = 0;
@@ -583,13 +730,15 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   len = (len + kWsKeys - 1) / kWsKeys * kWsKeys;
   p.split_len = static_cast<int>(len);
   p.num_splits = static_cast<int>((p.N + len - 1) / len);
-  // The score pass: every query tile resident when they fit, and enough candidate tiles per
-  // block that the queries' loads are shared, while keeping about four blocks per SM.
+  // The score pass: (FFMA) every query tile resident when they fit; enough candidate tiles per
+  // block that the queries' loads are shared, while keeping about four blocks per SM, spread
+  // evenly over the blocks of a head.
   p.resident_q = static_cast<int>(qchunks < kWsMaxResidentQ ? qchunks : kWsMaxResidentQ);
-  const int64_t key_tiles = int64_t(p.B) * p.Hkv * ((p.N - p.W + kWsKeys - 1) / kWsKeys);
-  const int64_t per_block = key_tiles / (4 * int64_t(sms));
-  p.score_tiles = static_cast<int>(per_block < 1 ? 1 : (per_block > kWsMaxScoreTiles
-                                                            ? kWsMaxScoreTiles : per_block));
+  const int64_t head_tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
+  const int64_t per_block = int64_t(p.B) * p.Hkv * head_tiles / (4 * int64_t(sms));
+  const int64_t most = per_block < 1 ? 1 : (per_block > kWsMaxScoreTiles ? kWsMaxScoreTiles : per_block);
+  const int64_t head_groups = (head_tiles + most - 1) / most;
+  p.score_tiles = static_cast<int>(head_groups > 0 ? (head_tiles + head_groups - 1) / head_groups : 1);
   return cudaSuccess;
 }
 
@@ -598,12 +747,9 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
 template <typename T, int D, bool kMma>
 cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t stream) {
   using S = WsSmem<T, D, kMma>;
-  cudaError_t err = cudaFuncSetAttribute(window_score_kernel<T, D, kMma>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         S::bytes(kWsMaxResidentQ));
-  if (err != cudaSuccess) return err;
   const unsigned qchunks = static_cast<unsigned>((p.W + p.win_tile - 1) / p.win_tile);
   const dim3 stats_grid(p.B * p.Hkv * qchunks, p.num_splits);
+  cudaError_t err;
   if constexpr (kMma) {
     constexpr size_t smem = WsStatsMmaSmem<T, D>::kBytes;
     err = cudaFuncSetAttribute(window_stats_mma_kernel<T, D>,
@@ -621,9 +767,20 @@ cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t strea
   window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
-  const int64_t groups = (tiles + p.score_tiles - 1) / p.score_tiles;
-  window_score_kernel<T, D, kMma><<<static_cast<unsigned>(p.B * p.Hkv * groups), kWsThreads,
-                                    S::bytes(p.resident_q), stream>>>(p);
+  const unsigned blocks = static_cast<unsigned>(p.B * p.Hkv * ((tiles + p.score_tiles - 1) / p.score_tiles));
+  if constexpr (kMma) {
+    constexpr size_t smem = WsScoreMmaSmem<T, D>::kBytes;
+    err = cudaFuncSetAttribute(window_score_mma_kernel<T, D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    window_score_mma_kernel<T, D><<<blocks, kWsThreads, smem, stream>>>(p);
+  } else {
+    err = cudaFuncSetAttribute(window_score_ffma_kernel<T, D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               S::bytes(kWsMaxResidentQ));
+    if (err != cudaSuccess) return err;
+    window_score_ffma_kernel<T, D><<<blocks, kWsThreads, S::bytes(p.resident_q), stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

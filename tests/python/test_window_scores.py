@@ -94,9 +94,22 @@ def test_cuda_matches_cpu(dtype, d, G, B, Hkv, N, W):
 @pytest.mark.parametrize("W", [16, 100])
 def test_cuda_score_pass_groups_key_tiles(W):
     """At a compression's size (B*Hkv = 64, N = 2176) a block of the score pass takes several
-    candidate tiles with its queries loaded once; with W = 100 (12 query tiles at G = 7) it also
-    takes the queries in rounds."""
+    candidate tiles with its queries loaded once; with W = 100 (7 rounds of 16 queries at G = 7,
+    padded to 8 rows each) it also takes the queries in rounds."""
     q, k, pos, scale = make_inputs(16, 4, 7, 2176, W, 128, torch.bfloat16)
+    ref = ops.window_scores(q, k, pos, scale)
+    S = ops.window_scores(q.cuda(), k.cuda(), pos.cuda(), scale)
+    torch.testing.assert_close(S.cpu(), ref, **tolerance(torch.float32))
+
+
+@requires_cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("G", [20, 33, 64])
+@pytest.mark.parametrize("W", [1, 16, 37])
+def test_cuda_large_groups(d, G, W):
+    """Groups beyond 16 heads: the tensor-core score pass pads a group to 32 or 64 rows, so one
+    query spans the rows of one warp (G = 20) or of two (G = 33, 64), merged by a max."""
+    q, k, pos, scale = make_inputs(2, 2, G, 700, W, d, torch.bfloat16, seed=G + W)
     ref = ops.window_scores(q, k, pos, scale)
     S = ops.window_scores(q.cuda(), k.cuda(), pos.cuda(), scale)
     torch.testing.assert_close(S.cpu(), ref, **tolerance(torch.float32))

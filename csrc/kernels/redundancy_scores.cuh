@@ -1,16 +1,19 @@
 // Key-redundancy score R (reference section 2.2) for gkv::redundancy_scores. Three kernels:
 //   1. inv_norm: per slot 1 / (||k|| + 1e-6) in fp32, or NaN for an empty slot (pos < 0) and for
 //      the padding slots [N, Np) of the tile grid, so one array carries norm and validity (a NaN
-//      makes every c with that slot NaN, which fails every "> threshold" test).
-//   2. gram: the Gram matrix c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0, in 64-column tiles.
-//      Per row i it keeps the sum of c_ij over valid j and the largest valid j with
-//      c_ij > threshold (with that c). As c is symmetric, that row maximum is the column
-//      exemption m*(j) of the method, found by a parallel max-reduction, not a sequential scan.
+//      makes every c with that slot NaN, which fails every "> threshold" test). Each block also
+//      sums inv_j k_j over its valid slots: the parts of S = sum_j inv_j k_j.
+//   2. gram: the row sums need no Gram matrix, as they are linear in the keys:
+//      sum_{j != i} c_ij = inv_i (k_i . S) - inv_i^2 ||k_i||^2 over valid j, taken per row from
+//      S. The Gram matrix c_ij = (k_i . k_j) * inv_i * inv_j, c_ii = 0, in 64-column tiles, is
+//      needed only for the exemptions: per row i, the largest valid j with c_ij > threshold (with
+//      that c). As c is symmetric, that row maximum is the column exemption m*(j) of the method,
+//      found by a parallel max-reduction, not a sequential scan.
 //      bf16/fp16 keys with d % 16 == 0 use tensor cores (mma.sync m16n8k16 on the raw keys, fp32
 //      accumulation: the products of two 16-bit values are exact, so c agrees with an fp32
 //      computation to rounding) over one triangle only: the block of rows [i0, i0 + 128) walks
 //      the columns from i0 on and hands every tile right of its rows to those columns too
-//      (c_ji = c_ij), through integer atomics (their sums do not depend on the blocks' order).
+//      (c_ji = c_ij), through an integer atomic max (independent of the blocks' order).
 //      Its column range is cut into chunks spread over blocks to fill the GPU. fp32 keys and
 //      d = 8 use FFMA over the whole matrix.
 //   3. finalize: per (b, h), merge the chunks and the handed-on column parts, scatter-subtract
@@ -35,85 +38,103 @@ constexpr int kRedTile = 64;  // rows and columns of a Gram tile
 // Slots of the inv_norm workspace per head: N rounded up to the tile.
 inline int64_t redundancy_padded_len(int64_t n) { return (n + kRedTile - 1) / kRedTile * kRedTile; }
 
-// Lanes per slot of inv_norm: one 16-byte chunk of the key each (a power of two, <= 32).
+// Lanes per slot of inv_norm: one 16-byte chunk of the key each (a key is at most 512 bytes).
 template <typename T, int D>
 constexpr int inv_norm_lanes() {
-  constexpr int chunks = D * int(sizeof(T)) / 16;
-  return chunks < 32 ? chunks : 32;
+  return D * int(sizeof(T)) / 16;
 }
 
 constexpr int kInvNormThreads = 256;
 constexpr int kInvNormSlots = 4;  // slots per lane group: their loads are in flight together
 
-// Slots of the flattened [rows, Np] that one inv_norm block takes.
+// Slots of a head that one inv_norm block takes.
 template <typename T, int D>
 constexpr int inv_norm_block_slots() {
   return kInvNormThreads / inv_norm_lanes<T, D>() * kInvNormSlots;
 }
 
-// k [rows, N, D] (16-byte aligned), pos [rows, N] int32 -> inv [rows, Np] fp32. A group of
-// inv_norm_lanes() lanes per slot, 16-byte loads; group g of a block takes its slots g,
-// g + groups, ..., so that a warp's load reads whole keys side by side, and issues all their
-// loads before it reduces. No early exit: the whole warp shuffles.
+// inv_norm blocks per head of Np slots: the parts of its key sum S.
+template <typename T, int D>
+inline int key_sum_parts(int Np) {
+  return ceil_div(Np, inv_norm_block_slots<T, D>());
+}
+
+// Block (head r, part y) of k [rows, N, D] (16-byte aligned), pos [rows, N] int32: inv [rows,
+// Np] for its slots of [0, Np), and its part of S, sum_parts [rows, key_sum_parts, D] fp32: the
+// sum of inv_j k_j over its valid slots, in a fixed order (deterministic). A group of
+// inv_norm_lanes() lanes per slot, one 16-byte chunk each; group g takes slots g, g + groups,
+// ..., so that a warp's load reads whole keys side by side, and issues all their loads before it
+// reduces. No early exit: the whole warp shuffles.
 template <typename T, int D>
 __global__ void __launch_bounds__(kInvNormThreads)
-    inv_norm_kernel(const T* __restrict__ k, const int* __restrict__ pos, int64_t rows, int N,
-                    int Np, float* __restrict__ inv) {
+    inv_norm_kernel(const T* __restrict__ k, const int* __restrict__ pos, int N, int Np,
+                    float* __restrict__ inv, float* __restrict__ sum_parts) {
   constexpr int kLanes = inv_norm_lanes<T, D>();
   constexpr int kVec = 16 / int(sizeof(T));
-  constexpr int kChunks = D / kVec;  // 16-byte chunks per key
   constexpr int kGroups = kInvNormThreads / kLanes;
-  static_assert(D % kVec == 0 && kLanes >= 1 && 32 % kLanes == 0, "bad inv_norm lane split");
+  static_assert(D % kVec == 0 && kLanes >= 1 && kLanes <= 32 && 32 % kLanes == 0,
+                "bad inv_norm lane split");
+  __shared__ float parts[kGroups * D];  // each group's sum of inv_j k_j
   const int group = threadIdx.x / kLanes, sub = threadIdx.x % kLanes;
-  const int64_t first = blockIdx.x * int64_t(inv_norm_block_slots<T, D>()) + group;
-  int64_t slot[kInvNormSlots], key[kInvNormSlots];
-  bool in_n[kInvNormSlots];  // a slot below N (its key is read whether it is empty or not)
-  float ss[kInvNormSlots];
-#pragma unroll
-  for (int s = 0; s < kInvNormSlots; ++s) {
-    slot[s] = first + s * kGroups;
-    const int64_t r = slot[s] / Np;
-    const int j = static_cast<int>(slot[s] - r * Np);
-    in_n[s] = slot[s] < rows * Np && j < N;
-    key[s] = r * N + j;
-    ss[s] = 0.f;
-  }
+  const int64_t r = blockIdx.x;
+  const int first = blockIdx.y * inv_norm_block_slots<T, D>() + group;
   // The keys are loaded before pos is known: a load that waited for pos would add a round trip.
+  uint4 v[kInvNormSlots];
 #pragma unroll
-  for (int c0 = 0; c0 < kChunks; c0 += kLanes) {
-    const int c = c0 + sub;
-    uint4 v[kInvNormSlots];
+  for (int s = 0; s < kInvNormSlots; ++s) {
+    const int j = first + s * kGroups;
+    v[s] = j < N ? reinterpret_cast<const uint4*>(k + (r * N + j) * D)[sub] : make_uint4(0, 0, 0, 0);
+  }
+  float acc[kVec] = {};
 #pragma unroll
-    for (int s = 0; s < kInvNormSlots; ++s) {
-      v[s] = in_n[s] && c < kChunks ? reinterpret_cast<const uint4*>(k + key[s] * D)[c]
-                                    : make_uint4(0, 0, 0, 0);
-    }
+  for (int s = 0; s < kInvNormSlots; ++s) {
+    const int j = first + s * kGroups;
+    const T* e = reinterpret_cast<const T*>(&v[s]);
+    float ss = 0.f;
 #pragma unroll
-    for (int s = 0; s < kInvNormSlots; ++s) {
-      const T* e = reinterpret_cast<const T*>(&v[s]);
+    for (int x = 0; x < kVec; ++x) ss = fmaf(to_float(e[x]), to_float(e[x]), ss);
 #pragma unroll
-      for (int x = 0; x < kVec; ++x) {
-        const float f = to_float(e[x]);
-        ss[s] = fmaf(f, f, ss[s]);
-      }
+    for (int off = 1; off < kLanes; off <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    const bool valid = j < N && pos[r * N + j] >= 0;
+    const float inv_j = 1.f / (sqrtf(ss) + 1e-6f);
+    if (j < Np && sub == 0) inv[r * Np + j] = valid ? inv_j : __int_as_float(0x7fc00000);
+    if (valid) {
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) acc[x] = fmaf(inv_j, to_float(e[x]), acc[x]);
     }
   }
 #pragma unroll
-  for (int s = 0; s < kInvNormSlots; ++s) {
-#pragma unroll
-    for (int off = 1; off < kLanes; off <<= 1) ss[s] += __shfl_xor_sync(0xffffffffu, ss[s], off);
-    if (slot[s] < rows * Np && sub == 0) {
-      const bool valid = in_n[s] && pos[key[s]] >= 0;
-      inv[slot[s]] = valid ? 1.f / (sqrtf(ss[s]) + 1e-6f) : __int_as_float(0x7fc00000);
-    }
+  for (int x = 0; x < kVec; ++x) parts[group * D + sub * kVec + x] = acc[x];
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += kInvNormThreads) {
+    float t = 0.f;
+    for (int g = 0; g < kGroups; ++g) t += parts[g * D + d];
+    sum_parts[(r * gridDim.y + blockIdx.y) * D + d] = t;
   }
 }
 
-// Running state of one row of the Gram pass (and, in the triangle pass, of a column part).
+// S of head r into s[0 .. D) (shared memory), from its `parts` parts in ascending order; the
+// caller synchronises before reading it.
+template <int D>
+__device__ __forceinline__ void load_key_sum(const float* sum_parts, int64_t r, int parts,
+                                             float* s, int threads) {
+  for (int d = threadIdx.x; d < D; d += threads) {
+    float t = 0.f;
+    for (int p = 0; p < parts; ++p) t += sum_parts[(r * parts + p) * D + d];
+    s[d] = t;
+  }
+}
+
+// Row i's sum of c_ij over valid j != i, from dot = k_i . S and self = k_i . k_i; 0 for an empty
+// row (inv NaN).
+__device__ __forceinline__ float row_sum_from_key_sum(float inv_i, float dot, float self) {
+  return inv_i >= 0.f ? inv_i * dot - inv_i * inv_i * self : 0.f;
+}
+
+// Exemption state of one row of the Gram pass (and, in the triangle pass, of a column part).
 struct RowState {
-  float sum = 0.f;     // sum of c_ij over valid j (the mma path scales by inv_i at the end)
   int last = -1;       // largest valid j with c_ij > threshold, -1 if none
-  float last_c = 0.f;  // c at that j (the mma path: c / inv_i until the end)
+  float last_c = 0.f;  // c at that j (the mma path: unscaled by one of the norms until the end)
 };
 
 // Folds c_ij into row i's state; columns arrive in ascending j within a thread.
@@ -121,16 +142,14 @@ __device__ __forceinline__ void visit(RowState& s, float dot, float inv_i, float
                                       int j, float threshold) {
   if (!(inv_j >= 0.f)) return;  // empty slot or past N (NaN)
   const float c = i == j ? 0.f : dot * inv_i * inv_j;
-  s.sum += c;
   if (c > threshold) {
     s.last = j;
     s.last_c = c;
   }
 }
 
-// Adds another part of the same row (or column) to s: the sums add, the larger index wins.
-__device__ __forceinline__ void merge(RowState& s, float sum, int last, float last_c) {
-  s.sum += sum;
+// Adds another part of the same row (or column) to s: the larger index wins.
+__device__ __forceinline__ void merge(RowState& s, int last, float last_c) {
   if (last > s.last) {
     s.last = last;
     s.last_c = last_c;
@@ -139,10 +158,9 @@ __device__ __forceinline__ void merge(RowState& s, float sum, int last, float la
 
 // Merges into s the state `send` of lane (lane ^ xor_mask).
 __device__ __forceinline__ void merge_from_lane(RowState& s, const RowState& send, int xor_mask) {
-  const float sum = __shfl_xor_sync(0xffffffffu, send.sum, xor_mask);
   const int last = __shfl_xor_sync(0xffffffffu, send.last, xor_mask);
   const float last_c = __shfl_xor_sync(0xffffffffu, send.last_c, xor_mask);
-  merge(s, sum, last, last_c);
+  merge(s, last, last_c);
 }
 
 // Combines the states of the lanes (xor distances < width) that share a row.
@@ -152,9 +170,7 @@ __device__ __forceinline__ void reduce_lanes(RowState& s) {
   for (int off = 1; off < Width; off <<= 1) merge_from_lane(s, RowState(s), off);
 }
 
-__device__ __forceinline__ void store_row(const RowState& s, int64_t at, float* rowsum, int* last,
-                                          float* last_c) {
-  rowsum[at] = s.sum;
+__device__ __forceinline__ void store_row(const RowState& s, int64_t at, int* last, float* last_c) {
   last[at] = s.last;
   last_c[at] = s.last_c;
 }
@@ -166,7 +182,7 @@ constexpr int kFfmaPitch = kRedTile + 1;  // transposed tiles [D][65]: conflict-
 
 template <int D>
 constexpr size_t ffma_smem_bytes() {
-  return (2 * D * kFfmaPitch + kRedTile) * sizeof(float);
+  return (2 * D * kFfmaPitch + kRedTile + D) * sizeof(float);
 }
 
 // 64 keys from row0 on, as fp32, transposed: dst[e * kFfmaPitch + key]; zeros past N.
@@ -179,17 +195,20 @@ __device__ __forceinline__ void load_transposed(const T* kr, int row0, int N, fl
   }
 }
 
-// Block (head r, row tile): thread (tx, ty) owns rows ty*4 + 0..3 and columns tx + 16*0..3 of
-// each tile; the 16 lanes with one ty reduce together.
+// Block (head r, row tile): the row sums of its 64 rows from S; the exemptions over the whole
+// row: thread (tx, ty) owns rows ty*4 + 0..3 and columns tx + 16*0..3 of each tile; the 16 lanes
+// with one ty reduce together.
 template <typename T, int D>
 __global__ void __launch_bounds__(kFfmaThreads)
-    gram_ffma_kernel(const T* __restrict__ k, const float* __restrict__ inv, int N, int Np,
+    gram_ffma_kernel(const T* __restrict__ k, const float* __restrict__ inv,
+                     const float* __restrict__ sum_parts, int parts, int N, int Np,
                      float threshold, float* __restrict__ rowsum, int* __restrict__ last,
                      float* __restrict__ last_c) {
   extern __shared__ float smem_f[];
   float* sA = smem_f;                     // [D][kFfmaPitch]
   float* sB = sA + D * kFfmaPitch;        // [D][kFfmaPitch]
   float* sInv = sB + D * kFfmaPitch;      // [kRedTile]
+  float* sS = sInv + kRedTile;            // [D]
   const int64_t r = blockIdx.x;
   const int i0 = blockIdx.y * kRedTile;
   const T* kr = k + r * N * D;
@@ -197,6 +216,18 @@ __global__ void __launch_bounds__(kFfmaThreads)
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 
   load_transposed<T, D>(kr, i0, N, sA);
+  load_key_sum<D>(sum_parts, r, parts, sS, kFfmaThreads);
+  __syncthreads();
+  if (threadIdx.x < kRedTile && i0 + int(threadIdx.x) < N) {
+    const int row = threadIdx.x;
+    float dot = 0.f, self = 0.f;
+    for (int e = 0; e < D; ++e) {
+      const float x = sA[e * kFfmaPitch + row];
+      dot = fmaf(x, sS[e], dot);
+      self = fmaf(x, x, self);
+    }
+    rowsum[r * N + i0 + row] = row_sum_from_key_sum(inv_r[i0 + row], dot, self);
+  }
   RowState st[4];
   float inv_i[4];
 #pragma unroll
@@ -235,7 +266,7 @@ __global__ void __launch_bounds__(kFfmaThreads)
   for (int x = 0; x < 4; ++x) {
     reduce_lanes<16>(st[x]);
     const int i = i0 + ty * 4 + x;
-    if (tx == 0 && i < N) store_row(st[x], r * N + i, rowsum, last, last_c);
+    if (tx == 0 && i < N) store_row(st[x], r * N + i, last, last_c);
   }
 }
 
@@ -248,26 +279,23 @@ constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kWarpRows = 32;
 constexpr int kMmaRows = kWarpRows * kMmaWarps;       // rows per block = the two 64-key buffers
 constexpr int kRowBlockTiles = kMmaRows / kRedTile;  // column tiles a block's own rows span
-constexpr int kMmaMinBlocks = 3;                     // blocks per SM: caps registers at 168
+constexpr int kMmaMinBlocks = 4;                     // blocks per SM: caps registers at 128
 // Chunks of a row block's column range: blocks of one row block walk disjoint chunks and write
-// partial row states, merged by finalize. They fill the GPU when heads x row blocks is small.
+// partial row states, merged by finalize; the first chunk's block writes the row sums. They fill the GPU when heads x row blocks is small.
 constexpr int kMaxSplits = 8;
 // Slots per head on CUDA: every (row block, chunk) of a head then fits the grid's y (< 41,000
 // items at 2^20 slots with chunks of >= tiles / kMaxSplits).
 constexpr int64_t kRedMaxSlots = int64_t(1) << 20;
-// Fixed point of the handed-on column sums (int64 atomics add in any order to the same bits):
-// 2^-32 resolution, and |sum| <= N <= 2^20 stays far inside int64.
-constexpr double kColumnSumScale = 4294967296.0;
 
 template <int D>
 constexpr int mma_pitch() { return D + 8; }  // 16-byte row padding: conflict-free ldmatrix
 
-// Two 64-key buffers (the 128 A rows pass through them first), two 64-float inv tiles, and the
-// column parts of one tile per warp (sum, row, c).
+// Two 64-key buffers (the 128 A rows pass through them first), two 64-float inv tiles, the
+// column parts of one tile per warp (row, c) and S.
 template <int D>
 constexpr size_t mma_smem_bytes() {
   return 2 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float) +
-         3 * kMmaWarps * kRedTile * sizeof(float);
+         2 * kMmaWarps * kRedTile * sizeof(float) + D * sizeof(float);
 }
 
 // Chunks of `per` column tiles that row block rb walks: the tiles from its own first one on.
@@ -298,35 +326,29 @@ __device__ __forceinline__ void load_tile_async(const T* kr, int row0, int n_key
 struct LaneRows {
   int row[4];
   float inv[4];  // 1 / ||k_i||: NaN for an empty slot or past N
-  float w[4];    // inv, 0 where it is NaN: the weight of row i in a column sum
   float thr[4];  // threshold / inv_i: c_ij > threshold is tested as dot * inv_j > thr
   RowState state[4];
 };
 
-// Folds one accumulator (row a of the lane, column j). Row state: the sum takes dot * w_j and a
-// hit stores dot * inv_j, both unscaled by inv_i until the end. Column state (Cols: a tile right
-// of the block's rows, where c_ji = c_ij): the sum takes dot * w_i (scaled by inv_j when the
-// block hands it on), a hit stores row i with its c. Diag: the tile may hold i == j, whose c is 0.
+// Folds one accumulator (row a of the lane, column j). A row's hit stores dot * inv_j, unscaled
+// by inv_i until the end. Column state (Cols: a tile right of the block's rows, where c_ji =
+// c_ij): a hit stores row i with dot * inv_j, unscaled by inv_i until it is handed on. Diag: the
+// tile may hold i == j, whose c is 0.
 template <bool Diag, bool Cols>
 __device__ __forceinline__ void fold(LaneRows& rows, int a, RowState& col, float dot, float inv_j,
-                                     float w_j, int j) {
+                                     int j) {
   RowState& s = rows.state[a];
   float cj = dot * inv_j;
-  if (Diag && rows.row[a] == j) {
-    cj = 0.f;
-    w_j = 0.f;
-  }
-  s.sum = fmaf(dot, w_j, s.sum);
+  if (Diag && rows.row[a] == j) cj = 0.f;  // an empty row never hits (thr is NaN)
   const bool hit = cj > rows.thr[a];
   if (hit) {
     s.last = j;
     s.last_c = cj;
   }
   if constexpr (Cols) {
-    col.sum = fmaf(dot, rows.w[a], col.sum);
     if (hit) {
       col.last = rows.row[a];
-      col.last_c = cj * rows.inv[a];
+      col.last_c = cj;
     }
   }
 }
@@ -343,11 +365,9 @@ __device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const fl
     for (int q = 0; q < 2; ++q) {
       const int cl = nc * 8 + 2 * t + q;
       const float inv_j = iv[cl];
-      const float w_j = fmaxf(inv_j, 0.f);  // NaN -> 0
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        fold<Diag, Cols>(rows, a, col[2 * nc + q], acc[a >> 1][nc][2 * (a & 1) + q], inv_j, w_j,
-                         j0 + cl);
+        fold<Diag, Cols>(rows, a, col[2 * nc + q], acc[a >> 1][nc][2 * (a & 1) + q], inv_j, j0 + cl);
       }
     }
   }
@@ -378,25 +398,52 @@ __device__ __forceinline__ RowState reduce_scatter_columns(RowState (&col)[8], i
 }
 
 // After a tile right of the block's rows: threads 0..63 merge the four warps' column parts
-// (ascending rows) and hand them to the columns: the sum, scaled by inv_j, in fixed point, and
-// the last row with a hit packed as (row + 1) << 32 | bits of c for an atomic max.
-__device__ __forceinline__ void hand_on_columns(const float* s_sum, const int* s_last,
-                                                const float* s_c, const float* inv_r, int j0, int N,
-                                                long long* col_sum, unsigned long long* col_last) {
+// (ascending rows) and hand them to the columns: the last row with a hit, with its c scaled by
+// that row's inv, packed as (row + 1) << 32 | bits of c for an atomic max.
+__device__ __forceinline__ void hand_on_columns(const int* s_last, const float* s_c,
+                                                const float* inv_r, int j0, int N,
+                                                unsigned long long* col_last) {
   const int cl = threadIdx.x, j = j0 + cl;
   if (cl >= kRedTile || j >= N) return;
-  const float inv_j = inv_r[j];
-  if (!(inv_j >= 0.f)) return;  // empty slot: finalize never reads it
-  RowState s{s_sum[cl], s_last[cl], s_c[cl]};
+  if (!(inv_r[j] >= 0.f)) return;  // empty slot: finalize never reads it
+  RowState s{s_last[cl], s_c[cl]};
 #pragma unroll
-  for (int w = 1; w < kMmaWarps; ++w) {
-    merge(s, s_sum[w * kRedTile + cl], s_last[w * kRedTile + cl], s_c[w * kRedTile + cl]);
-  }
-  atomicAdd(reinterpret_cast<unsigned long long*>(col_sum + j),
-            static_cast<unsigned long long>(__double2ll_rn(double(s.sum * inv_j) * kColumnSumScale)));
+  for (int w = 1; w < kMmaWarps; ++w) merge(s, s_last[w * kRedTile + cl], s_c[w * kRedTile + cl]);
   if (s.last >= 0) {
     atomicMax(col_last + j, (static_cast<unsigned long long>(s.last + 1) << 32) |
-                                __float_as_uint(s.last_c));
+                                __float_as_uint(s.last_c * inv_r[s.last]));
+  }
+}
+
+// Row sums of the lane's four rows (LaneRows order) from their A fragments and S (shared
+// memory): each lane takes its 32 elements of a row, the four lanes of a row add up.
+template <typename T, int D>
+__device__ __forceinline__ void lane_row_sums(const uint32_t (&a)[2][D / 16][4], const float* sS,
+                                              int t, const LaneRows& rows, float (&sums)[4]) {
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    const int m = x >> 1, h = x & 1;
+    float dot = 0.f, self = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // k = 16 kk + 8 half + 2t, +1
+        const T* e = reinterpret_cast<const T*>(&a[m][kk][2 * half + h]);
+        const float* sk = sS + kk * 16 + half * 8 + 2 * t;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const float v = to_float(e[q]);
+          dot = fmaf(v, sk[q], dot);
+          self = fmaf(v, v, self);
+        }
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      self += __shfl_xor_sync(0xffffffffu, self, off);
+    }
+    sums[x] = row_sum_from_key_sum(rows.inv[x], dot, self);
   }
 }
 
@@ -406,22 +453,23 @@ __device__ __forceinline__ void hand_on_columns(const float* s_sum, const int* s
 // chunk's column tiles, double-buffered through cp.async, in two halves of 32 columns (fewer
 // accumulator registers, same B traffic). Accumulator layout of m16n8k16: lane (g = lane/4,
 // t = lane%4) holds rows g and g+8, columns 2t and 2t+1 of each n8 chunk; the 4 lanes of one g
-// reduce together. The partial row states go to chunk `chunk` of rowsum / last / last_c
-// [splits, rows, N]; the column parts of tiles right of the rows to col_sum / col_last [rows, N].
+// reduce together. The partial row states go to chunk `chunk` of last / last_c [splits, rows,
+// N]; the column parts of tiles right of the rows to col_last [rows, N]; the block of chunk 0
+// writes its rows' sums, from S, to rowsum [rows, N].
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
-    gram_mma_kernel(const T* __restrict__ k, const float* __restrict__ inv, int N, int Np,
-                    float threshold, int per, float* __restrict__ rowsum, int* __restrict__ last,
-                    float* __restrict__ last_c, long long* __restrict__ col_sum,
-                    unsigned long long* __restrict__ col_last) {
+    gram_mma_kernel(const T* __restrict__ k, const float* __restrict__ inv,
+                    const float* __restrict__ sum_parts, int parts, int N, int Np, float threshold,
+                    int per, float* __restrict__ rowsum, int* __restrict__ last,
+                    float* __restrict__ last_c, unsigned long long* __restrict__ col_last) {
   constexpr int P = mma_pitch<D>();
   constexpr int kHalfChunks = kRedTile / 16;  // n8 chunks per 32-column half
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sB = reinterpret_cast<T*>(smem_raw);                         // [2][64][P]
   float* sInv = reinterpret_cast<float*>(sB + 2 * kRedTile * P);  // [2][64]
-  float* sColSum = sInv + 2 * kRedTile;                           // [warps][64]
-  int* sColLast = reinterpret_cast<int*>(sColSum + kMmaWarps * kRedTile);
+  int* sColLast = reinterpret_cast<int*>(sInv + 2 * kRedTile);    // [warps][64]
   float* sColC = reinterpret_cast<float*>(sColLast + kMmaWarps * kRedTile);
+  float* sS = sColC + kMmaWarps * kRedTile;                       // [D]
   const int64_t r = blockIdx.x;
   const int tiles = Np / kRedTile;
   int chunk = blockIdx.y, rb = 0;
@@ -437,6 +485,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
 
   load_tile_async<T, D>(kr, i0, kMmaRows, N, sB, nullptr, nullptr);
   cp_async_commit();
+  if (chunk == 0) load_key_sum<D>(sum_parts, r, parts, sS, kMmaThreads);
   cp_async_wait<0>();
   __syncthreads();
   const int wrow0 = i0 + warp * kWarpRows;
@@ -453,14 +502,21 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
   load_tile_async<T, D>(kr, tile_begin * kRedTile, kRedTile, N, sB, inv_r, sInv);
   cp_async_commit();
 
-  // inv_i > 0 for a valid row; an empty row or a row past N (NaN) never hits and weighs 0.
+  // inv_i > 0 for a valid row; an empty row or a row past N (NaN) never hits.
   LaneRows rows;
 #pragma unroll
   for (int x = 0; x < 4; ++x) {
     rows.row[x] = wrow0 + (x >> 1) * 16 + (x & 1) * 8 + g;
     rows.inv[x] = rows.row[x] < Np ? inv_r[rows.row[x]] : __int_as_float(0x7fc00000);
-    rows.w[x] = fmaxf(rows.inv[x], 0.f);
     rows.thr[x] = threshold / rows.inv[x];
+  }
+  if (chunk == 0) {
+    float sums[4];
+    lane_row_sums<T, D>(a, sS, t, rows, sums);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      if (t == 0 && rows.row[x] < N) rowsum[r * N + rows.row[x]] = sums[x];
+    }
   }
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buf = (tile - tile_begin) & 1;
@@ -503,7 +559,6 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
         fold_tile<false, true>(acc, iv_half, j0 + half * 32, t, rows, col);
         const RowState part = reduce_scatter_columns(col, lane);
         const int at = warp * kRedTile + half * 32 + (g >> 1) * 8 + 2 * t + (g & 1);
-        sColSum[at] = part.sum;
         sColLast[at] = part.last;
         sColC[at] = part.last_c;
       } else {
@@ -512,7 +567,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     }
     __syncthreads();  // buffer `buf` is refilled at the next iteration; the column parts are in
     if (right) {
-      hand_on_columns(sColSum, sColLast, sColC, inv_r, j0, N, col_sum + r * N, col_last + r * N);
+      hand_on_columns(sColLast, sColC, inv_r, j0, N, col_last + r * N);
     }
   }
   const int64_t out0 = (chunk * int64_t(gridDim.x) + r) * N;
@@ -520,9 +575,8 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
   for (int x = 0; x < 4; ++x) {
     RowState& s = rows.state[x];
     reduce_lanes<4>(s);
-    s.sum *= rows.inv[x];
     s.last_c *= rows.inv[x];
-    if (t == 0 && rows.row[x] < N) store_row(s, out0 + rows.row[x], rowsum, last, last_c);
+    if (t == 0 && rows.row[x] < N) store_row(s, out0 + rows.row[x], last, last_c);
   }
 }
 
@@ -572,16 +626,16 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
   return x;
 }
 
-// One block per head: merges the chunks of each row (the sums into chunk 0; the exemption from
-// the highest chunk with a hit, as chunks cover ascending column ranges) and, with column parts
-// (col_sum != nullptr: the triangle pass), the sums and hits handed on from the rows before the
-// row's block, which all lie left of it; raw = rowsum minus the exempted entries, R = softmax
-// over valid slots of raw / |V|. rowsum, last, last_c: [splits, rows, N]; row j has
-// triangle_chunks(j / 128, tiles, ceil(tiles / splits)) chunks with column parts, else splits.
+// One block per head: takes each row's exemption from the highest chunk with a hit (chunks cover
+// ascending column ranges) or else, with column parts (col_last != nullptr: the triangle pass),
+// the hit handed on from the rows before the row's block, which all lie left of it; raw = rowsum
+// [rows, N] minus the exempted entries, R = softmax over valid slots of raw / |V|. last, last_c:
+// [splits, rows, N]; row j has triangle_chunks(j / 128, tiles, ceil(tiles / splits)) chunks with
+// column parts, else splits.
 __global__ void __launch_bounds__(kFinalThreads)
     finalize_kernel(const float* __restrict__ inv, int N, int Np, int splits,
                     float* __restrict__ rowsum, const int* __restrict__ last,
-                    const float* __restrict__ last_c, const long long* __restrict__ col_sum,
+                    const float* __restrict__ last_c,
                     const unsigned long long* __restrict__ col_last, float* __restrict__ out) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
@@ -591,15 +645,8 @@ __global__ void __launch_bounds__(kFinalThreads)
   float* raw = rowsum + r * N;
   float* out_r = out + r * N;
   const auto chunks_of = [&](int j) {
-    return col_sum != nullptr ? triangle_chunks(j / kMmaRows, tiles, per) : splits;
+    return col_last != nullptr ? triangle_chunks(j / kMmaRows, tiles, per) : splits;
   };
-  for (int j = threadIdx.x; j < N; j += kFinalThreads) {
-    float s = raw[j];
-    for (int sp = 1; sp < chunks_of(j); ++sp) s += raw[sp * split_stride + j];
-    if (col_sum != nullptr) s += static_cast<float>(double(col_sum[r * N + j]) / kColumnSumScale);
-    raw[j] = s;
-  }
-  __syncthreads();  // the scatter below may hit any slot's merged sum
   for (int j = threadIdx.x; j < N; j += kFinalThreads) {
     if (!(inv_r[j] >= 0.f)) continue;
     int m = -1;
@@ -677,13 +724,15 @@ cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
   return cudaSuccess;
 }
 
-// Floats of workspace for rows heads of N slots and `splits` chunks: inv [rows, Np], on the mma
-// path the column parts col_sum (int64) and col_last (uint64) [rows, N], then rowsum, last_c
-// (fp32) and last (int32), each [splits, rows, N].
+// Floats of workspace for rows heads of N slots and `splits` chunks: inv [rows, Np], the parts
+// of S [rows, key_sum_parts, D], on the mma path the column parts col_last (uint64) [rows, N],
+// rowsum [rows, N], then last_c (fp32) and last (int32), each [splits, rows, N].
 template <typename T, int D>
 int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) {
-  const int64_t column_parts = redundancy_uses_mma<T, D>() ? 4 * rows * N : 0;
-  return rows * redundancy_padded_len(N) + column_parts + 3 * int64_t(splits) * rows * N;
+  const int64_t Np = redundancy_padded_len(N);
+  const int64_t column_parts = redundancy_uses_mma<T, D>() ? 2 * rows * N : 0;
+  return rows * Np + rows * key_sum_parts<T, D>(static_cast<int>(Np)) * D + column_parts +
+         rows * N + 2 * int64_t(splits) * rows * N;
 }
 
 // k [rows, N, D] contiguous and 16-byte aligned, pos [rows, N] int32 contiguous -> out [rows, N]
@@ -699,19 +748,20 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
       (!redundancy_uses_mma<T, D>() && splits != 1)) {
     return cudaErrorInvalidValue;
   }
+  const int parts = key_sum_parts<T, D>(Np);
   float* inv = workspace;
-  long long* col_sum = nullptr;
+  float* sum_parts = inv + rows * Np;
+  // Np is a multiple of 64 and D of 8: the uint64 column parts stay 8-byte aligned.
   unsigned long long* col_last = nullptr;
-  float* rowsum = inv + rows * Np;  // Np is a multiple of 64: the int64 parts stay aligned
+  float* rowsum = sum_parts + rows * parts * D;
   if constexpr (redundancy_uses_mma<T, D>()) {
-    col_sum = reinterpret_cast<long long*>(rowsum);
-    col_last = reinterpret_cast<unsigned long long*>(col_sum + rows * N);
+    col_last = reinterpret_cast<unsigned long long*>(rowsum);
     rowsum = reinterpret_cast<float*>(col_last + rows * N);
   }
-  float* last_c = rowsum + splits * rows * N;
+  float* last_c = rowsum + rows * N;
   int* last = reinterpret_cast<int*>(last_c + splits * rows * N);
-  inv_norm_kernel<T, D><<<ceil_div(rows * Np, inv_norm_block_slots<T, D>()), kInvNormThreads, 0,
-                          stream>>>(k, pos, rows, N, Np, inv);
+  inv_norm_kernel<T, D><<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(parts)),
+                          kInvNormThreads, 0, stream>>>(k, pos, N, Np, inv, sum_parts);
   cudaError_t err;
   if constexpr (!redundancy_uses_mma<T, D>()) {
     constexpr size_t smem = ffma_smem_bytes<D>();
@@ -719,22 +769,22 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
                                static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(N, kRedTile)));
-    gram_ffma_kernel<T, D><<<grid, kFfmaThreads, smem, stream>>>(k, inv, N, Np, threshold,
-                                                                 rowsum, last, last_c);
+    gram_ffma_kernel<T, D><<<grid, kFfmaThreads, smem, stream>>>(
+        k, inv, sum_parts, parts, N, Np, threshold, rowsum, last, last_c);
   } else {
-    err = cudaMemsetAsync(col_sum, 0, 2 * rows * N * sizeof(long long), stream);
+    err = cudaMemsetAsync(col_last, 0, rows * N * sizeof(unsigned long long), stream);
     if (err != cudaSuccess) return err;
     constexpr size_t smem = mma_smem_bytes<D>();  // < 48 KB: no opt-in needed
     const int per = ceil_div(tiles, splits);
     const int64_t items = triangle_items(ceil_div(N, kMmaRows), tiles, per);
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(items));
     gram_mma_kernel<T, D><<<grid, kMmaThreads, smem, stream>>>(
-        k, inv, N, Np, threshold, per, rowsum, last, last_c, col_sum, col_last);
+        k, inv, sum_parts, parts, N, Np, threshold, per, rowsum, last, last_c, col_last);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   finalize_kernel<<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(
-      inv, N, Np, splits, rowsum, last, last_c, col_sum, col_last, out);
+      inv, N, Np, splits, rowsum, last, last_c, col_last, out);
   return cudaGetLastError();
 }
 

@@ -489,6 +489,23 @@ static __global__ void window_lse_kernel(const WindowScoresParams p) {
   p.lse[row] = lsum > 0.f ? ms + log2f(lsum) : -INFINITY;
 }
 
+// What a block of the score pass takes, from its grid position (B*Hkv*groups): the candidate
+// tiles t_begin .. t_end-1 of KV head h of sample b, whose M = N - W scores start at out.
+struct WsScoreBlock {
+  int M, b, h, t_begin, t_end;
+  float* out;
+  __device__ explicit WsScoreBlock(const WindowScoresParams& p) {
+    M = p.N - p.W;
+    const int tiles = (M + kWsKeys - 1) / kWsKeys;
+    const int groups = (tiles + p.score_tiles - 1) / p.score_tiles;
+    const int bh = blockIdx.x / groups;
+    b = bh / p.Hkv, h = bh % p.Hkv;
+    t_begin = (blockIdx.x % groups) * p.score_tiles;
+    t_end = min(t_begin + p.score_tiles, tiles);
+    out = p.out + int64_t(bh) * M;
+  }
+};
+
 // The score pass on the FFMA path (fp32, d = 8): the logits of a tile go through shared memory,
 // then thread (key c, part) takes the max over the group and sums over window queries
 // il = part mod 4.
@@ -501,15 +518,10 @@ __global__ void __launch_bounds__(kWsThreads) window_score_ffma_kernel(const Win
   float* ss = sm.ss;
   const int* spos = sm.pos;
   const int G = p.Hq / p.Hkv;
-  const int M = p.N - p.W;  // candidates
-  const int tiles = (M + kWsKeys - 1) / kWsKeys;
-  const int groups = (tiles + p.score_tiles - 1) / p.score_tiles;
-  const int bh = blockIdx.x / groups;
-  const int b = bh / p.Hkv, h = bh % p.Hkv;
-  const int t_begin = (blockIdx.x % groups) * p.score_tiles;
-  const int t_end = min(t_begin + p.score_tiles, tiles);
+  const WsScoreBlock blk(p);
+  const int M = blk.M, b = blk.b, h = blk.h, t_begin = blk.t_begin, t_end = blk.t_end;
   const int qchunks = (p.W + p.win_tile - 1) / p.win_tile;
-  float* out = p.out + int64_t(bh) * M;
+  float* out = blk.out;
   constexpr int kParts = kWsThreads / kWsKeys;
   const int c_red = threadIdx.x % kWsKeys, part = threadIdx.x / kWsKeys;
 
@@ -603,14 +615,9 @@ __global__ void __launch_bounds__(kWsThreads, 2) window_score_mma_kernel(const W
   float* slse = reinterpret_cast<float*>(smem + S::kLse);
   float* red = reinterpret_cast<float*>(smem + S::kRed);
   const int G = p.Hq / p.Hkv, gp = ws_padded_group(G);
-  const int M = p.N - p.W;  // candidates
-  const int tiles = (M + kWsKeys - 1) / kWsKeys;
-  const int groups = (tiles + p.score_tiles - 1) / p.score_tiles;
-  const int bh = blockIdx.x / groups;
-  const int b = bh / p.Hkv, h = bh % p.Hkv;
-  const int t_begin = (blockIdx.x % groups) * p.score_tiles;
-  const int t_end = min(t_begin + p.score_tiles, tiles);
-  float* out = p.out + int64_t(bh) * M;
+  const WsScoreBlock blk(p);
+  const int M = blk.M, b = blk.b, h = blk.h, t_begin = blk.t_begin, t_end = blk.t_end;
+  float* out = blk.out;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row_group = warp >> 1, key0 = (warp & 1) * 32;
   const int g8 = lane >> 2, t4 = lane & 3;
@@ -742,6 +749,18 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   return cudaSuccess;
 }
 
+// Launches kernel(p) on kWsThreads threads with smem bytes of dynamic shared memory, up to
+// max_smem allowed.
+template <typename Kernel>
+cudaError_t ws_launch(Kernel kernel, dim3 grid, size_t max_smem, size_t smem,
+                      const WindowScoresParams& p, cudaStream_t stream) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(max_smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kWsThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // Runs the three passes; p comes from window_scores_plan with part_m, part_l, lse and out set;
 // N - W >= 1. kMma: the tensor-core logits (16-bit T, D % 16 == 0).
 template <typename T, int D, bool kMma>
@@ -752,36 +771,23 @@ cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t strea
   cudaError_t err;
   if constexpr (kMma) {
     constexpr size_t smem = WsStatsMmaSmem<T, D>::kBytes;
-    err = cudaFuncSetAttribute(window_stats_mma_kernel<T, D>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    window_stats_mma_kernel<T, D><<<stats_grid, kWsThreads, smem, stream>>>(p);
+    err = ws_launch(window_stats_mma_kernel<T, D>, stats_grid, smem, smem, p, stream);
   } else {
-    err = cudaFuncSetAttribute(window_stats_ffma_kernel<T, D>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, S::bytes(1));
-    if (err != cudaSuccess) return err;
-    window_stats_ffma_kernel<T, D><<<stats_grid, kWsThreads, S::bytes(1), stream>>>(p);
+    err = ws_launch(window_stats_ffma_kernel<T, D>, stats_grid, S::bytes(1), S::bytes(1), p, stream);
   }
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (err != cudaSuccess) return err;
   const int64_t rows = int64_t(p.B) * p.Hq * p.W;
   window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
-  const unsigned blocks = static_cast<unsigned>(p.B * p.Hkv * ((tiles + p.score_tiles - 1) / p.score_tiles));
+  const dim3 score_grid(static_cast<unsigned>(p.B * p.Hkv * ((tiles + p.score_tiles - 1) / p.score_tiles)));
   if constexpr (kMma) {
     constexpr size_t smem = WsScoreMmaSmem<T, D>::kBytes;
-    err = cudaFuncSetAttribute(window_score_mma_kernel<T, D>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    window_score_mma_kernel<T, D><<<blocks, kWsThreads, smem, stream>>>(p);
+    return ws_launch(window_score_mma_kernel<T, D>, score_grid, smem, smem, p, stream);
   } else {
-    err = cudaFuncSetAttribute(window_score_ffma_kernel<T, D>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               S::bytes(kWsMaxResidentQ));
-    if (err != cudaSuccess) return err;
-    window_score_ffma_kernel<T, D><<<blocks, kWsThreads, S::bytes(p.resident_q), stream>>>(p);
+    return ws_launch(window_score_ffma_kernel<T, D>, score_grid, S::bytes(kWsMaxResidentQ),
+                     S::bytes(p.resident_q), p, stream);
   }
-  return cudaGetLastError();
 }
 
 }  // namespace gkv::kernels

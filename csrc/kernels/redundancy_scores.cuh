@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kInvNormThreads)
 #pragma unroll
   for (int s = 0; s < kInvNormSlots; ++s) {
     const int j = first + s * kGroups;
-    v[s] = j < N ? reinterpret_cast<const uint4*>(k + (r * N + j) * D)[sub] : make_uint4(0, 0, 0, 0);
+    v[s] = j < N ? reinterpret_cast<const uint4*>(k + (r * N + j) * D)[sub]
+                 : make_uint4(0, 0, 0, 0);
   }
   float acc[kVec] = {};
 #pragma unroll
@@ -281,7 +282,8 @@ constexpr int kMmaRows = kWarpRows * kMmaWarps;       // rows per block = the tw
 constexpr int kRowBlockTiles = kMmaRows / kRedTile;  // column tiles a block's own rows span
 constexpr int kMmaMinBlocks = 4;                     // blocks per SM: caps registers at 128
 // Chunks of a row block's column range: blocks of one row block walk disjoint chunks and write
-// partial row states, merged by finalize; the first chunk's block writes the row sums. They fill the GPU when heads x row blocks is small.
+// partial row states, merged by finalize; the first chunk's block writes the row sums. They fill
+// the GPU when heads x row blocks is small.
 constexpr int kMaxSplits = 8;
 // Slots per head on CUDA: every (row block, chunk) of a head then fits the grid's y (< 41,000
 // items at 2^20 slots with chunks of >= tiles / kMaxSplits).
@@ -367,7 +369,8 @@ __device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const fl
       const float inv_j = iv[cl];
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        fold<Diag, Cols>(rows, a, col[2 * nc + q], acc[a >> 1][nc][2 * (a & 1) + q], inv_j, j0 + cl);
+        fold<Diag, Cols>(rows, a, col[2 * nc + q], acc[a >> 1][nc][2 * (a & 1) + q], inv_j,
+                         j0 + cl);
       }
     }
   }

@@ -605,7 +605,8 @@ struct WsScoreMmaSmem {
 // row groups (warps), by Gp. An empty slot's key is copied as it is (it may hold NaN): the
 // garbage stays in its own key's column, which is written as 0.
 template <typename T, int D>
-__global__ void __launch_bounds__(kWsThreads, 2) window_score_mma_kernel(const WindowScoresParams p) {
+__global__ void __launch_bounds__(kWsThreads, 2)
+    window_score_mma_kernel(const WindowScoresParams p) {
   using S = WsScoreMmaSmem<T, D>;
   constexpr int kLd = S::kLd;
   extern __shared__ float4 ws_smem4[];
@@ -646,8 +647,8 @@ __global__ void __launch_bounds__(kWsThreads, 2) window_score_mma_kernel(const W
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
       for (int pair = 0; pair < 2; ++pair) {
-        ldmatrix_x4(qf[kk][pair], ks + (32 * row_group + 16 * pair + ((lane >> 4) << 3) + (lane & 7)) * kLd +
-                                      kk * 16 + (lane & 8));
+        const int row = 32 * row_group + 16 * pair + ((lane >> 4) << 3) + (lane & 7);
+        ldmatrix_x4(qf[kk][pair], ks + row * kLd + kk * 16 + (lane & 8));
       }
     }
     float lse[4][2];
@@ -679,7 +680,8 @@ __global__ void __launch_bounds__(kWsThreads, 2) window_score_mma_kernel(const W
           ldmatrix_x4(ka, kt + (key0 + 16 * m + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
           for (int n = 0; n < 4; ++n) {
-            mma_m16n8k16<T>(acc[n], ka, qf[kk][n >> 1][2 * (n & 1)], qf[kk][n >> 1][2 * (n & 1) + 1]);
+            const uint32_t(&b)[4] = qf[kk][n >> 1];
+            mma_m16n8k16<T>(acc[n], ka, b[2 * (n & 1)], b[2 * (n & 1) + 1]);
           }
         }
 #pragma unroll
@@ -743,9 +745,11 @@ inline cudaError_t window_scores_plan(WindowScoresParams& p) {
   p.resident_q = static_cast<int>(qchunks < kWsMaxResidentQ ? qchunks : kWsMaxResidentQ);
   const int64_t head_tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
   const int64_t per_block = int64_t(p.B) * p.Hkv * head_tiles / (4 * int64_t(sms));
-  const int64_t most = per_block < 1 ? 1 : (per_block > kWsMaxScoreTiles ? kWsMaxScoreTiles : per_block);
+  const int64_t most =
+      per_block < 1 ? 1 : (per_block > kWsMaxScoreTiles ? kWsMaxScoreTiles : per_block);
   const int64_t head_groups = (head_tiles + most - 1) / most;
-  p.score_tiles = static_cast<int>(head_groups > 0 ? (head_tiles + head_groups - 1) / head_groups : 1);
+  p.score_tiles =
+      static_cast<int>(head_groups > 0 ? (head_tiles + head_groups - 1) / head_groups : 1);
   return cudaSuccess;
 }
 
@@ -773,14 +777,16 @@ cudaError_t window_scores_launch(const WindowScoresParams& p, cudaStream_t strea
     constexpr size_t smem = WsStatsMmaSmem<T, D>::kBytes;
     err = ws_launch(window_stats_mma_kernel<T, D>, stats_grid, smem, smem, p, stream);
   } else {
-    err = ws_launch(window_stats_ffma_kernel<T, D>, stats_grid, S::bytes(1), S::bytes(1), p, stream);
+    err = ws_launch(window_stats_ffma_kernel<T, D>, stats_grid, S::bytes(1), S::bytes(1), p,
+                    stream);
   }
   if (err != cudaSuccess) return err;
   const int64_t rows = int64_t(p.B) * p.Hq * p.W;
   window_lse_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t tiles = (p.N - p.W + kWsKeys - 1) / kWsKeys;
-  const dim3 score_grid(static_cast<unsigned>(p.B * p.Hkv * ((tiles + p.score_tiles - 1) / p.score_tiles)));
+  const int64_t score_groups = (tiles + p.score_tiles - 1) / p.score_tiles;
+  const dim3 score_grid(static_cast<unsigned>(p.B * p.Hkv * score_groups));
   if constexpr (kMma) {
     constexpr size_t smem = WsScoreMmaSmem<T, D>::kBytes;
     return ws_launch(window_score_mma_kernel<T, D>, score_grid, smem, smem, p, stream);

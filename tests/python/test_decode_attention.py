@@ -100,9 +100,11 @@ def test_cpu_strided_cache_view():
 @pytest.mark.parametrize("d", HEAD_DIMS + [16, 32])
 @pytest.mark.parametrize("G", GQA_GROUPS + [3, 6, 16, 24])
 # (48, 4, 700, 650): more (b, KV head) blocks than the device holds at once, so one split takes
-# every slot and writes the output itself (no combine).
+# every slot and writes the output itself (no combine). On the H200 (16, 4, 1152, 1101), the
+# engine's B = 16 at budget 1024, takes 4 splits (2 at G = 24) and (8, 4, 1500, 1499) 8.
 @pytest.mark.parametrize("B,Hkv,C,length",
-                         CASES + [(3, 2, 4100, 4099), (1, 4, 2049, 2049), (48, 4, 700, 650)])
+                         CASES + [(3, 2, 4100, 4099), (1, 4, 2049, 2049), (48, 4, 700, 650),
+                                  (16, 4, 1152, 1101), (8, 4, 1500, 1499)])
 def test_cuda_matches_cpu(dtype, d, G, B, Hkv, C, length):
     q, k, v, pos, acc, scale = make_inputs(B, Hkv, G, C, length, d, dtype, seed=C + G)
     acc_cpu = acc.clone()
@@ -172,21 +174,25 @@ def test_cpu_live_length_counts_later_slots_as_empty(dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [8, 128])
-# (1, 4, 2049): several splits, the later ones wholly past the live slots; (48, 4, 700): one split.
-@pytest.mark.parametrize("B,Hkv,C", [(3, 2, 301), (1, 4, 2049), (48, 4, 700)])
+# (1, 4, 2049): several splits, the later ones wholly past the live slots; (48, 4, 700): one split;
+# (16, 4, 1101): 4 splits.
+@pytest.mark.parametrize("B,Hkv,C", [(3, 2, 301), (1, 4, 2049), (48, 4, 700), (16, 4, 1101)])
 def test_cuda_live_length_matches_cpu(dtype, d, B, Hkv, C):
     """On CUDA the cut is read on the device: one CUDA graph, captured once with length = C,
     replayed with live_length changed in place in between, matches the CPU kernel each time
-    (score emission included)."""
+    (score emission included), and the call without emission in the same graph gives the same
+    bits."""
     G, length = 7, C
     q, k, v, pos, acc, scale = make_inputs(B, Hkv, G, C, length, d, dtype, seed=C)
     qc, kc, vc, pc = (t.cuda() for t in (q, k, v, pos))
     live = torch.zeros(1, dtype=torch.long, device="cuda")
     acc_gpu = acc.cuda()
     graph = torch.cuda.CUDAGraph()
-    ops.decode_attention(qc, kc, vc, pc, length, scale, acc_gpu.clone(), live)  # warm-up
+    for warm_acc in (acc_gpu.clone(), None):  # warm-up, with and without emission
+        ops.decode_attention(qc, kc, vc, pc, length, scale, warm_acc, live)
     with torch.cuda.graph(graph):
         out = ops.decode_attention(qc, kc, vc, pc, length, scale, acc_gpu, live)
+        out_plain = ops.decode_attention(qc, kc, vc, pc, length, scale, None, live)
     for cut in (C, C // 2 + 1, 1, 0, C - 3):
         live.fill_(cut)
         acc_gpu.copy_(acc)
@@ -195,6 +201,7 @@ def test_cuda_live_length_matches_cpu(dtype, d, B, Hkv, C):
         ref = ops.decode_attention(q, k, v, pos, length, scale, acc_cpu, torch.tensor([cut]))
         torch.testing.assert_close(out.cpu(), ref, **tolerance(dtype))
         torch.testing.assert_close(acc_gpu.cpu(), acc_cpu, atol=1e-5, rtol=1e-4, equal_nan=True)
+        torch.testing.assert_close(out_plain, out, atol=0, rtol=0)
 
 
 def opcheck_args(device):

@@ -14,6 +14,11 @@ Sections (issue 2):
      Hkv=4, d=128), bf16: rms_norm of the hidden state and apply_rope of q (a transposed view, as
      the decoder passes it), each against its composite ATen formula (the decoder's former code).
      At these sizes both are bound by launch overhead, which is what the fusion removes.
+  5. decode_attention at the engine's sizes (issue 3; CUDA only): B in {16, 64}, the G-KV cache of budget
+     1024 / 2048 (capacity 1152 / 2176) with 1101 / 2112 live slots read through live_length,
+     8 layers with their own K and V (nothing served from L2) replayed from one CUDA graph. Peers
+     on the live slots: SDPA with enable_gqa (q [B, Hq, 1, d]), and cuDNN's flash kernel given
+     each KV head's group as G query rows (q [B, Hkv, G, d]).
 The device copy bandwidth (bytes read + written by a large device-to-device copy) is measured
 first and is the yardstick of the memory-bound rows.
 """
@@ -97,6 +102,44 @@ def bench_decode(device, dtype, batches, lengths, reps, bw):
                      "gkv_pct_copy_bw": 100 * kv_bytes / plain / 1e6 / bw,
                      "emit_overhead_pct": 100 * (emit / plain - 1)})
         del q, k, v, pos, acc
+    return rows
+
+
+def bench_engine_sizes(device, dtype, reps, layers=8, hq=28, hkv=4, d=128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    shapes = [(16, 1152, 1101), (16, 2176, 2112), (64, 1152, 1101), (64, 2176, 2112)]
+    for b, c, live in tqdm(shapes, desc="decode_attention, engine sizes"):
+        qs = [torch.randn(b, hq, d, device=device, dtype=dtype) for _ in range(layers)]
+        ks = [torch.randn(b, hkv, c, d, device=device, dtype=dtype) for _ in range(layers)]
+        vs = [torch.randn(b, hkv, c, d, device=device, dtype=dtype) for _ in range(layers)]
+        pos = torch.arange(c, device=device, dtype=torch.int32).expand(b, hkv, c).contiguous()
+        live_length = torch.tensor([live], device=device)
+        scale = d ** -0.5
+
+        def ours():
+            for q, k, v in zip(qs, ks, vs):
+                ops.decode_attention(q, k, v, pos, c, scale, live_length=live_length)
+
+        def sdpa_gqa():
+            for q, k, v in zip(qs, ks, vs):
+                F.scaled_dot_product_attention(q.unsqueeze(2), k[:, :, :live], v[:, :, :live],
+                                               scale=scale, enable_gqa=True)
+
+        def cudnn_rows():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                for q, k, v in zip(qs, ks, vs):
+                    F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k[:, :, :live],
+                                                   v[:, :, :live], scale=scale)
+
+        kv_bytes = 2 * b * hkv * live * d * torch.finfo(dtype).bits // 8
+        row = {"B": b, "C": c, "live": live}
+        for name, fn in (("gkv", ours), ("sdpa_gqa", sdpa_gqa), ("cudnn_rows", cudnn_rows)):
+            us = timed(graph_replay(fn), reps) * 1e3 / layers
+            row[f"{name}_us"] = us
+            row[f"{name}_TBps"] = kv_bytes / us / 1e6
+        rows.append(row)
+        del qs, ks, vs
     return rows
 
 
@@ -257,6 +300,25 @@ def table(title, rows):
     return "\n".join(lines)
 
 
+def plot_engine_sizes(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [("gkv", "gkv"), ("sdpa_gqa", "SDPA enable_gqa"), ("cudnn_rows", "cuDNN, group as rows")]
+    width = 0.8 / len(names)
+    for i, (key, label) in enumerate(names):
+        ax.bar([x + i * width for x in range(len(rows))], [r[f"{key}_us"] for r in rows], width,
+               label=label)
+    ax.set_xticks([x + width for x in range(len(rows))],
+                  [f"B={r['B']}\n{r['live']} live" for r in rows])
+    ax.set_ylabel("us per layer")
+    ax.set_title("decode_attention at the engine's sizes, bf16, Hq=28 Hkv=4 d=128")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(decode_rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -281,7 +343,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU-friendly)")
     parser.add_argument("--out", default="docs/benchmarks_ops", help="JSON/PNG path prefix")
-    parser.add_argument("--only", default="decode,lifetime,compression,fused",
+    parser.add_argument("--only", default="decode,lifetime,compression,fused,engine_sizes",
                         help="comma-separated sections to run")
     args = parser.parse_args()
 
@@ -304,25 +366,36 @@ def main():
         "compression": ("compression",
                         lambda: bench_compression(device, dtype, comp_n, comp_batches, reps)),
         "fused_ops": ("fused", lambda: bench_fused(device, dtype, fused_batches, reps)),
+        "engine_sizes": ("engine_sizes", lambda: bench_engine_sizes(device, dtype, reps)),
     }
     chosen = set(args.only.split(","))
+    if "engine_sizes" in chosen and device.type != "cuda":
+        print("engine_sizes: needs CUDA graphs and cuDNN, skipped on this device")
+        chosen.discard("engine_sizes")
     results = {"device": name, "torch": torch.__version__, "copy_GBps": bw}
     results.update({key: run() for key, (flag, run) in sections.items() if flag in chosen})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    pngs = []
     if "decode_attention" in results:
-        plot(results["decode_attention"], out.with_suffix(".png"))
+        pngs.append(out.with_suffix(".png"))
+        plot(results["decode_attention"], pngs[-1])
+    if "engine_sizes" in results:
+        pngs.append(out.with_name(out.name + "_engine_sizes.png"))
+        plot_engine_sizes(results["engine_sizes"], pngs[-1])
     print(f"\ndevice: {name}; copy bandwidth {bw:.0f} GB/s; times in ms (median)")
     titles = {"decode_attention": "decode_attention (bf16, Hq=28, Hkv=4, d=128)",
               "lifetime_attention": "lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",
               "compression": "compression of one layer (bf16, d=128)",
               "fused_ops": "fused rms_norm / apply_rope at a decode step "
-                           "(bf16, D=3584, Hq=28, d=128)"}
+                           "(bf16, D=3584, Hq=28, d=128)",
+              "engine_sizes": "decode_attention at the engine's sizes, us per layer "
+                              "(bf16, Hq=28, Hkv=4, d=128; 8 layers in one graph)"}
     for key, title in titles.items():
         if key in results:
             print(table(title, results[key]))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"\nwrote {out.with_suffix('.json')}" + "".join(f" and {p}" for p in pngs))
 
 
 if __name__ == "__main__":

@@ -386,12 +386,18 @@ struct DecodeMmaConfig {
   static constexpr int kRows = 16;      // query heads per block: one m16 tile
   static constexpr int kKeys = 16;      // keys per warp step: one k16 step of P V
   static constexpr int kStages = 3;     // ring depth: 2 tiles of K and V in flight per warp
-  static constexpr int kLd = D + 8;     // padded smem row: the 8 rows an ldmatrix reads hit 8
-                                        // different 16-byte bank groups
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row (16-bit elements)
+  // K/V tile rows are unpadded, their 16-byte chunks XOR-swizzled by row (chunk c of row r at
+  // c ^ (r & 7)): the 8 rows an ldmatrix reads hit 8 different bank groups, and the two rows a
+  // warp-wide cp.async writes fill whole 128-byte lines. (With rows padded to D + 8, ncu counted
+  // 1.5x the ideal L2 sectors and 3x the ideal shared-memory wavefronts for those copies.) The
+  // swizzle needs 8+ chunks per row; d < 64 keeps the padding.
+  static constexpr bool kSwizzle = kChunks >= 8;
+  static constexpr int kLd = kSwizzle ? D : D + 8;  // elements per K/V tile row
+  static constexpr int kQLd = D + 8;  // Q: padded, written once
   static constexpr int kBlockStep = kWarps * kKeys;  // keys of the block per step
   static constexpr int kTileBytes = kKeys * kLd * 2;
-  static constexpr int kQBytes = kRows * kLd * 2;
+  static constexpr int kQBytes = kRows * kQLd * 2;
   static constexpr int kRingBytes = kWarps * kStages * 2 * kTileBytes;  // K and V tiles
   static constexpr int kPosBytes = kWarps * kStages * kKeys * 4;
   static constexpr int kSmemBytes = kQBytes + kRingBytes + kPosBytes;
@@ -399,6 +405,10 @@ struct DecodeMmaConfig {
   static_assert(kKeys * kChunks % 32 == 0, "whole warp copies per tile");
   // The warp's final accumulators [kRows][D] fp32 reuse its own ring.
   static_assert(kRows * D * 4 <= kStages * 2 * kTileBytes, "merge buffer fits in the ring");
+  // Element offset of 16-byte chunk `chunk` of row `row` in a K or V tile.
+  __device__ static __forceinline__ int offset(int row, int chunk) {
+    return row * kLd + ((kSwizzle ? chunk ^ (row & 7) : chunk) << 3);
+  }
 };
 
 template <typename T, int D>
@@ -409,7 +419,7 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "16-bit only");
   using Cfg = DecodeMmaConfig<D>;
   constexpr int kWarps = Cfg::kWarps, kRows = Cfg::kRows, kKeys = Cfg::kKeys;
-  constexpr int kStages = Cfg::kStages, kLd = Cfg::kLd, kChunks = Cfg::kChunks;
+  constexpr int kStages = Cfg::kStages, kLd = Cfg::kLd, kQLd = Cfg::kQLd, kChunks = Cfg::kChunks;
   constexpr float kNegInf = -INFINITY;
   const int G = p.Hq / p.Hkv;
   const int chunks = (G + kRows - 1) / kRows;
@@ -423,7 +433,7 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
   const int gr = lane >> 2, tq = lane & 3;
 
   extern __shared__ __align__(16) unsigned char decode_smem[];
-  T* sq = reinterpret_cast<T*>(decode_smem);                                    // [kRows][kLd]
+  T* sq = reinterpret_cast<T*>(decode_smem);                                    // [kRows][kQLd]
   T* ring = reinterpret_cast<T*>(decode_smem + Cfg::kQBytes) +
             warp * kStages * 2 * kKeys * kLd;  // this warp's [kStages][K, V][kKeys][kLd]
   int32_t* ring_pos = reinterpret_cast<int32_t*>(decode_smem + Cfg::kQBytes + Cfg::kRingBytes) +
@@ -440,9 +450,10 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
   // Warp `warp` takes tiles warp, warp + kWarps, ... of kKeys slots each. Slots past `end` are
   // zero-filled (K, V and pos), never read from memory and masked below.
   auto tile_start = [&](int t) { return begin + (t * kWarps + warp) * kKeys; };
-  // A lane copies rows lane_row, lane_row + kRowStep, ... of a tile at column lane_col. Its
-  // source pointers start at the warp's first tile and move by whole tiles and rows, so that a
-  // copy costs an add, not a 64-bit index product (which made the loads outnumber the math).
+  // A lane copies rows lane_row, lane_row + kRowStep, ... of a tile at column lane_col (to that
+  // chunk's swizzled place in shared memory). Its source pointers start at the warp's first tile
+  // and move by whole tiles and rows, so that a copy costs an add, not a 64-bit index product
+  // (which made the loads outnumber the math).
   constexpr int kRowStep = 32 / kChunks;           // rows one warp-wide copy covers
   constexpr int kCopies = kKeys * kChunks / 32;    // copies of K (and of V) per lane per tile
   const int lane_row = lane / kChunks, lane_col = (lane % kChunks) * 8;
@@ -455,7 +466,7 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
   auto issue = [&](int t) {
     const int j0 = tile_start(t);
     if (j0 < end) {
-      T* sk = ring + (t % kStages) * 2 * kKeys * kLd + lane_row * kLd + lane_col;
+      T* sk = ring + (t % kStages) * 2 * kKeys * kLd;
       T* sv = sk + kKeys * kLd;
       const T* gk = k_lane + int64_t(t) * kTileStep * p.k_stride[2];
       const T* gv = v_lane + int64_t(t) * kTileStep * p.v_stride[2];
@@ -463,8 +474,9 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
 #pragma unroll
         for (int i = 0; i < kCopies; ++i) {
           const bool ok = decltype(whole_tile)::value || j0 + lane_row + i * kRowStep < end;
-          cp_async16(sk + i * kRowStep * kLd, ok ? gk : kb, ok);
-          cp_async16(sv + i * kRowStep * kLd, ok ? gv : vb, ok);
+          const int at = Cfg::offset(lane_row + i * kRowStep, lane % kChunks);
+          cp_async16(sk + at, ok ? gk : kb, ok);
+          cp_async16(sv + at, ok ? gv : vb, ok);
           gk += k_row_step;
           gv += v_row_step;
         }
@@ -493,13 +505,13 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const uint4 val = r < rows ? __ldg(reinterpret_cast<const uint4*>(qg + r * D + col))
                                : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(sq + r * kLd + col) = val;
+    *reinterpret_cast<uint4*>(sq + r * kQLd + col) = val;
   }
   __syncthreads();
   uint32_t qa[D / 16][4];  // A fragments of Q, one per k16 step over d
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(qa[kk], sq + ((lane & 8) + (lane & 7)) * kLd + kk * 16 + ((lane >> 4) << 3));
+    ldmatrix_x4(qa[kk], sq + ((lane & 8) + (lane & 7)) * kQLd + kk * 16 + ((lane >> 4) << 3));
   }
 
 
@@ -529,8 +541,10 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
       const unsigned dead = in_mask & ~live_mask;
 #pragma unroll
       for (int i = 0; i < kKeys * kChunks / 32; ++i) {
-        const int c = lane + i * 32, r = c / kChunks, col = (c % kChunks) * 8;
-        if ((dead >> r) & 1u) *reinterpret_cast<uint4*>(sv + r * kLd + col) = make_uint4(0, 0, 0, 0);
+        const int c = lane + i * 32, r = c / kChunks;
+        if ((dead >> r) & 1u) {
+          *reinterpret_cast<uint4*>(sv + Cfg::offset(r, c % kChunks)) = make_uint4(0, 0, 0, 0);
+        }
       }
       __syncwarp();
     }
@@ -541,7 +555,7 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kf[4];
-      ldmatrix_x4(kf, sk + (((lane >> 4) << 3) + (lane & 7)) * kLd + kk * 16 + (lane & 8));
+      ldmatrix_x4(kf, sk + Cfg::offset(((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)));
       mma_m16n8k16<T>(s[0], qa[kk], kf[0], kf[1]);
       mma_m16n8k16<T>(s[1], qa[kk], kf[2], kf[3]);
     }
@@ -605,7 +619,7 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
 #pragma unroll
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t vf[4];
-      ldmatrix_x4_trans(vf, sv + ((lane & 8) + (lane & 7)) * kLd + nd * 16 + ((lane >> 4) << 3));
+      ldmatrix_x4_trans(vf, sv + Cfg::offset(lane & 15, nd * 2 + (lane >> 4)));
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         mma_m16n8k16<T>(o[nd * 2 + half], pa, vf[half * 2], vf[half * 2 + 1]);

@@ -14,11 +14,11 @@ Sections (issue 2):
      Hkv=4, d=128), bf16: rms_norm of the hidden state and apply_rope of q (a transposed view, as
      the decoder passes it), each against its composite ATen formula (the decoder's former code).
      At these sizes both are bound by launch overhead, which is what the fusion removes.
-  5. decode_attention at the engine's sizes (issue 3; CUDA only): B in {16, 64}, the G-KV cache of budget
-     1024 / 2048 (capacity 1152 / 2176) with 1101 / 2112 live slots read through live_length,
-     8 layers with their own K and V (nothing served from L2) replayed from one CUDA graph. Peers
-     on the live slots: SDPA with enable_gqa (q [B, Hq, 1, d]), and cuDNN's flash kernel given
-     each KV head's group as G query rows (q [B, Hkv, G, d]).
+  5. decode_attention at the engine's sizes (issue 3; CUDA only): B in {16, 64}, the G-KV cache
+     of budget 1024 / 2048 (capacity 1152 / 2176) with 1101 / 2112 live slots read through
+     live_length, 8 layers with their own K and V (nothing served from L2) replayed from one CUDA
+     graph. Peers on the live slots: SDPA with enable_gqa (q [B, Hq, 1, d]), and cuDNN's flash
+     kernel given each KV head's group as G query rows (q [B, Hkv, G, d]).
 The device copy bandwidth (bytes read + written by a large device-to-device copy) is measured
 first and is the yardstick of the memory-bound rows.
 """
@@ -305,7 +305,8 @@ def plot_engine_sizes(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    names = [("gkv", "gkv"), ("sdpa_gqa", "SDPA enable_gqa"), ("cudnn_rows", "cuDNN, group as rows")]
+    names = [("gkv", "gkv"), ("sdpa_gqa", "SDPA enable_gqa"),
+             ("cudnn_rows", "cuDNN, group as rows")]
     width = 0.8 / len(names)
     for i, (key, label) in enumerate(names):
         ax.bar([x + i * width for x in range(len(rows))], [r[f"{key}_us"] for r in rows], width,

@@ -555,7 +555,8 @@ __global__ void __launch_bounds__(DecodeMmaConfig<D>::kWarps * 32, 2)
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t kf[4];
-      ldmatrix_x4(kf, sk + Cfg::offset(((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)));
+      ldmatrix_x4(kf, sk + Cfg::offset(((lane >> 4) << 3) + (lane & 7),  // keys 8-15: lanes 16+
+                                       kk * 2 + ((lane >> 3) & 1)));
       mma_m16n8k16<T>(s[0], qa[kk], kf[0], kf[1]);
       mma_m16n8k16<T>(s[1], qa[kk], kf[2], kf[3]);
     }

@@ -121,4 +121,11 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return handle.call(x, cos, sin);
 }
 
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&)>("gkv::decode_linear");
+  return handle.call(x, weight, bias);
+}
+
 }  // namespace gkv

@@ -72,4 +72,8 @@ at::Tensor silu_mul(const at::Tensor& x);
 // x [B,H,T,d], cos/sin [B|1,H|1,T|1,d] -> [B,H,T,d]
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// x [..., K], weight [N, K], bias [N] -> x W^T + bias, [..., N]
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias = std::nullopt);
+
 }  // namespace gkv

@@ -90,4 +90,10 @@ TORCH_LIBRARY(gkv, m) {
   // and T; they get no gradient. x [B,H,T,d] (any strides), cos/sin [B|1,H|1,T|1,d] (dtype of x)
   // -> [B,H,T,d] contiguous.
   m.def("apply_rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+
+  // A linear layer for the few rows of a decode step: x W^T + bias, accumulated in fp32 and
+  // rounded once to x's dtype. On CUDA, 16-bit x with 1..64 rows streams the weight through our
+  // kernel; other cases go to ATen's linear. x [..., K], weight [N, K], bias [N] (dtype of x)
+  // -> [..., N].
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }

@@ -215,3 +215,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ``[B, H, T, d]`` contiguous, dtype of ``x``.
     """
     return _ops.apply_rope(x, cos, sin)
+
+
+def decode_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """A linear layer for the few rows of a decode step: ``x @ weight.T + bias``.
+
+    Accumulated in fp32 and rounded once to ``x``'s dtype. On CUDA, bfloat16/float16 ``x`` with 1
+    to 64 rows (after flattening the leading dims), ``in_features`` a multiple of 8 and 16-byte
+    aligned rows runs our weight-streaming kernel; every other case runs ATen's ``linear``
+    (cuBLAS). Differentiable (through ATen's ``linear``).
+
+    Args:
+        x: ``[..., in_features]`` float32, bfloat16 or float16.
+        weight: ``[out_features, in_features]``, dtype of ``x``.
+        bias: ``[out_features]``, dtype of ``x``, or None.
+
+    Returns:
+        ``[..., out_features]`` contiguous, dtype of ``x``.
+    """
+    return _ops.decode_linear(x, weight, bias)

@@ -1,4 +1,4 @@
-"""The decode step's weight GEMMs, per BLAS library torch can pick.
+"""The decode step's weight GEMMs: per BLAS library torch can pick, and gkv::decode_linear.
 
   python scripts/bench_gemms.py --batches 16,64 --out docs/benchmarks_gemms_h200
   python scripts/bench_gemms.py --quick            # tiny sizes, any device (CPU included)
@@ -6,9 +6,11 @@
 Each projection of the Qwen2.5-7B-shaped decoder (q/k/v with its bias, o, gate/up, down) runs as
 28 F.linear calls on a batch of B rows, each layer with its own weight (so nothing stays in L2),
 replayed from one CUDA graph as the engine replays its step, once per BLAS library
-(torch.backends.cuda.preferred_blas_library). Prints microseconds per call and the weight
-bandwidth (weight bytes / time) against the device's copy bandwidth, and writes OUT.json and
-OUT.png. On CPU there is one library, "default", and no graph.
+(torch.backends.cuda.preferred_blas_library) and once as gkv::decode_linear ("gkv": our
+weight-streaming kernel, its calls chained to each other as the engine's kernels are). Prints
+microseconds per call and the weight bandwidth (weight bytes / time) against the device's copy
+bandwidth, and writes OUT.json and OUT.png. On CPU there is one library, "default", besides
+"gkv" (ATen's linear there too), and no graph.
 """
 import argparse
 import json
@@ -18,6 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import gkv_ext  # noqa: F401  (registers torch.ops.gkv)
+from gkv_ext import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import copy_bandwidth, graph_replay, table, timed  # noqa: E402
@@ -40,14 +45,17 @@ def bench(device, dtype, projections, batches, libraries, layers, reps):
                              for _ in range(layers)]
         x = torch.randn(B, K, device=device, dtype=dtype)
 
-        def chain(x=x, ws=weights[name]):
+        def chain(x=x, ws=weights[name], linear=F.linear):
             for w, b in ws:
-                F.linear(x, w, b)
+                linear(x, w, b)
 
         for library in libraries:
-            if device.type == "cuda":
+            fn = chain
+            if library == "gkv":
+                fn = lambda: chain(linear=ops.decode_linear)  # noqa: E731
+            elif device.type == "cuda":
                 torch.backends.cuda.preferred_blas_library(library)
-            ms = timed(graph_replay(chain) if device.type == "cuda" else chain, reps) / layers
+            ms = timed(graph_replay(fn) if device.type == "cuda" else fn, reps) / layers
             rows.append({"proj": name, "B": B, "N": N, "K": K, "library": library,
                          "us": ms * 1e3, "TBps": N * K * x.element_size() / ms / 1e9})
     return rows
@@ -83,7 +91,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, any device")
     ap.add_argument("--batches", type=ints, default=None, help="rows per GEMM (decode batch sizes)")
-    ap.add_argument("--libraries", default="cublas,cublaslt", help="BLAS libraries to compare (CUDA)")
+    ap.add_argument("--libraries", default="cublas,cublaslt,gkv",
+                    help="BLAS libraries to compare (CUDA), and gkv: gkv::decode_linear")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default="bench_gemms", help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
@@ -92,7 +101,7 @@ def main(argv=None):
     batches = args.batches or ([1, 4] if quick else [1, 16, 64])
     if min(batches) < 1:
         ap.error(f"batches must be >= 1, got {batches}")
-    libraries = args.libraries.split(",") if device.type == "cuda" else ["default"]
+    libraries = args.libraries.split(",") if device.type == "cuda" else ["default", "gkv"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
     rows = bench(device, dtype, QUICK_PROJECTIONS if quick else PROJECTIONS, batches, libraries,

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -94,6 +95,22 @@ cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   config.attrs = &chained;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// Raises kKernel's dynamic shared-memory limit to `bytes` on the current device (beyond the
+// default 48 KB). The attribute is per device, so this runs once per device (< 64; others every
+// call).
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(int bytes) {
+  static std::atomic<uint64_t> raised{0};  // bit i: done on device i
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if ((raised.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) raised.fetch_or(bit, std::memory_order_relaxed);
+  return err;
 }
 
 }  // namespace gkv::kernels

@@ -26,7 +26,6 @@
 // or NaN in either cannot leak.
 #pragma once
 
-#include <atomic>
 #include <cmath>
 #include <type_traits>
 
@@ -798,21 +797,13 @@ int decode_split_occupancy() {
 }
 
 // Raises the dynamic shared-memory limit of the tensor-core kernel (it needs more than the
-// default 48 KB at d = 128; the attribute is per device, so once per device), and returns its
-// blocks per SM (0: it cannot run).
+// default 48 KB at d = 128), and returns its blocks per SM (0: it cannot run).
 template <typename T, int D>
-int decode_split_mma_occupancy(int device) {
+int decode_split_mma_occupancy() {
   using Cfg = DecodeMmaConfig<D>;
-  static std::atomic<uint64_t> raised{0};  // bit i: done on device i (< 64; others every call)
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if ((raised.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
-    if (cudaFuncSetAttribute(decode_split_mma_kernel<T, D>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Cfg::kSmemBytes) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    raised.fetch_or(bit, std::memory_order_relaxed);
+  if (allow_dynamic_smem<decode_split_mma_kernel<T, D>>(Cfg::kSmemBytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
   }
   static const int blocks = [] {  // a property of the compiled kernel, so computed once
     int n = 0;
@@ -840,7 +831,7 @@ cudaError_t decode_attention_plan(DecodeAttentionParams& p) {
   const int G = p.Hq / p.Hkv;
   int occupancy = 1, chunks = 1, step = 1;
   if constexpr (kMma) {
-    occupancy = decode_split_mma_occupancy<T, D>(device);
+    occupancy = decode_split_mma_occupancy<T, D>();
     if (occupancy == 0) return cudaErrorInvalidConfiguration;  // shared memory over the limit
     chunks = (G + DecodeMmaConfig<D>::kRows - 1) / DecodeMmaConfig<D>::kRows;
     step = DecodeMmaConfig<D>::kBlockStep;

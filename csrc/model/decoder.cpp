@@ -5,8 +5,11 @@
 #include <c10/util/StringUtil.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <optional>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
@@ -101,8 +104,20 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
   }
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return b.defined() ? at::linear(x, w, b) : at::linear(x, w);
+// GKV_DECODE_LINEAR=1 sends the layers' projections through gkv::decode_linear (on CUDA, our
+// weight-streaming kernel for a decode step's few rows) instead of ATen's linear (cuBLAS). Off by
+// default until it is timed against cuBLAS on the GPU.
+bool decode_linear_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("GKV_DECODE_LINEAR");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return enabled;
+}
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
+  const std::optional<at::Tensor> bias = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
+  return decode_linear_enabled() ? gkv::decode_linear(x, w, bias) : at::linear(x, w, bias);
 }
 
 // True when `parts` are, in order, the consecutive row blocks of `joint` (views of it, as
@@ -296,7 +311,7 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
         (!c.attention_bias || joint_usable(w.bqkv, {&w.bq, &w.bk, &w.bv}))) {
       // [B,T,Hq+2Hkv,d]: q's and k's heads are adjacent, so one RoPE pass turns both (when no
       // per-head norm comes first).
-      const at::Tensor qkv = linear(x, w.wqkv, w.bqkv).view({batch, t, -1, d});
+      const at::Tensor qkv = project(x, w.wqkv, w.bqkv).view({batch, t, -1, d});
       const int64_t hq = c.num_heads, hkv = c.num_kv_heads;
       v = qkv.narrow(2, hq + hkv, hkv).transpose(1, 2);
       if (c.qk_norm) {
@@ -306,23 +321,23 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
         q = qk.narrow(1, 0, hq), k = qk.narrow(1, hq, hkv);
       }
     } else {
-      std::tie(q, k) = rotated_qk(linear(x, w.wq, w.bq).view({batch, t, c.num_heads, d}),
-                                  linear(x, w.wk, w.bk).view({batch, t, c.num_kv_heads, d}), w,
+      std::tie(q, k) = rotated_qk(project(x, w.wq, w.bq).view({batch, t, c.num_heads, d}),
+                                  project(x, w.wk, w.bk).view({batch, t, c.num_kv_heads, d}), w,
                                   c, cos, sin);
-      v = linear(x, w.wv, w.bv).view({batch, t, c.num_kv_heads, d}).transpose(1, 2);
+      v = project(x, w.wv, w.bv).view({batch, t, c.num_kv_heads, d}).transpose(1, 2);
     }
     at::Tensor o = attention.forward(l, q, k, v);  // [B,Hq,T,d]
     o = o.transpose(1, 2).reshape({batch, t, c.num_heads * d});
-    std::tie(h, x) = gkv::add_rms_norm(h, linear(o, w.wo, w.bo), w.mlp_norm, c.rms_eps);
+    std::tie(h, x) = gkv::add_rms_norm(h, project(o, w.wo, w.bo), w.mlp_norm, c.rms_eps);
     at::Tensor gated;  // silu(gate) * up [B,T,F]
     if (joint_usable(w.w_gate_up, {&w.w_gate, &w.w_up})) {
-      gated = gkv::silu_mul(at::linear(x, w.w_gate_up));
+      gated = gkv::silu_mul(project(x, w.w_gate_up));
     } else {
-      gated = at::silu(at::linear(x, w.w_gate)) * at::linear(x, w.w_up);
+      gated = at::silu(project(x, w.w_gate)) * project(x, w.w_up);
     }
     const at::Tensor& next_norm =
         l + 1 < c.num_layers ? weights_.layers[l + 1].attn_norm : weights_.final_norm;
-    std::tie(h, x) = gkv::add_rms_norm(h, at::linear(gated, w.w_down), next_norm, c.rms_eps);
+    std::tie(h, x) = gkv::add_rms_norm(h, project(gated, w.w_down), next_norm, c.rms_eps);
   }
   return x;
 }

@@ -144,6 +144,19 @@ TEST_CASE("rms_norm and apply_rope match their formulas and differentiate throug
   REQUIRE(close(weight.grad(), w2.grad(), 1e-4));
 }
 
+TEST_CASE("decode_linear is x W^T + b and differentiates through C++ autograd") {
+  at::manual_seed(5);
+  auto x = torch::randn({2, 3, 16}, torch::requires_grad());
+  auto weight = torch::randn({6, 16}, torch::requires_grad());
+  auto bias = torch::randn({6});
+  auto out = gkv::decode_linear(x, weight, bias);
+  REQUIRE(out.sizes() == at::IntArrayRef({2, 3, 6}));
+  REQUIRE(close(out, at::matmul(x, weight.t()) + bias));
+  out.sum().backward();
+  REQUIRE(close(weight.grad(), x.detach().sum({0, 1}).expand({6, 16})));
+  REQUIRE(close(gkv::decode_linear(x, weight), at::matmul(x, weight.t())));
+}
+
 TEST_CASE("bad arguments raise errors naming the argument") {
   auto k = at::randn({1, 2, 5, 8});
   auto pos = positions(1, 2, 5);
@@ -155,4 +168,5 @@ TEST_CASE("bad arguments raise errors naming the argument") {
                       gkv_test::contains("keep"));
   REQUIRE_THROWS_WITH(gkv::rms_norm(k, at::ones({4}), 1e-6), gkv_test::contains("weight"));
   REQUIRE_THROWS_WITH(gkv::apply_rope(at::randn({1, 2, 5, 7}), k, k), gkv_test::contains("even"));
+  REQUIRE_THROWS_WITH(gkv::decode_linear(k, at::ones({3, 4})), gkv_test::contains("K of x"));
 }

@@ -240,6 +240,8 @@ def load_tokenizer(path: Union[str, PathLike], chat_template: bool = False) -> T
     """The tokenizer for ``path``: a llama2.ts .bin file's llama2.c tokenizer, or the
     transformers tokenizer of a directory that has one."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist (a model directory or a llama2.ts .bin file)")
     if path.is_file():
         if chat_template:
             raise ValueError(f"{path}: a llama2.c tokenizer has no chat template")

@@ -22,6 +22,8 @@ struct Batch {
 Batch left_pad(const std::vector<std::vector<int64_t>>& prompts, int64_t pad, int64_t vocab,
                c10::Device device) {
   TORCH_CHECK(!prompts.empty(), "prompts must hold at least one prompt");
+  TORCH_CHECK(pad >= 0 && pad < vocab, "pad_token_id ", pad, " is outside the vocabulary [0, ",
+              vocab, ")");
   size_t P = 0;
   for (size_t b = 0; b < prompts.size(); ++b) {
     TORCH_CHECK(!prompts[b].empty(), "prompts[", b, "] is empty; every prompt needs a token");
@@ -85,6 +87,15 @@ at::Tensor prefill(const model::Decoder& model, cache::CompressedKVCache& cache,
   return model.logits(hidden.narrow(1, hidden.size(1) - 1, 1)).select(1, 0).to(at::kFloat);
 }
 
+// Every id of a token list the caller gave (EOS or stop ids) inside the vocabulary: one outside
+// could never be generated, and as the default pad id it would index past the embedding table.
+void check_token_ids(const char* name, const std::vector<int64_t>& ids, int64_t vocab_size) {
+  for (const int64_t id : ids) {
+    TORCH_CHECK(id >= 0 && id < vocab_size, name, " holds token id ", id,
+                ", outside the vocabulary [0, ", vocab_size, ")");
+  }
+}
+
 int64_t default_pad(const std::vector<int64_t>& eos) {
   return eos.empty() ? 0 : eos.front();
 }
@@ -99,9 +110,9 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
               options.max_new_tokens);
   const auto& config = model.config();
   const auto eos = options.eos_token_ids.value_or(config.eos_token_ids);
+  check_token_ids("eos_token_ids", eos, config.vocab_size);
+  check_token_ids("stop_token_ids", options.stop_token_ids, config.vocab_size);
   const int64_t pad = options.pad_token_id.value_or(default_pad(eos));
-  TORCH_CHECK(pad >= 0 && pad < config.vocab_size, "pad_token_id ", pad,
-              " is outside the vocabulary [0, ", config.vocab_size, ")");
   const c10::Device device = model.device();
   const Batch batch = left_pad(prompts, pad, config.vocab_size, device);
   const int64_t B = batch.tokens.size(0), P = batch.tokens.size(1), T = options.max_new_tokens;

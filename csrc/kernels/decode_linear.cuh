@@ -97,9 +97,13 @@ __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
   const int64_t w_row_step = int64_t(kRowStep) * p.K, x_row_step = kRowStep * p.x_row_stride;
   unsigned rows_in = 0;  // bit i: weight row copy_row + i * kRowStep exists; bit 16 + i: x row
 #pragma unroll
-  for (int i = 0; i < kWeightCopies; ++i) rows_in |= unsigned(n0 + copy_row + i * kRowStep < p.N) << i;
+  for (int i = 0; i < kWeightCopies; ++i) {
+    rows_in |= unsigned(n0 + copy_row + i * kRowStep < p.N) << i;
+  }
 #pragma unroll
-  for (int i = 0; i < kXCopies; ++i) rows_in |= unsigned(copy_row + i * kRowStep < p.M) << (16 + i);
+  for (int i = 0; i < kXCopies; ++i) {
+    rows_in |= unsigned(copy_row + i * kRowStep < p.M) << (16 + i);
+  }
   auto issue = [&](int c) {
     if (c < c_end) {
       T* sw = ring + ((c - c_begin) % kStages) * Cfg::kStageElems;
@@ -128,7 +132,10 @@ __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int nt = 0; nt < kTileN / 8; ++nt) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    for (int nt = 0; nt < kTileN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    }
   }
   for (int c = c_begin; c < c_end; ++c) {
     cp_async_wait<kStages - 2>();  // this thread's copies of chunk c have landed
@@ -167,8 +174,9 @@ __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int row = mt * 16 + gr + half * 8;
-        *reinterpret_cast<float2*>(red + (warp * Cfg::kRowsX + row) * Cfg::kRedLd + nt * 8 +
-                                   2 * tq) = make_float2(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+        float* at = red + (warp * Cfg::kRowsX + row) * Cfg::kRedLd + nt * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(at) = make_float2(acc[mt][nt][2 * half],
+                                                     acc[mt][nt][2 * half + 1]);
       }
     }
   }
@@ -209,7 +217,9 @@ __global__ void decode_linear_reduce_kernel(const DecodeLinearParams p) {
 inline cudaError_t decode_linear_plan(DecodeLinearParams& p) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
   if (err != cudaSuccess) return err;
   const int tiles = ceil_div(p.N, DecodeLinearConfig<1>::kTileN);
   const int chunks = ceil_div(p.K, DecodeLinearConfig<1>::kChunkK);

@@ -158,7 +158,8 @@ def test_cuda_strided_and_leading_rows(dtype):
 @requires_cuda
 def test_cuda_other_cases_are_aten_linear():
     """More than 64 rows, fp32, and K not a multiple of 8 go to ATen's linear: the same bits."""
-    cases = [inputs(65, 200, 1000, torch.bfloat16, "cuda"), inputs(5, 200, 1000, torch.float32, "cuda"),
+    cases = [inputs(65, 200, 1000, torch.bfloat16, "cuda"),
+             inputs(5, 200, 1000, torch.float32, "cuda"),
              inputs(5, 200, 1002, torch.bfloat16, "cuda")]
     for x, w, b in cases:
         assert torch.equal(ops.decode_linear(x, w, b), F.linear(x, w, b))

@@ -340,6 +340,9 @@ def test_eos_and_stop_tokens_freeze_rows(tiny):
     (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1, temperature=1.0), "top_k must be >= 0"),
     (dict(pad_token_id=97), "pad_token_id 97 is outside the vocabulary"),
+    # The default pad id is the first EOS id: the error names what the caller gave.
+    (dict(eos_token_ids=[10**9]), "eos_token_ids holds token id 1000000000, outside the vocab"),
+    (dict(stop_token_ids=[3, -1]), "stop_token_ids holds token id -1, outside the vocabulary"),
 ])
 def test_bad_generate_arguments_raise(tiny, kwargs, match):
     _, model = tiny["llama"]
@@ -355,6 +358,8 @@ def test_bad_teacher_forced_arguments_raise(tiny):
         teacher_forced(model, PROMPTS, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(RuntimeError, match="token ids must lie in"):
         teacher_forced(model, PROMPTS, torch.full((3, 4), 97))
+    with pytest.raises(RuntimeError, match="pad_token_id 97 is outside the vocabulary"):
+        teacher_forced(model, PROMPTS, torch.zeros(3, 4, dtype=torch.long), pad_token_id=97)
 
 
 @requires_stories
@@ -382,6 +387,13 @@ def test_cli_generates_text(capsys):
     assert main(["generate", "--model", str(STORIES / "tinystories_260k_v1.bin"), "--prompt",
                  "Once", "--policy", "h2o-accumulate", "--budget", "4", "--window", "8"]) == 2
     assert "budget (4) must be >= window (8)" in capsys.readouterr().err
+
+
+def test_cli_missing_model_says_so(capsys):
+    from gkv_ext.__main__ import main
+    assert main(["generate", "--model", "/nonexistent/model", "--prompt", "Once"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: /nonexistent/model does not exist (a model directory or a llama2.ts .bin file)"]
 
 
 QWEN3_TOKENIZER = shared_dir() / "tokenizers" / "qwen3"

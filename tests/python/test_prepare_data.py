@@ -137,7 +137,7 @@ def test_max_prompt_tokens_leaves_out_long_prompts(tmp_path):
     (["--data", "wiki", "--tokenizer", "char"], "--data must be one of gsm8k, math500, synthetic"),
     (["--data", "synthetic", "--tokenizer", "char", "--splits", "train=x"], "--splits: expected name=count"),
     (["--data", "synthetic", "--tokenizer", "char", "--splits", "train"], "needs a count"),
-    (["--data", "synthetic", "--tokenizer", "/nonexistent"], "no tokenizer found in /nonexistent"),
+    (["--data", "synthetic", "--tokenizer", "/nonexistent"], "/nonexistent does not exist"),
     (["--data", "synthetic", "--tokenizer", "char", "--splits", "a=2", "--synthetic-length", 10],
      "tokens must be in [64, 65536]"),
     (["--data", "synthetic", "--tokenizer", "char", "--chain-depth", "0"], "chain_depth must be in"),

@@ -7,7 +7,10 @@ Each projection of the Qwen2.5-7B-shaped decoder (q/k/v with its bias, o, gate/u
 28 F.linear calls on a batch of B rows, each layer with its own weight (so nothing stays in L2),
 replayed from one CUDA graph as the engine replays its step, once per BLAS library
 (torch.backends.cuda.preferred_blas_library) and once as gkv::decode_linear ("gkv": our
-weight-streaming kernel, its calls chained to each other as the engine's kernels are). Prints
+weight-streaming kernel, its calls chained to each other as the engine's kernels are). Each also
+runs with an RMSNorm of the hidden state between the GEMMs ("us_norm_between": the time per GEMM
+and norm, less the norm's own time in a chain of norms), as in the engine's step, where our
+GEMM's blocks can start fetching their weights while the small kernel before them runs. Prints
 microseconds per call and the weight bandwidth (weight bytes / time) against the device's copy
 bandwidth, and writes OUT.json and OUT.png. On CPU there is one library, "default", besides
 "gkv" (ATen's linear there too), and no graph.
@@ -31,6 +34,7 @@ from bench_ops import copy_bandwidth, graph_replay, table, timed  # noqa: E402
 PROJECTIONS = [("qkv", 3584, 4608, True), ("o", 3584, 3584, False),
                ("gate_up", 3584, 37888, False), ("down", 18944, 3584, False)]
 QUICK_PROJECTIONS = [("tiny", 128, 256, True)]
+HIDDEN = 3584  # the normed hidden state between the GEMMs
 
 
 def bench(device, dtype, projections, batches, libraries, layers, reps):
@@ -44,20 +48,34 @@ def bench(device, dtype, projections, batches, libraries, layers, reps):
                               torch.randn(N, device=device, dtype=dtype) if bias else None)
                              for _ in range(layers)]
         x = torch.randn(B, K, device=device, dtype=dtype)
+        hidden = torch.randn(B, HIDDEN, device=device, dtype=dtype)
+        norm_weight = torch.ones(HIDDEN, device=device, dtype=dtype)
 
-        def chain(x=x, ws=weights[name], linear=F.linear):
+        def chain(x=x, ws=weights[name], linear=F.linear, norm=False):
             for w, b in ws:
                 linear(x, w, b)
+                if norm:
+                    ops.rms_norm(hidden, norm_weight, 1e-6)
 
+        def per_layer_ms(fn):
+            return timed(graph_replay(fn) if device.type == "cuda" else fn, reps) / layers
+
+        def norms():
+            for _ in range(layers):
+                ops.rms_norm(hidden, norm_weight, 1e-6)
+
+        norm_ms = per_layer_ms(norms)
         for library in libraries:
-            fn = chain
+            linear = F.linear
             if library == "gkv":
-                fn = lambda: chain(linear=ops.decode_linear)  # noqa: E731
+                linear = ops.decode_linear
             elif device.type == "cuda":
                 torch.backends.cuda.preferred_blas_library(library)
-            ms = timed(graph_replay(fn) if device.type == "cuda" else fn, reps) / layers
+            ms = per_layer_ms(lambda: chain(linear=linear))
+            with_norm_ms = per_layer_ms(lambda: chain(linear=linear, norm=True)) - norm_ms
             rows.append({"proj": name, "B": B, "N": N, "K": K, "library": library,
-                         "us": ms * 1e3, "TBps": N * K * x.element_size() / ms / 1e9})
+                         "us": ms * 1e3, "TBps": N * K * x.element_size() / ms / 1e9,
+                         "us_norm_between": with_norm_ms * 1e3})
     return rows
 
 

@@ -1,8 +1,11 @@
 // gkv::decode_linear: the argument check, the CPU kernel (the oracle: ATen's linear), the Meta
-// kernel and the Autograd kernel (ATen's linear itself when a gradient is needed).
+// kernel, the Autograd kernel (ATen's linear itself when a gradient is needed) and the Autocast
+// kernels (ATen's linear's cast policy).
 #include "ops/decode_linear.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -67,6 +70,19 @@ at::Tensor decode_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
   return composite(x, weight, bias);
 }
 
+// Under autocast, ATen's linear runs in the autocast dtype: every floating input is cast there
+// (weights through autocast's per-region cache). The same here, so that the op stays a drop-in for
+// linear in the decoder, which the trainer runs under bf16 autocast with fp32 weights.
+template <c10::DeviceType kDevice>
+at::Tensor decode_linear_autocast(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  return gkv::decode_linear(at::autocast::cached_cast(dtype, x, kDevice),
+                            at::autocast::cached_cast(dtype, weight, kDevice),
+                            at::autocast::cached_cast(dtype, bias, kDevice));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gkv, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
@@ -74,5 +90,13 @@ TORCH_LIBRARY_IMPL(gkv, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
 TORCH_LIBRARY_IMPL(gkv, Meta, m) { m.impl("decode_linear", &decode_linear_meta); }
 
 TORCH_LIBRARY_IMPL(gkv, Autograd, m) { m.impl("decode_linear", &decode_linear_autograd); }
+
+TORCH_LIBRARY_IMPL(gkv, AutocastCUDA, m) {
+  m.impl("decode_linear", &decode_linear_autocast<c10::DeviceType::CUDA>);
+}
+
+TORCH_LIBRARY_IMPL(gkv, AutocastCPU, m) {
+  m.impl("decode_linear", &decode_linear_autocast<c10::DeviceType::CPU>);
+}
 
 }  // namespace gkv

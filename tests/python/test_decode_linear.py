@@ -75,6 +75,28 @@ def test_gradients():
     assert torch.autograd.gradcheck(lambda x, w: ops.decode_linear(x, w), (x, w))
 
 
+def autocast_devices():
+    return ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device", autocast_devices())
+def test_autocast_casts_as_linear_does(device):
+    """Under autocast the op computes in the autocast dtype, as ATen's linear does there (the
+    trainer runs the decoder under bf16 autocast with fp32 weights), also for a mix of dtypes."""
+    x, w, b = inputs(5, 72, 136, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected = F.linear(x, w, b)
+        for args in ((x, w, b), (x.bfloat16(), w, b), (x, w, None)):
+            out = ops.decode_linear(*args)
+            assert out.dtype == torch.bfloat16
+            reference = expected if args[2] is not None else F.linear(x, w)
+            torch.testing.assert_close(out, reference, **tolerance(torch.bfloat16))
+            if device == "cpu":
+                assert torch.equal(out, reference)
+    with pytest.raises(RuntimeError, match="weight must have the dtype of x"):
+        ops.decode_linear(x.bfloat16(), w, b)
+
+
 def opcheck_devices():
     return ["cpu", pytest.param("cuda", marks=requires_cuda)]
 

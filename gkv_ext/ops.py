@@ -221,9 +221,9 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     """A linear layer for the few rows of a decode step: ``x @ weight.T + bias``.
 
     Accumulated in fp32 and rounded once to ``x``'s dtype. On CUDA, bfloat16/float16 ``x`` with 1
-    to 64 rows (after flattening the leading dims), ``in_features`` a multiple of 8 and 16-byte
-    aligned rows runs our weight-streaming kernel; every other case runs ATen's ``linear``
-    (cuBLAS). Differentiable (through ATen's ``linear``).
+    to 64 rows (after flattening the leading dims), ``in_features`` a multiple of 8, 16-byte
+    aligned rows and a contiguous weight runs our weight-streaming kernel; every other case runs
+    ATen's ``linear`` (cuBLAS). Differentiable (through ATen's ``linear``).
 
     Args:
         x: ``[..., in_features]`` float32, bfloat16 or float16.

@@ -1,11 +1,14 @@
 // CUDA adapter of gkv::decode_linear: check (shared with the CPU kernel), the choice between our
-// kernel (16-bit x with 1..64 rows, K % 8 == 0, 16-byte aligned rows) and cuBLAS through ATen's
-// linear (everything else: more rows make the product compute-bound, where cuBLAS's tiles win),
-// the plan, dispatch over dtype and m16 tiles, launch on the current stream.
+// kernel (16-bit x with 1..64 rows, K % 8 == 0, 16-byte aligned rows, a contiguous weight) and
+// cuBLAS through ATen's linear (everything else: more rows make the product compute-bound, where
+// cuBLAS's tiles win, and a strided weight would need a copy per call), the plan, dispatch over
+// dtype and m16 tiles, launch on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/dispatch.h"
 #include "kernels/decode_linear.cuh"
@@ -15,11 +18,6 @@ namespace gkv {
 namespace {
 
 constexpr const char* kOp = "decode_linear";
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
 
 template <typename F>
 void dispatch_m_tiles(int m_tiles, F&& f) {
@@ -40,24 +38,22 @@ at::Tensor decode_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight_i
   const at::Tensor x = x_in.reshape({-1, K});
   const int64_t M = x.size(0);
   const auto dtype = x.scalar_type();
-  const bool ours = (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 &&
-                    M <= kernels::kDecodeLinearMaxRows && N >= 1 && K >= 8 && K % 8 == 0 &&
-                    N < (int64_t(1) << 31) && K < (int64_t(1) << 31) && x.stride(1) == 1;
-  if (!ours) return at::linear(x_in, weight_in, bias_in).contiguous();
-
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   // A single row's stride is any number; the kernel never steps by it.
   const int64_t row_stride = M == 1 ? K : x.stride(0);
-  if (!vectorizable(8, {row_stride}, {x.data_ptr(), weight.data_ptr()})) {
-    return at::linear(x_in, weight_in, bias_in).contiguous();
-  }
+  const bool ours = (dtype == at::kBFloat16 || dtype == at::kHalf) && M >= 1 &&
+                    M <= kernels::kDecodeLinearMaxRows && N >= 1 && K >= 8 && K % 8 == 0 &&
+                    N < (int64_t(1) << 31) && K < (int64_t(1) << 31) && x.stride(1) == 1 &&
+                    weight_in.is_contiguous() &&
+                    vectorizable(8, {row_stride}, {x.data_ptr(), weight_in.data_ptr()});
+  if (!ours) return at::linear(x_in, weight_in, bias_in).contiguous();
+
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   auto sizes = x_in.sizes().vec();
   sizes.back() = N;
   at::Tensor out = at::empty(sizes, x.options());
   kernels::DecodeLinearParams p{};
   p.x = x.data_ptr();
-  p.w = weight.data_ptr();
+  p.w = weight_in.data_ptr();
   p.bias = bias.defined() ? bias.data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.x_row_stride = row_stride;
@@ -72,17 +68,14 @@ at::Tensor decode_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight_i
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int m_tiles = static_cast<int>((M + 15) / 16);
-  auto launch = [&](auto type) {
-    using T = typename decltype(type)::type;
-    dispatch_m_tiles(m_tiles, [&](auto mt) {
-      GKV_CUDA_CHECK(kOp, (kernels::decode_linear_launch<T, decltype(mt)::value>(p, stream)));
-    });
-  };
-  if (dtype == at::kBFloat16) {
-    launch(TypeTag<__nv_bfloat16>{});
-  } else {
-    launch(TypeTag<__half>{});
-  }
+  GKV_DISPATCH_FLOATING(kOp, dtype, [&] {
+    if constexpr (!std::is_same_v<scalar_t, float>) {  // fp32 went to cuBLAS above
+      dispatch_m_tiles(m_tiles, [&](auto mt) {
+        GKV_CUDA_CHECK(kOp, (kernels::decode_linear_launch<scalar_t, decltype(mt)::value>(
+                                p, stream)));
+      });
+    }
+  });
   return out;
 }
 

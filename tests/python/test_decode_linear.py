@@ -180,10 +180,14 @@ def test_cuda_strided_and_leading_rows(dtype):
 
 @requires_cuda
 def test_cuda_other_cases_are_aten_linear():
-    """More than 64 rows, fp32, and K not a multiple of 8 go to ATen's linear: the same bits."""
+    """More than 64 rows, fp32, K not a multiple of 8 and a strided weight go to ATen's linear:
+    the same bits."""
+    x, w, b = inputs(5, 200, 1000, torch.bfloat16, "cuda")
+    strided_weight = torch.empty(1000, 200, dtype=w.dtype, device="cuda").t().copy_(w)
     cases = [inputs(65, 200, 1000, torch.bfloat16, "cuda"),
              inputs(5, 200, 1000, torch.float32, "cuda"),
-             inputs(5, 200, 1002, torch.bfloat16, "cuda")]
+             inputs(5, 200, 1002, torch.bfloat16, "cuda"),
+             (x, strided_weight, b)]
     for x, w, b in cases:
         assert torch.equal(ops.decode_linear(x, w, b), F.linear(x, w, b))
         assert not uses_our_kernel(lambda: ops.decode_linear(x, w, b))

@@ -30,10 +30,16 @@ the weights are random and the text is meaningless):
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
+--ab SWITCH compares two implementations of the same step (gkv_ext.switches: decode_linear,
+chained_launch) in one process: the engine section builds two runs of each batch and policy, one
+with the switch off and one with it on, and times them in turn (--ab-rounds times), so that machine
+state that drifts during a session (clocks, L2, other tenants) weighs on both alike; it prints the
+median step of each and their ratio.
 Tables go to stdout; --out PREFIX writes PREFIX.json and PREFIX.png (step time vs generated
 length per batch size and policy).
 """
 import argparse
+import contextlib
 import json
 import signal
 import statistics
@@ -229,31 +235,70 @@ def is_oom(e):
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def switched(name, on):
+    """The A/B switch `name` set to `on` for a block; nothing when no switch is compared."""
+    return gkv_ext.switches(**{name: on}) if name else contextlib.nullcontext()
+
+
 def bench_engine(model, args, device, bw):
+    """One row per (batch, policy, point, mode). With --ab SWITCH, two runs of each batch and
+    policy, one with the switch off and one with it on, each built, filled and stepped with its
+    own setting and timed in turn --ab-rounds times, so that both see the same machine state."""
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
     rows = []
     configs = [("FullKV", policies.FullKV())] + [(f"G-KV@{b}", policies.GKV(b)) for b in args.budgets]
     jobs = [(B, name, policy) for B in args.batches for name, policy in configs]
+    variants = [False, True] if args.ab else [None]
+    rounds = args.ab_rounds if args.ab else 1
     for B, name, policy in tqdm(jobs, desc="engine", unit="run"):
         # G-KV's cache is flat once it holds the budget: the first two points show it.
         points = args.points if policy.budget is None else args.points[:2]
+        runs = {}
         try:
-            run = Run(model, policy, B, args.prompt,
-                      max(points) + len(args.modes) * (args.steps + 2 + args.divide), device)
+            for on in variants:
+                with switched(args.ab, on):
+                    runs[on] = Run(model, policy, B, args.prompt, max(points) + len(args.modes) *
+                                   (rounds * (args.steps + 2) + args.divide), device)
             for g in points:
-                run.fill_to(g)
+                for on, run in runs.items():
+                    with switched(args.ab, on):
+                        run.fill_to(g)
                 for mode in args.modes:
-                    rows.append(dict(batch=B, policy=name, mode=mode, generated=g,
-                                     **measure_point(run, args.steps, bw, slot_bytes,
-                                                     graph=mode == "graph")))
+                    for r in range(rounds):
+                        for on, run in runs.items():
+                            with switched(args.ab, on):
+                                timed = measure_point(run, args.steps, bw, slot_bytes,
+                                                      graph=mode == "graph")
+                            ab = dict(switch_on=on, round=r) if args.ab else {}
+                            rows.append(dict(batch=B, policy=name, mode=mode, generated=g, **ab,
+                                             **timed))
         except RuntimeError as e:
             if not is_oom(e):
                 raise
             rows.append(dict(batch=B, policy=name, mode=None, generated=None, oom=True))
-        run = None
+        runs = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def ab_summary(engine_rows):
+    """Per (batch, policy, mode, point) of an --ab run: the median over the rounds of the step
+    time and its multiple of the floor, with the switch off and on, and on / off."""
+    groups = {}
+    for r in engine_rows:
+        if not r.get("oom"):
+            key = (r["batch"], r["policy"], r["mode"], r["generated"])
+            groups.setdefault(key, {}).setdefault(r["switch_on"], []).append(r)
+    out = []
+    for (batch, policy, mode, generated), by_switch in groups.items():
+        med = {on: {k: statistics.median(r[k] for r in rs) for k in ("step_ms", "vs_floor")}
+               for on, rs in by_switch.items()}
+        out.append(dict(batch=batch, policy=policy, mode=mode, generated=generated,
+                        off_ms=med[False]["step_ms"], on_ms=med[True]["step_ms"],
+                        off_vs_floor=med[False]["vs_floor"], on_vs_floor=med[True]["vs_floor"],
+                        on_over_off=med[True]["step_ms"] / med[False]["step_ms"]))
+    return out
 
 
 def bench_transformers(hf, args, device):
@@ -360,15 +405,28 @@ def print_tables(result):
           f"{result['shape']} with random {result['dtype']} weights ({result['weight_gb']:.2f} GB); "
           f"prompt {result['prompt']}")
     print("\nDecode step of our engine (mean over the timed steps; floor = (weights read + live KV) / copy bandwidth)")
+    ab = result.get("ab_switch")
     print(f"{'B':>4} {'policy':>11} {'mode':>6} {'generated':>9} {'live':>6} {'step ms':>8} "
-          f"{'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'KV MiB':>8} {'compress':>8}")
+          f"{'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'KV MiB':>8} {'compress':>8}"
+          + (f" {ab + ' / round':>20}" if ab else ""))
     for r in result["engine"]:
         if r.get("oom"):
             print(f"{r['batch']:>4} {r['policy']:>11} {'out of memory':>27}")
             continue
+        turn = f"{'on' if r['switch_on'] else 'off'} / {r['round']}" if ab else ""
         print(f"{r['batch']:>4} {r['policy']:>11} {r['mode']:>6} {r['generated']:>9} {r['live_slots']:>6} "
               f"{r['step_ms']:>8.2f} {r['floor_ms']:>8.2f} {r['vs_floor']:>7.2f} "
-              f"{r['tokens_per_s']:>9.0f} {r['kv_mb']:>8.0f} {100 * r['compress_share']:>7.1f}%")
+              f"{r['tokens_per_s']:>9.0f} {r['kv_mb']:>8.0f} {100 * r['compress_share']:>7.1f}%"
+              + (f" {turn:>20}" if ab else ""))
+    if result.get("ab"):
+        print(f"\nA/B of switch {ab}: off and on timed in turn, {result['ab_rounds']} rounds "
+              "(median step over the rounds)")
+        print(f"{'B':>4} {'policy':>11} {'mode':>6} {'generated':>9} {'off ms':>8} {'on ms':>8} "
+              f"{'on/off':>7} {'off x floor':>11} {'on x floor':>10}")
+        for r in result["ab"]:
+            print(f"{r['batch']:>4} {r['policy']:>11} {r['mode']:>6} {r['generated']:>9} "
+                  f"{r['off_ms']:>8.2f} {r['on_ms']:>8.2f} {r['on_over_off']:>7.3f} "
+                  f"{r['off_vs_floor']:>11.2f} {r['on_vs_floor']:>10.2f}")
     if result.get("transformers"):
         print(f"\ntransformers {transformers.__version__} generate (full cache, sdpa), "
               f"first {result['hf_steps']} generated tokens")
@@ -395,14 +453,22 @@ def plot(result, path):
     names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
     colors = {name: f"C{i}" for i, name in enumerate(names)}  # one color per policy in every panel
     modes = {"graph": "o-", "eager": "s:"}
+    ab = result.get("ab_switch")
+    # Lines of (label suffix, style, step-time key): each row's step, or with --ab the medians
+    # with the switch off and on (on dashed).
+    lines = ([(f"{ab} off", "", "off_ms"), (f"{ab} on", "--", "on_ms")] if ab
+             else [("", "", "step_ms")])
     for ax, B in zip(axes[0], batches):
         for name in names:
             rows = [r for r in result["engine"] if r["batch"] == B and r["policy"] == name]
             for mode, style in modes.items():
-                pts = [r for r in rows if r["mode"] == mode]
-                if pts:
-                    ax.plot([r["generated"] for r in pts], [r["step_ms"] for r in pts], style,
-                            color=colors[name], label=f"{name} ({mode})")
+                for suffix, dash, key in lines:
+                    pts = [r for r in (result["ab"] if ab else rows)
+                           if r["batch"] == B and r["policy"] == name and r["mode"] == mode]
+                    if pts:
+                        ax.plot([r["generated"] for r in pts], [r[key] for r in pts],
+                                style[0] + (dash or style[1:]), color=colors[name],
+                                label=f"{name} ({mode}{', ' + suffix if suffix else ''})")
             if rows and all(r.get("oom") for r in rows):
                 ax.plot([], [], "x", color=colors[name], label=f"{name}: out of memory")
         hf = [r for r in result.get("transformers", []) if r["batch"] == B]
@@ -445,8 +511,14 @@ def main(argv=None):
     ap.add_argument("--only", default="engine,transformers,memory")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
                     help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
+    ap.add_argument("--ab", choices=["chained_launch", "decode_linear"], default=None,
+                    help="the engine section times each batch and policy with this switch "
+                         "(gkv_ext.switches) off and on, in turn, and prints their ratio")
+    ap.add_argument("--ab-rounds", type=int, default=3, help="turns of off and on with --ab")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
+    if args.ab_rounds < 1:
+        ap.error(f"--ab-rounds must be >= 1, got {args.ab_rounds}")
     if args.memory_batches and len(args.memory_batches) != 2:
         ap.error(f"--memory-batches takes two batch sizes (FullKV,G-KV), got {args.memory_batches}")
     # `timeout` stops a long run with SIGTERM: exit through the sections' finally, which saves.
@@ -476,6 +548,8 @@ def main(argv=None):
                   hf_steps=args.hf_steps, torch=torch.__version__,
                   transformers_version=transformers.__version__)
     result["engine"] = []
+    if args.ab:
+        result.update(ab_switch=args.ab, ab_rounds=args.ab_rounds)
     sections = [("engine", lambda: bench_engine(model, args, device, bw)),
                 ("transformers", lambda: bench_transformers(hf, args, device))]
     # The batch search allocates until the device is full: on CUDA only, or with given batches.
@@ -497,6 +571,8 @@ def main(argv=None):
         try:
             with torch.no_grad():
                 result[key] = section()
+            if key == "engine" and args.ab:
+                result["ab"] = ab_summary(result["engine"])
         finally:
             save()
     print_tables(result)

@@ -8,9 +8,9 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <utility>
+
+#include "switches.h"
 
 namespace gkv::kernels {
 
@@ -66,15 +66,6 @@ __device__ __forceinline__ void chain_release() {
 #endif
 }
 
-// GKV_CHAINED_LAUNCH=0 launches every kernel plainly, for A/B timing and for debugging.
-inline bool chained_launch_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("GKV_CHAINED_LAUNCH");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the end of the kernel before it
 // (see chain_wait); the kernel must call chain_wait() first. Below sm_90 it is a plain launch.
 template <typename... Params, typename... Args>
@@ -86,7 +77,8 @@ cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute chained{};
   chained.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  chained.val.programmaticStreamSerializationAllowed = major >= 9 && chained_launch_enabled();
+  chained.val.programmaticStreamSerializationAllowed =
+      major >= 9 && switch_on(Switch::chained_launch);
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;

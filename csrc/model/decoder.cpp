@@ -5,8 +5,6 @@
 #include <c10/util/StringUtil.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <optional>
@@ -16,6 +14,7 @@
 
 #include "model/llama2ts.h"
 #include "ops.h"
+#include "switches.h"
 
 namespace gkv::model {
 
@@ -104,20 +103,11 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
   }
 }
 
-// GKV_DECODE_LINEAR=1 sends the layers' projections through gkv::decode_linear (on CUDA, our
-// weight-streaming kernel for a decode step's few rows) instead of ATen's linear (cuBLAS). Off by
-// default until it is timed against cuBLAS on the GPU.
-bool decode_linear_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("GKV_DECODE_LINEAR");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return enabled;
-}
-
+// Switch::decode_linear (csrc/switches.h) sends the layers' projections through gkv::decode_linear
+// (on CUDA, our weight-streaming kernel for a decode step's few rows) instead of ATen's linear.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
   const std::optional<at::Tensor> bias = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
-  return decode_linear_enabled() ? gkv::decode_linear(x, w, bias) : at::linear(x, w, bias);
+  return switch_on(Switch::decode_linear) ? gkv::decode_linear(x, w, bias) : at::linear(x, w, bias);
 }
 
 // True when `parts` are, in order, the consecutive row blocks of `joint` (views of it, as

@@ -56,6 +56,36 @@ def test_bench_generate_quick(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_bench_generate_ab_times_both_sides_in_turn(tmp_path):
+    """--ab decode_linear: every batch, policy and mode timed with the switch off and on in each
+    round, and a summary row per point whose ratio is that of the two medians."""
+    out = tmp_path / "ab"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--batches", "2", "--budgets", "32", "--points", "160", "--steps", "4",
+                          "--modes", "graph", "--only", "engine", "--ab", "decode_linear",
+                          "--ab-rounds", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "A/B of switch decode_linear" in run.stdout
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert (result["ab_switch"], result["ab_rounds"]) == ("decode_linear", 2)
+    turns = [(r["policy"], r["round"], r["switch_on"]) for r in result["engine"]]
+    assert turns == [(p, r, on) for p in ("FullKV", "G-KV@32")
+                     for r in (0, 1) for on in (False, True)]
+    assert len(result["ab"]) == 2
+    for row in result["ab"]:
+        steps = {on: sorted(r["step_ms"] for r in result["engine"]
+                            if r["policy"] == row["policy"] and r["switch_on"] == on)
+                 for on in (False, True)}
+        assert row["off_ms"] == pytest.approx(sum(steps[False]) / 2)  # the median of two
+        assert row["on_over_off"] == pytest.approx(sum(steps[True]) / sum(steps[False]))
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--ab", "decode_linear", "--ab-rounds", "0"],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert bad.returncode != 0 and "--ab-rounds must be >= 1, got 0" in bad.stderr
+
+
 def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     """--memory-batches skips the batch search, so the equal-memory section runs on a CPU too:
     one row per policy at the given batch, each printed as soon as it is measured."""

@@ -2,16 +2,13 @@
 while the one before it finishes, and must wait before it reads that kernel's output. A chain of
 layers shaped like a decode step (norm, projection, RoPE, cache write, attention and its combine,
 SiLU) where each kernel reads what the one before it wrote: eager and graph-replayed on CUDA
-against the same chain on CPU, and against a run with GKV_CHAINED_LAUNCH=0 bit for bit.
+against the same chain on CPU, and against the same chain launched plainly (switch chained_launch
+off) bit for bit.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+import gkv_ext
 from conftest import requires_cuda
 from gkv_ext import ops
 
@@ -76,11 +73,8 @@ def test_chain_matches_cpu_eager_and_replayed():
 
 
 @requires_cuda
-def test_plain_launches_give_the_same_bits(tmp_path):
-    out = tmp_path / "plain.pt"
-    here = Path(__file__).resolve().parent
-    code = (f"import sys; sys.path.insert(0, {str(here)!r}); import torch, test_chained_launch as t; "
-            f"torch.save(t.cuda_chain().cpu(), {str(out)!r})")
-    env = dict(os.environ, GKV_CHAINED_LAUNCH="0")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    assert torch.equal(torch.load(out), cuda_chain().cpu())
+def test_plain_launches_give_the_same_bits():
+    chained = cuda_chain()
+    with gkv_ext.switches(chained_launch=False):
+        plain = cuda_chain()
+    assert torch.equal(plain, chained)

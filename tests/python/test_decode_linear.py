@@ -1,14 +1,9 @@
 """gkv::decode_linear: the CPU kernel against ATen's linear (bit for bit) and the float64 formula,
 gradients, opcheck, bad inputs; on CUDA, our kernel against the CPU kernel over a grid of row
 counts, widths and dtypes (one and several splits of K, partial column tiles, strided rows), the
-cases that go to cuBLAS, determinism, CUDA-graph replay, and the engine's CUDA tests re-run with
-the decoder's projections routed through the op (GKV_DECODE_LINEAR=1).
+cases that go to cuBLAS, determinism and CUDA-graph replay. The engine's CUDA tests run the decoder
+with its projections on this op too (test_engine.py, switched by gkv_ext.switches).
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,19 +203,3 @@ def test_cuda_deterministic_and_graph_replay():
     for _ in range(3):
         graph.replay()
         assert torch.equal(replayed, eager)
-
-
-@requires_cuda
-def test_engine_cuda_tests_with_decode_linear():
-    """The engine's CUDA tests in 16-bit (graph replay equal to eager bit for bit; bf16/fp16
-    generation close to fp32), with the decoder's projections on gkv::decode_linear."""
-    here = Path(__file__).resolve().parent
-    selection = ["test_cuda_graph_decode_equals_eager_bit_for_bit",
-                 "test_cuda_low_precision_generation_stays_close_to_fp32"]
-    env = dict(os.environ, GKV_DECODE_LINEAR="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             str(here / "test_engine.py"), "-k", " or ".join(selection)],
-                            env=env, cwd=here, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert "18 passed" in summary and "skipped" not in summary, summary

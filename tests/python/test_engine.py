@@ -8,6 +8,10 @@
 - stories260K continues the reference prompt with the DATA.md text (skipped when absent).
 - Bad arguments raise errors that name them.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -229,10 +233,16 @@ def test_cuda_generation_equals_cpu(tiny, policy):
         torch.testing.assert_close(logprobs, gpu.logprobs, atol=1e-4, rtol=1e-4)
 
 
+# The decoder's projections on ATen's linear (cuBLAS) and, switched, on gkv::decode_linear.
+PROJECTIONS = pytest.mark.parametrize("decode_linear", [False, True],
+                                      ids=["aten-linear", "decode-linear"])
+
+
 @requires_cuda
+@PROJECTIONS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("policy", ["fullkv"] + ALL_POLICIES)
-def test_cuda_graph_decode_equals_eager_bit_for_bit(tiny, policy, dtype):
+def test_cuda_graph_decode_equals_eager_bit_for_bit(tiny, policy, dtype, decode_linear):
     """Replaying the captured decode step gives exactly the eager steps' tokens, log-probs and
     evictions (the same kernels with the same arguments), with sampling, across compressions and,
     for FullKV, across a change of attention span (a new capture every 512 slots)."""
@@ -241,8 +251,9 @@ def test_cuda_graph_decode_equals_eager_bit_for_bit(tiny, policy, dtype):
     p = policies.FullKV() if policy == "fullkv" else make_policy(policy, 10 if policy != "streamingllm" else 12)
     kw = dict(policy=p, max_new_tokens=600 if policy == "fullkv" else 100, eos_token_ids=[],
               temperature=1.0, top_k=20, seed=7)
-    graph = generate(model, PROMPTS, cuda_graph=True, **kw)
-    eager = generate(model, PROMPTS, cuda_graph=False, **kw)
+    with gkv_ext.switches(decode_linear=decode_linear):
+        graph = generate(model, PROMPTS, cuda_graph=True, **kw)
+        eager = generate(model, PROMPTS, cuda_graph=False, **kw)
     assert torch.equal(graph.tokens, eager.tokens)
     assert torch.equal(graph.logprobs, eager.logprobs)
     assert torch.equal(graph.death, eager.death)
@@ -285,14 +296,16 @@ def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
 
 
 @requires_cuda
+@PROJECTIONS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_low_precision_generation_stays_close_to_fp32(tiny, dtype):
+def test_cuda_low_precision_generation_stays_close_to_fp32(tiny, dtype, decode_linear):
     """bf16 / fp16 on the GPU: finite, mostly the fp32 greedy tokens, and flat KV memory."""
     _, model = tiny["qwen2"]
     p = make_policy("gkv", 10)
     ref = generate(model, PROMPTS, policy=p, max_new_tokens=30, eos_token_ids=[])
-    out = generate(on_device(model, "cuda", dtype), PROMPTS, policy=p, max_new_tokens=30,
-                   eos_token_ids=[])
+    with gkv_ext.switches(decode_linear=decode_linear):
+        out = generate(on_device(model, "cuda", dtype), PROMPTS, policy=p, max_new_tokens=30,
+                       eos_token_ids=[])
     assert torch.isfinite(out.logprobs).all()
     # Greedy paths may part after a near-tie; the first tokens agree.
     assert out.tokens[:, :3].tolist() == ref.tokens[:, :3].tolist()
@@ -421,6 +434,46 @@ def test_cli_uses_the_checkpoint_tokenizer(tmp_path, capsys):
     printed = capsys.readouterr().out.rstrip("\n")
     n = ref.lengths[0]
     assert printed == tok.decode(ref.tokens[0, :n].tolist(), skip_special_tokens=True)
+
+
+def test_decode_linear_switch_routes_the_projections(tiny):
+    """gkv_ext.switches(decode_linear=True) sends the decoder's projections through
+    gkv::decode_linear (the profiler sees the op) with the same result (its CPU kernel is ATen's
+    linear), and the switch is back off after the block."""
+    _, model = tiny["llama"]
+
+    def run():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = generate(model, PROMPTS, policy=make_policy("gkv", 10), max_new_tokens=12,
+                           eos_token_ids=[])
+        return out, sum(e.name == "gkv::decode_linear" for e in prof.events())
+
+    plain, calls = run()
+    assert calls == 0 and not gkv_ext.switch_on("decode_linear")
+    with gkv_ext.switches(decode_linear=True):
+        assert gkv_ext.switch_on("decode_linear")
+        switched, calls = run()
+    assert not gkv_ext.switch_on("decode_linear")
+    # q/k/v (joint), o, gate/up (joint) and down in each layer, at the prefill and 11 decode steps.
+    assert calls == 4 * model.config.num_layers * 12
+    assert torch.equal(switched.tokens, plain.tokens)
+    assert torch.equal(switched.logprobs, plain.logprobs)
+    assert torch.equal(switched.death, plain.death)
+
+
+def test_switches_start_from_the_environment_and_reject_unknown_names():
+    code = ("import gkv_ext; print(gkv_ext.switch_on('chained_launch'), "
+            "gkv_ext.switch_on('decode_linear'))")
+    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "True"]
+    assert gkv_ext.switch_on("chained_launch") and not gkv_ext.switch_on("decode_linear")
+    unknown = r"unknown switch 'fast' \(chained_launch or decode_linear\)"
+    with pytest.raises(ValueError, match=unknown):
+        with gkv_ext.switches(decode_linear=True, fast=True):
+            pass
+    assert not gkv_ext.switch_on("decode_linear")  # nothing was set
 
 
 def test_package_exports():

@@ -1,0 +1,39 @@
+// Process-wide switches between two implementations of the same result, for A/B timing and
+// debugging. Each is read where it acts (a kernel launch, a projection), so a benchmark can flip
+// one between two runs in one process and time them in turn; a CUDA graph keeps what was on when
+// it was captured. The environment gives the initial value:
+//   chained_launch  GKV_CHAINED_LAUNCH=0 turns it off: every kernel of ours launched plainly
+//                   instead of chained (kernels/common.cuh).
+//   decode_linear   GKV_DECODE_LINEAR=1 turns it on: the decoder's projections through
+//                   gkv::decode_linear instead of ATen's linear (model/decoder.cpp).
+// No torch headers: the CUDA kernels' common header includes this.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace gkv {
+
+enum class Switch { chained_launch, decode_linear };
+
+namespace detail {
+inline bool env_equals(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+inline std::atomic<bool>& switch_state(Switch s) {
+  static std::atomic<bool> chained_launch{!env_equals("GKV_CHAINED_LAUNCH", "0")};
+  static std::atomic<bool> decode_linear{env_equals("GKV_DECODE_LINEAR", "1")};
+  return s == Switch::chained_launch ? chained_launch : decode_linear;
+}
+}  // namespace detail
+
+inline bool switch_on(Switch s) { return detail::switch_state(s).load(std::memory_order_relaxed); }
+
+inline void set_switch(Switch s, bool on) {
+  detail::switch_state(s).store(on, std::memory_order_relaxed);
+}
+
+}  // namespace gkv

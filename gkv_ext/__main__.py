@@ -24,10 +24,10 @@ def _generate(args) -> int:
     extra = {"window": args.window, "divide_length": args.divide_length}
     policy = policies.by_name(args.policy, args.budget,
                               **{k: v for k, v in extra.items() if v is not None})
-    out = generate(model, tokenizer.encode(args.prompt), policy=policy,
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    print(tokenizer.decode(out.sequences[0]))
+    out = generate(model, args.prompt, policy=policy, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, tokenizer=tokenizer)
+    print(out.texts[0])
     return 0
 
 

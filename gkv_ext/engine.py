@@ -29,6 +29,7 @@ class Generation:
     prompt_lengths: torch.Tensor  # [B] int64
     death: torch.Tensor           # [B,L,Hkv,P+max_new_tokens] int32 eviction log
     kv_slots: int                 # slots per layer and KV head the cache allocated, once
+    texts: Optional[List[str]] = None  # each row's sequence decoded, when generate had a tokenizer
 
     @property
     def sequences(self) -> List[List[int]]:
@@ -36,42 +37,64 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
 
 
-def _prompt_lists(prompts) -> List[List[int]]:
+Prompts = Union[str, Sequence[int], Sequence[Union[str, Sequence[int]]]]
+
+
+def _prompt_lists(prompts: Prompts, tokenizer=None) -> List[List[int]]:
+    """One prompt or a list of them, each a text (encoded by ``tokenizer``) or token ids."""
     if isinstance(prompts, torch.Tensor):
-        raise TypeError("prompts must be token id lists (one list, or a list of lists); "
+        raise TypeError("prompts must be texts or token id lists (one, or a list of them); "
                         "left padding is done by generate")
+    if isinstance(prompts, str):
+        prompts = [prompts]
     prompts = list(prompts)
     if prompts and isinstance(prompts[0], int):
         return [prompts]
-    return [list(p) for p in prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("a text prompt needs tokenizer= (an object with encode(text), "
+                                 "e.g. gkv_ext.tasks.load_tokenizer(model_dir))")
+            p = tokenizer.encode(p)
+        out.append(list(p))
+    return out
 
 
-def generate(model: _C.Model, prompts: Union[Sequence[int], Sequence[Sequence[int]]],
-             policy: Optional[Policy] = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_token_ids: Optional[Sequence[int]] = None, stop_token_ids: Sequence[int] = (),
-             pad_token_id: Optional[int] = None, cuda_graph: bool = True) -> Generation:
+def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, eos_token_ids: Optional[Sequence[int]] = None,
+             stop_token_ids: Sequence[int] = (), pad_token_id: Optional[int] = None,
+             cuda_graph: bool = True, tokenizer=None) -> Generation:
     """Batched generation with a compressed KV cache.
 
     Args:
-        prompts: one list of token ids, or a list of them (left-padded into one batch).
+        prompts: one prompt or a list of them (left-padded into one batch), each a list of token
+            ids or a text, which ``tokenizer`` encodes.
         policy: a ``gkv_ext.policies`` policy; FullKV when None.
         temperature: 0 for greedy; otherwise sampling with ``top_p`` / ``top_k`` and ``seed``.
         eos_token_ids: end a row; default the model config's. ``stop_token_ids`` end it too.
         pad_token_id: fills finished rows and left padding; default the first EOS id, else 0.
         cuda_graph: on CUDA, replay a captured decode step (same results; False: all eager).
+        tokenizer: encodes text prompts (``encode(text) -> ids``) and, when given, decodes each
+            row's sequence into ``Generation.texts`` (``decode(ids) -> str``).
     """
-    r = _C.generate(model, _prompt_lists(prompts), policy if policy is not None else FullKV(),
-                    max_new_tokens, temperature, top_p, top_k, seed,
-                    None if eos_token_ids is None else list(eos_token_ids),
+    r = _C.generate(model, _prompt_lists(prompts, tokenizer),
+                    policy if policy is not None else FullKV(), max_new_tokens, temperature,
+                    top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
                     list(stop_token_ids), pad_token_id, cuda_graph)
-    return Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
+    out = Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
+    if tokenizer is not None:
+        out.texts = [tokenizer.decode(seq) for seq in out.sequences]
+    return out
 
 
-def teacher_forced(model: _C.Model, prompts, tokens: torch.Tensor,
-                   policy: Optional[Policy] = None, pad_token_id: Optional[int] = None):
-    """Runs ``tokens`` [B,T] after the prompts as if generated, in chunks ending at the compression
-    steps; returns (logprobs [B,T], death [B,L,Hkv,P+T])."""
-    r = _C.teacher_forced(model, _prompt_lists(prompts), tokens,
+def teacher_forced(model: _C.Model, prompts: Prompts, tokens: torch.Tensor,
+                   policy: Optional[Policy] = None, pad_token_id: Optional[int] = None,
+                   tokenizer=None):
+    """Runs ``tokens`` [B,T] after the prompts (as in generate; ``tokenizer`` encodes text ones)
+    as if generated, in chunks ending at the compression steps; returns (logprobs [B,T],
+    death [B,L,Hkv,P+T])."""
+    r = _C.teacher_forced(model, _prompt_lists(prompts, tokenizer), tokens,
                           policy if policy is not None else FullKV(), pad_token_id)
     return r.logprobs, r.death

@@ -11,6 +11,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,6 +435,30 @@ def test_cli_uses_the_checkpoint_tokenizer(tmp_path, capsys):
     printed = capsys.readouterr().out.rstrip("\n")
     n = ref.lengths[0]
     assert printed == tok.decode(ref.tokens[0, :n].tolist(), skip_special_tokens=True)
+
+
+def test_text_prompts_go_through_the_tokenizer():
+    """Text prompts (alone or beside token ids) are encoded by tokenizer=, give the tokens of
+    their ids, and come back decoded in texts; without a tokenizer a text is refused by name."""
+    from gkv_ext import tasks
+    bundled = Path(gkv_ext.__file__).parent / "data" / "bundled"
+    tok = tasks.load_tokenizer(bundled / "tokenizer")
+    model = load_model(bundled)
+    texts = ["a=3 b=a+4 b?", "x=1 y=x+x y?"]
+    kw = dict(policy=policies.GKV(16, window=4, divide_length=8), max_new_tokens=10,
+              eos_token_ids=[])
+    ids = [tok.encode(t) for t in texts]
+    ref = generate(model, ids, **kw)
+    assert ref.texts is None
+    out = generate(model, [texts[0], ids[1]], tokenizer=tok, **kw)
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.death, ref.death)
+    assert out.texts == [tok.decode(s) for s in ref.sequences]
+    one = generate(model, texts[1], tokenizer=tok, **kw)
+    assert one.tokens.tolist() == generate(model, ids[1], **kw).tokens.tolist()
+    logprobs, death = teacher_forced(model, texts, ref.tokens, policy=kw["policy"], tokenizer=tok)
+    assert torch.equal(death, ref.death)
+    with pytest.raises(ValueError, match="a text prompt needs tokenizer="):
+        generate(model, texts, **kw)
 
 
 def test_decode_linear_switch_routes_the_projections(tiny):

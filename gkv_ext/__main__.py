@@ -6,15 +6,36 @@
 
 The tokenizer is transformers' AutoTokenizer for a checkpoint directory that has one, or the
 llama2.c tokenizer (tok512.bin beside the model, else the model file's own vocabulary) for a
-llama2.ts .bin model (gkv_ext.tasks.load_tokenizer). ``eval`` is gkv_ext/evaluate.py, ``demo``
-gkv_ext/demo.py.
+llama2.ts .bin model (gkv_ext.tasks.load_tokenizer). ``generate`` prints the text as it is
+generated, then a summary line (tokens/s, KV slots) on stderr. ``eval`` is gkv_ext/evaluate.py,
+``demo`` gkv_ext/demo.py.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from . import demo, evaluate, policies, tasks
 from .engine import generate, load_model
+
+
+class _TextStream:
+    """Prints one row's text while its tokens arrive: the text decoded so far, less what is
+    already printed, held back while it ends in an incomplete character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, step, tokens):
+        self.ids.append(tokens[0])
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, text):
+        # Decoding may re-split what was printed (rare): then the whole text again.
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
 def _generate(args) -> int:
@@ -24,10 +45,17 @@ def _generate(args) -> int:
     extra = {"window": args.window, "divide_length": args.divide_length}
     policy = policies.by_name(args.policy, args.budget,
                               **{k: v for k, v in extra.items() if v is not None})
+    stream = _TextStream(tokenizer)
+    start = time.perf_counter()
     out = generate(model, args.prompt, policy=policy, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, tokenizer=tokenizer)
-    print(out.texts[0])
+                   seed=args.seed, tokenizer=tokenizer, on_token=stream)
+    seconds = time.perf_counter() - start
+    stream.finish(out.texts[0])
+    n, prompt = int(out.lengths[0]), int(out.prompt_lengths[0])
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s); KV cache of "
+          f"{out.kv_slots} slots per layer and KV head, for {prompt + n} tokens",
+          file=sys.stderr)
     return 0
 
 

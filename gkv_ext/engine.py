@@ -1,7 +1,7 @@
 """The native generation engine from Python: ``load_model`` and ``generate`` (csrc/engine)."""
 from dataclasses import dataclass
 from os import PathLike
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -65,7 +65,8 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, eos_token_ids: Optional[Sequence[int]] = None,
              stop_token_ids: Sequence[int] = (), pad_token_id: Optional[int] = None,
-             cuda_graph: bool = True, tokenizer=None) -> Generation:
+             cuda_graph: bool = True, tokenizer=None,
+             on_token: Optional[Callable[[int, List[int]], Optional[bool]]] = None) -> Generation:
     """Batched generation with a compressed KV cache.
 
     Args:
@@ -78,11 +79,15 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
         cuda_graph: on CUDA, replay a captured decode step (same results; False: all eager).
         tokenizer: encodes text prompts (``encode(text) -> ids``) and, when given, decodes each
             row's sequence into ``Generation.texts`` (``decode(ids) -> str``).
+        on_token: called after every step as ``on_token(step, tokens)`` with one token per row
+            (pad in finished rows), for streaming; returning False ends the generation there.
+            It costs a host sync per step.
     """
     r = _C.generate(model, _prompt_lists(prompts, tokenizer),
                     policy if policy is not None else FullKV(), max_new_tokens, temperature,
                     top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
-                    list(stop_token_ids), pad_token_id, cuda_graph)
+                    list(stop_token_ids), pad_token_id, cuda_graph,
+                    None if on_token is None else lambda step, t: on_token(step, t.tolist()))
     out = Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
     if tokenizer is not None:
         out.texts = [tokenizer.decode(seq) for seq in out.sequences]

@@ -141,8 +141,10 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
     lengths.add_(finished.logical_not());
     if (!stop_ids.empty()) finished.logical_or_(at::isin(next, stop));
     ++steps;
-    // The only host sync of a step: whether every row is done (none without stop tokens).
-    if (steps == T || (!stop_ids.empty() && finished.all().item<bool>())) break;
+    const bool go_on = !options.on_token || options.on_token(steps - 1, next.to(at::kCPU));
+    // The only host sync of a step without on_token: whether every row is done (none without
+    // stop tokens).
+    if (!go_on || steps == T || (!stop_ids.empty() && finished.all().item<bool>())) break;
     logits = stepper.step(next);
   }
   return {out_tokens.narrow(1, 0, steps), out_logprobs.narrow(1, 0, steps), lengths, batch.lengths,

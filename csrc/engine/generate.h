@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -34,6 +35,10 @@ struct GenerateOptions {
   std::vector<int64_t> stop_token_ids;                // also end a row (kept in its output)
   std::optional<int64_t> pad_token_id;                // default: the first EOS id, else 0
   bool cuda_graph = true;  // on CUDA, replay a captured decode step (DecodeStepper)
+  // Called after every step with its index and tokens ([B] int64 on the CPU; pad in finished
+  // rows), for streaming; returning false ends the generation there. Set, it costs a host sync
+  // per step.
+  std::function<bool(int64_t step, const at::Tensor& tokens)> on_token;
 };
 
 struct GenerateResult {

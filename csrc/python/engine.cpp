@@ -144,7 +144,7 @@ void bind_engine(py::module& m) {
          const Policy& policy, int64_t max_new_tokens, double temperature, double top_p,
          int64_t top_k, uint64_t seed, std::optional<std::vector<int64_t>> eos_token_ids,
          std::vector<int64_t> stop_token_ids, std::optional<int64_t> pad_token_id,
-         bool cuda_graph) {
+         bool cuda_graph, const py::object& on_token) {
         gkv::engine::GenerateOptions o;
         o.max_new_tokens = max_new_tokens;
         o.sampling = {temperature, top_p, top_k, seed};
@@ -152,6 +152,13 @@ void bind_engine(py::module& m) {
         o.stop_token_ids = std::move(stop_token_ids);
         o.pad_token_id = pad_token_id;
         o.cuda_graph = cuda_graph;
+        if (!on_token.is_none()) {
+          // The engine runs without the GIL; the call takes it. Only False stops, None goes on.
+          o.on_token = [on_token](int64_t step, const at::Tensor& tokens) {
+            py::gil_scoped_acquire gil;
+            return on_token(step, tokens).ptr() != Py_False;
+          };
+        }
         py::gil_scoped_release no_gil;
         return gkv::engine::generate(model, prompts, policy, o);
       },
@@ -159,7 +166,7 @@ void bind_engine(py::module& m) {
       py::arg("temperature") = 0.0, py::arg("top_p") = 1.0, py::arg("top_k") = 0,
       py::arg("seed") = 0, py::arg("eos_token_ids") = py::none(),
       py::arg("stop_token_ids") = std::vector<int64_t>{}, py::arg("pad_token_id") = py::none(),
-      py::arg("cuda_graph") = true,
+      py::arg("cuda_graph") = true, py::arg("on_token") = py::none(),
       "Batched generation with a compressed KV cache (csrc/engine/generate.h).");
   m.def(
       "teacher_forced",

@@ -56,6 +56,18 @@ TEST_CASE("generation compresses in place and teacher forcing makes the same dec
   const auto forced = engine::teacher_forced(model, kPrompts, gen.tokens, p);
   REQUIRE(at::equal(forced.death, gen.death));
   REQUIRE(at::allclose(forced.logprobs, gen.logprobs, 1e-4, 1e-4));
+
+  // on_token streams each step's tokens; false ends the generation after that step.
+  std::vector<at::Tensor> streamed;
+  o.on_token = [&](int64_t step, const at::Tensor& tokens) {
+    REQUIRE(step == static_cast<int64_t>(streamed.size()));
+    streamed.push_back(tokens.clone());
+    return step < 9;
+  };
+  const auto cut = engine::generate(model, kPrompts, p, o);
+  REQUIRE(streamed.size() == 10);
+  REQUIRE(at::equal(at::stack(streamed, 1), gen.tokens.narrow(1, 0, 10)));
+  REQUIRE(at::equal(cut.tokens, gen.tokens.narrow(1, 0, 10)));
 }
 
 TEST_CASE("the cache's buffers are allocated once", "[cache]") {

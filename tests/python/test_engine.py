@@ -9,6 +9,7 @@
 - Bad arguments raise errors that name them.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,7 +398,11 @@ def test_cli_generates_text(capsys):
     assert main(["generate", "--model", str(STORIES / "tinystories_260k_v1.bin"), "--prompt",
                  "Once upon a time, there was a little", "--policy", "gkv", "--budget", "64",
                  "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out.startswith("girl named Lily.")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("girl named Lily.")
+    # 10 prompt tokens + 8 fit below budget 64: the cache holds them all, and no more.
+    assert re.fullmatch(r"8 tokens in [\d.]+ s \([\d.]+ tokens/s\); KV cache of 18 slots per "
+                        r"layer and KV head, for 18 tokens\n", captured.err), captured.err
     assert main(["generate", "--model", str(STORIES / "tinystories_260k_v1.bin"), "--prompt",
                  "Once", "--policy", "h2o-accumulate", "--budget", "4", "--window", "8"]) == 2
     assert "budget (4) must be >= window (8)" in capsys.readouterr().err
@@ -459,6 +464,26 @@ def test_text_prompts_go_through_the_tokenizer():
     assert torch.equal(death, ref.death)
     with pytest.raises(ValueError, match="a text prompt needs tokenizer="):
         generate(model, texts, **kw)
+
+
+def test_on_token_streams_every_step_and_can_stop(tiny):
+    """on_token sees each step's tokens in order (pad in finished rows), the same as the result;
+    returning False ends the generation after that step; its exception reaches the caller."""
+    _, model = tiny["qwen2"]
+    kw = dict(policy=make_policy("gkv", 10), max_new_tokens=20, eos_token_ids=[5], pad_token_id=0)
+    seen = []
+    out = generate(model, PROMPTS, on_token=lambda step, tokens: seen.append((step, tokens)), **kw)
+    assert [s for s, _ in seen] == list(range(out.tokens.shape[1]))
+    assert torch.equal(torch.tensor([t for _, t in seen]).T, out.tokens)
+    assert torch.equal(out.tokens, generate(model, PROMPTS, **kw).tokens)
+    stopped = generate(model, PROMPTS, on_token=lambda step, tokens: step < 3, **kw)
+    assert torch.equal(stopped.tokens, out.tokens[:, :4])
+    assert stopped.lengths.tolist() == [min(4, n) for n in out.lengths.tolist()]
+
+    def fail(step, tokens):
+        raise KeyError("from the callback")
+    with pytest.raises(KeyError, match="from the callback"):
+        generate(model, PROMPTS, on_token=fail, **kw)
 
 
 def test_decode_linear_switch_routes_the_projections(tiny):

@@ -466,15 +466,17 @@ def test_text_prompts_go_through_the_tokenizer():
         generate(model, texts, **kw)
 
 
-def test_on_token_streams_every_step_and_can_stop(tiny):
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_token_streams_every_step_and_can_stop(tiny, device):
     """on_token sees each step's tokens in order (pad in finished rows), the same as the result;
-    returning False ends the generation after that step; its exception reaches the caller."""
-    _, model = tiny["qwen2"]
+    returning False ends the generation after that step (on CUDA, out of graph replays too); its
+    exception reaches the caller."""
+    model = on_device(tiny["qwen2"][1], device)
     kw = dict(policy=make_policy("gkv", 10), max_new_tokens=20, eos_token_ids=[5], pad_token_id=0)
     seen = []
     out = generate(model, PROMPTS, on_token=lambda step, tokens: seen.append((step, tokens)), **kw)
     assert [s for s, _ in seen] == list(range(out.tokens.shape[1]))
-    assert torch.equal(torch.tensor([t for _, t in seen]).T, out.tokens)
+    assert torch.equal(torch.tensor([t for _, t in seen]).T, out.tokens.cpu())
     assert torch.equal(out.tokens, generate(model, PROMPTS, **kw).tokens)
     stopped = generate(model, PROMPTS, on_token=lambda step, tokens: step < 3, **kw)
     assert torch.equal(stopped.tokens, out.tokens[:, :4])

@@ -265,7 +265,12 @@ Decoder Decoder::from_named(ModelConfig config,
                             const std::function<at::Tensor(const std::string&, c10::IntArrayRef)>& get) {
   config.validate();
   Weights w;
-  w.layers.resize(config.num_layers);
+  try {
+    w.layers.resize(config.num_layers);
+  } catch (const std::exception&) {  // bad_alloc, or length_error past max_size()
+    throw std::runtime_error(c10::str("key 'num_hidden_layers' (", config.num_layers,
+                                      ") is more layers than memory can hold"));
+  }
   for_each_slot(config, w, [&](const std::string& name, at::Tensor& t, const std::vector<int64_t>& shape) {
     t = get(name, shape).to(config.dtype);
   });

@@ -3,9 +3,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/StringUtil.h>
 
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
+#include <string>
 
 namespace gkv::model {
 
@@ -83,6 +86,17 @@ at::Tensor interleaved_to_half(const at::Tensor& w, int64_t heads, int64_t head_
   return w.view({layers, heads, head_dim / 2, 2, dim}).transpose(2, 3).reshape({layers, heads * head_dim, dim});
 }
 
+// A piece as printable ASCII for an error message (a corrupt file's bytes need not be UTF-8).
+std::string printable(const std::string& piece) {
+  std::string out;
+  for (const unsigned char ch : piece) {
+    char escaped[5];
+    std::snprintf(escaped, sizeof escaped, "\\x%02X", ch);
+    out += ch >= 0x20 && ch < 0x7F ? std::string(1, static_cast<char>(ch)) : std::string(escaped);
+  }
+  return out;
+}
+
 std::string with_spaces(std::string piece) {  // U+2581 (sentencepiece's space) -> ' '
   static const std::string kSpace = "\xE2\x96\x81";
   for (size_t at = piece.find(kSpace); at != std::string::npos; at = piece.find(kSpace, at + 1)) {
@@ -143,7 +157,7 @@ Llama2Tokenizer::Llama2Tokenizer(std::vector<std::string> pieces, std::vector<fl
     std::snprintf(expected, sizeof expected, "<0x%02X>", static_cast<unsigned>(b));
     if (pieces[kFirstByte + b] != expected) {
       throw std::runtime_error(c10::str("Llama2Tokenizer: piece ", kFirstByte + b, " is '",
-                                        pieces[kFirstByte + b], "', expected the byte piece ", expected));
+                                        printable(pieces[kFirstByte + b]), "', expected the byte piece ", expected));
     }
   }
   pieces_.reserve(pieces.size());
@@ -234,10 +248,14 @@ Llama2tsModel load_llama2ts(const fs::path& path) {
 
   const int64_t L = c.num_layers, D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
   const int64_t q_rows = c.num_heads * c.head_dim, kv_rows = c.num_kv_heads * c.head_dim;
-  const uint64_t floats = V * D + L * D * 2 + L * q_rows * D * 2 + L * kv_rows * D * 2 + L * F * D * 3 +
-                          D;
-  if (r.remaining() != floats * 4) {
-    r.fail(c10::str("tensor section is ", r.remaining(), " bytes, the header implies ", floats * 4));
+  // In 128 bits: a corrupt header's 32-bit sizes multiply past 64 bits.
+  using Wide = unsigned __int128;
+  const Wide bytes = 4 * (Wide(V) * D + Wide(L) * D * 2 + Wide(L) * q_rows * D * 2 +
+                          Wide(L) * kv_rows * D * 2 + Wide(L) * F * D * 3 + D);
+  if (bytes != r.remaining()) {
+    r.fail(c10::str("tensor section is ", r.remaining(), " bytes, the header implies ",
+                    bytes > UINT64_MAX ? std::string("more than 2^64")
+                                       : std::to_string(static_cast<uint64_t>(bytes))));
   }
   Weights w;
   w.embed = r.floats({V, D}, "embed");

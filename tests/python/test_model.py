@@ -359,6 +359,85 @@ def test_corrupt_safetensors_raise_clear_errors(corruption, tmp_path):
         Model.load(str(path))
 
 
+# Values a corrupt header may hold where a tensor entry expects a dtype, a shape, an offset.
+ODD_JSON_VALUES = [None, True, -1, 0, 1, 3, 2**31, 2**32 + 1, 2**62, 2**64 - 1, 2**64, 1.5, -0.0,
+                   "F32", "BF16", "x", [], [1], [0, 2**63], [5, 3], [-1, 4], {"a": 1}]
+
+
+def corrupt_randomly(rng, raw):
+    """raw with one random corruption: cut short, bytes of the length field or header
+    overwritten, or one field of one header entry set to an odd value or dropped."""
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    kind = rng.randrange(4)
+    if kind == 0:
+        return raw[:rng.randrange(len(raw))]
+    if kind == 1:
+        out = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            out[rng.randrange(8 + header_len)] = rng.randrange(256)
+        return bytes(out)
+    header, data = json.loads(raw[8:8 + header_len]), raw[8 + header_len:]
+    entry = header[rng.choice(sorted(n for n in header if n != "__metadata__"))]
+    field = rng.choice(["dtype", "shape", "data_offsets"])
+    if kind == 2:
+        entry[field] = rng.choice(ODD_JSON_VALUES)
+    elif field != "dtype" and entry[field]:
+        entry[field][rng.randrange(len(entry[field]))] = rng.choice(ODD_JSON_VALUES)
+    else:
+        del entry[field]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def load_or_clear_error(path):
+    """Loads path; a failure must be a RuntimeError of one line. Returns whether it loaded."""
+    try:
+        Model.load(str(path))
+        return True
+    except RuntimeError as e:
+        assert str(e) and "\n" not in str(e).strip(), repr(str(e))
+        return False
+
+
+def test_random_corruptions_of_a_checkpoint_are_clear_errors(tmp_path):
+    """300 random corruptions of a real checkpoint file: each one loads or raises one clear
+    error, and none crashes the process (a read past the file or a bad allocation would)."""
+    import random
+    _, path = make_hf("llama-mha-untied", tmp_path)
+    file = path / "model.safetensors"
+    raw, rng = file.read_bytes(), random.Random(0)
+    loaded = 0
+    for _ in range(300):
+        file.write_bytes(corrupt_randomly(rng, raw))
+        loaded += load_or_clear_error(path)
+    assert loaded < 30  # nearly every corruption is caught, not loaded as garbage
+
+
+@requires_stories
+def test_random_corruptions_of_a_llama2ts_file_are_clear_errors(tmp_path):
+    """The same for the llama2.ts reader: cut short, header fields set to odd sizes, bytes of
+    the vocabulary overwritten."""
+    import random
+    raw, rng = STORIES_BIN.read_bytes(), random.Random(0)
+    bad = tmp_path / "bad.bin"
+    loaded = 0
+    for _ in range(200):
+        out = bytearray(raw)
+        kind = rng.randrange(3)
+        if kind == 0:
+            out = out[:rng.randrange(len(out))]
+        elif kind == 1:  # one of the seven int32 sizes after the 10-byte magic
+            value = rng.choice([-1, 0, 1, 7, 2**31 - 1, rng.randrange(-2**31, 2**31)])
+            at = 10 + 4 * rng.randrange(7)
+            out[at:at + 4] = struct.pack("<i", value)
+        else:
+            for _ in range(rng.randint(1, 8)):
+                out[256 + rng.randrange(4096)] = rng.randrange(256)
+        bad.write_bytes(bytes(out))
+        loaded += load_or_clear_error(bad)
+    assert loaded < 100
+
+
 def test_sharded_index_errors(tmp_path):
     _, path = make_hf("qwen2-gqa", tmp_path)
     out = tmp_path / "sharded"
@@ -414,6 +493,30 @@ def test_bad_configs_raise_clear_errors(case):
     config = {k: v for k, v in config.items() if v is not None}
     with pytest.raises(RuntimeError, match=message):
         ModelConfig.from_json(json.dumps(config))
+
+
+def test_random_config_values_are_clear_errors(tmp_path):
+    """300 random edits of a real checkpoint's config.json (one or two keys set to odd values):
+    each loads or raises one clear error. A layer count past memory is refused by name (it used
+    to escape as std::bad_alloc)."""
+    import random
+    _, path = make_hf("qwen2-gqa", tmp_path)
+    config_path = path / "config.json"
+    config, rng = json.loads(config_path.read_text()), random.Random(0)
+    odd = ODD_JSON_VALUES + [2**40, 2**62, 7, 16, "float16", {"rope_type": "llama3"}]
+    failed = 0
+    for _ in range(300):
+        edited = dict(config)
+        for _ in range(rng.randint(1, 2)):
+            edited[rng.choice(sorted(edited))] = rng.choice(odd)
+        config_path.write_text(json.dumps(edited))
+        failed += not load_or_clear_error(path)
+    assert failed > 150
+    for layers in (2**40, 2**62):
+        config_path.write_text(json.dumps({**config, "num_hidden_layers": layers}))
+        with pytest.raises(RuntimeError, match=rf"key 'num_hidden_layers' \({layers}\) is more "
+                                               "layers than memory can hold"):
+            Model.load(str(path))
 
 
 def test_config_parsing_and_legacy_rope_keys():
@@ -514,3 +617,16 @@ def test_truncated_stories_file(tmp_path):
     notmodel.write_bytes(b"\x02" + raw[1:])
     with pytest.raises(RuntimeError, match="not a llama2.ts model file"):
         Model.load(str(notmodel))
+    # Sizes whose product passes 2^64 (hidden 2^30, ffn and layers 2^31 - 1) are refused as such.
+    huge = tmp_path / "huge.bin"
+    huge.write_bytes(raw[:10] + struct.pack("<2i", 2**30, 2**31 - 1) + raw[18:26]
+                     + struct.pack("<i", 2**31 - 1) + raw[30:])
+    with pytest.raises(RuntimeError, match=r"tensor section is \d+ bytes, the header implies "
+                                           r"more than 2\^64"):
+        Model.load(str(huge))
+    # A byte of a piece that is not UTF-8 is escaped in the message (it used to fail in decoding).
+    at = raw.index(b"<0x00>")
+    notutf8 = tmp_path / "y.bin"
+    notutf8.write_bytes(raw[:at] + b"\xe5" + raw[at + 1:])
+    with pytest.raises(RuntimeError, match=r"piece 3 is '\\xE50x00>', expected the byte piece <0x00>"):
+        Model.load(str(notutf8))

@@ -20,22 +20,28 @@ from .engine import generate, load_model
 
 
 class _TextStream:
-    """Prints one row's text while its tokens arrive: the text decoded so far, less what is
-    already printed, held back while it ends in an incomplete character."""
+    """Prints one row's text while its tokens arrive, decoding only the newest ids with the
+    last printed span before them as context (a tokenizer may render a token differently at the
+    start of a text), so a step costs the same at token 10 and at token 10,000. An incomplete
+    character is held back until its last byte comes."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self.tokenizer, self.ids, self.printed = tokenizer, [], []
+        self.context = self.unprinted = 0  # ids[context:unprinted] printed, ids[unprinted:] not
 
     def __call__(self, step, tokens):
         self.ids.append(tokens[0])
-        text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.shown) and not text.endswith("\ufffd"):
-            print(text[len(self.shown):], end="", flush=True)
-            self.shown = text
+        before = self.tokenizer.decode(self.ids[self.context:self.unprinted])
+        text = self.tokenizer.decode(self.ids[self.context:])
+        if len(text) > len(before) and text.startswith(before) and not text.endswith("\ufffd"):
+            self.printed.append(text[len(before):])
+            print(self.printed[-1], end="", flush=True)
+            self.context, self.unprinted = self.unprinted, len(self.ids)
 
     def finish(self, text):
         # Decoding may re-split what was printed (rare): then the whole text again.
-        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
+        shown = "".join(self.printed)
+        print(text[len(shown):] if text.startswith(shown) else "\n" + text, flush=True)
 
 
 def _generate(args) -> int:

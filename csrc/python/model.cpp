@@ -41,6 +41,14 @@ at::Tensor forward(const Decoder& model, const at::Tensor& tokens,
   return model.logits(hidden);
 }
 
+// Tokens may end inside a character, and a corrupt vocabulary need not be UTF-8: decoded as
+// transformers' tokenizers do, with U+FFFD, instead of raising UnicodeDecodeError.
+py::str replacing_bad_utf8(const std::string& bytes) {
+  PyObject* text = PyUnicode_DecodeUTF8(bytes.data(), static_cast<Py_ssize_t>(bytes.size()), "replace");
+  if (!text) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(text);
+}
+
 }  // namespace
 
 // pybind11's own types are hidden; ours are exported (the trainer links them), which GCC reports
@@ -142,8 +150,12 @@ void bind_model(py::module& m) {
                   "Reads tok512.bin (llama2.c format) or the vocabulary of a llama2.ts .bin file.")
       .def("encode", &Llama2Tokenizer::encode, py::arg("text"), py::arg("bos") = true,
            py::arg("eos") = false)
-      .def("decode", &Llama2Tokenizer::decode, py::arg("ids"))
-      .def("piece", &Llama2Tokenizer::piece, py::arg("id"))
+      .def("decode", [](const Llama2Tokenizer& t, const std::vector<int64_t>& ids) {
+        return replacing_bad_utf8(t.decode(ids));
+      }, py::arg("ids"), "The text; bytes that are not UTF-8 (a character cut short) become U+FFFD.")
+      .def("piece", [](const Llama2Tokenizer& t, int64_t id) {
+        return replacing_bad_utf8(t.piece(id));
+      }, py::arg("id"))
       .def_property_readonly("vocab_size", &Llama2Tokenizer::vocab_size)
       .def_readonly_static("bos_id", &Llama2Tokenizer::kBos)
       .def_readonly_static("eos_id", &Llama2Tokenizer::kEos);

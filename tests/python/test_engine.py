@@ -442,6 +442,43 @@ def test_cli_uses_the_checkpoint_tokenizer(tmp_path, capsys):
     assert printed == tok.decode(ref.tokens[0, :n].tolist(), skip_special_tokens=True)
 
 
+STREAMED_TEXTS = {  # what each tokenizer can spell, with characters of several bytes or tokens
+    "bundled": (Path(gkv_ext.__file__).parent / "data" / "bundled" / "tokenizer",
+                "a=3 b=a+4 b? 7 " * 12),
+    "stories260k": (STORIES / "tinystories_260k_v1.bin",
+                    "Once upon a time, Lily said: \"naïve café — 你好!\"\nThe end. " * 6),
+    "qwen3": (QWEN3_TOKENIZER, "The answer is 42 — 你好，世界! ∑ x² 🙂\n\n" * 6),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMED_TEXTS))
+def test_cli_stream_prints_the_text_decoding_a_few_ids_a_step(name, capsys):
+    """The generate CLI's stream prints, token by token, exactly the text decoded at the end,
+    and never decodes more than a few ids at a step (it used to decode the whole row)."""
+    from gkv_ext import tasks
+    from gkv_ext.__main__ import _TextStream
+    path, text = STREAMED_TEXTS[name]
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    tok = tasks.load_tokenizer(path)
+    ids = tok.encode(text, special=False)
+    longest = 0
+
+    class CountingTokenizer:
+        def decode(self, some):
+            nonlocal longest
+            longest = max(longest, len(some))
+            return tok.decode(some)
+
+    stream = _TextStream(CountingTokenizer())
+    for step, token in enumerate(ids):
+        stream(step, [token])
+    streamed = capsys.readouterr().out
+    stream.finish(tok.decode(ids))
+    assert streamed + capsys.readouterr().out == tok.decode(ids) + "\n"
+    assert len(ids) > 60 and longest <= 8, (len(ids), longest)
+
+
 def test_text_prompts_go_through_the_tokenizer():
     """Text prompts (alone or beside token ids) are encoded by tokenizer=, give the tokens of
     their ids, and come back decoded in texts; without a tokenizer a text is refused by name."""

@@ -169,18 +169,30 @@ SafetensorsFile::SafetensorsFile(fs::path path) : path_(std::move(path)) {
     entries_.emplace(name, std::move(e));
   }
 
-  // Two tensors must never share bytes: sort the spans and compare neighbours.
+  // The spans, in order, must tile the data section: no two tensors share a byte, and (as the
+  // format says) no byte belongs to none, so bytes cut from or added to the file show.
   std::vector<std::pair<const std::string*, const TensorEntry*>> spans;
   for (const auto& [name, e] : entries_) {
     if (e.end > e.begin) spans.emplace_back(&name, &e);
   }
   std::sort(spans.begin(), spans.end(),
             [](const auto& a, const auto& b) { return a.second->begin < b.second->begin; });
-  for (size_t i = 1; i < spans.size(); ++i) {
-    if (spans[i].second->begin < spans[i - 1].second->end) {
+  uint64_t covered = 0;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const uint64_t begin = spans[i].second->begin;
+    if (begin < covered) {
       fail(c10::str("tensors '", *spans[i - 1].first, "' and '", *spans[i].first,
                     "' have overlapping data_offsets"));
     }
+    if (begin > covered) {
+      fail(c10::str("bytes [", covered, ", ", begin, ") of the data section belong to no tensor "
+                    "(the format allows no holes)"));
+    }
+    covered = spans[i].second->end;
+  }
+  if (covered != data_size) {
+    fail(c10::str("the data section has ", data_size - covered,
+                  " bytes after the last tensor's (the format allows none: appended to?)"));
   }
 }
 

@@ -325,6 +325,16 @@ def set_offsets(name, offsets):
     return lambda h: h[name].update(data_offsets=offsets)
 
 
+def move_last_tensor_on(path, gap):
+    """The last tensor's bytes moved `gap` bytes further, leaving a hole of zeros before them."""
+    header, data = read_safetensors(path)
+    entry = max((e for n, e in header.items() if n != "__metadata__"),
+                key=lambda e: e["data_offsets"][0])
+    begin, end = entry["data_offsets"]
+    entry["data_offsets"] = [begin + gap, end + gap]
+    write_safetensors(path, header, data[:begin] + bytes(gap) + data[begin:])
+
+
 CORRUPTIONS = {
     "shorter than the length field": (lambda p: truncate(p, lambda n: 5), "shorter than the 8-byte"),
     "truncated header": (lambda p: truncate(p, lambda n: 100), r"header length \d+ exceeds"),
@@ -341,7 +351,12 @@ CORRUPTIONS = {
         "overlapping data_offsets"),
     "span does not match shape": (lambda p: edit_header(p, lambda h: h[NORM0].update(shape=[63])),
                                   r"byte span 256 does not match shape x dtype size = 252"),
-    "missing tensor": (lambda p: edit_header(p, lambda h: h.pop(UP0)), f"missing tensor '{UP0}'"),
+    "hole between spans": (lambda p: move_last_tensor_on(p, 4),
+                           r"bytes \[\d+, \d+\) of the data section belong to no tensor"),
+    "bytes appended": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 3),
+                       "the data section has 3 bytes after the last tensor's"),
+    "missing tensor": (lambda p: edit_header(p, lambda h: h.update(renamed=h.pop(UP0))),
+                       f"missing tensor '{UP0}'"),
     "wrong shape": (lambda p: edit_header(p, lambda h: h[NORM0].update(shape=[32, 2])),
                     rf"tensor '{NORM0}' has shape \[32, 2\], expected \[64\]"),
     "header not an object": (lambda p: write_safetensors(p, [1, 2], b""), "not a JSON object"),

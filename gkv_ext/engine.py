@@ -66,7 +66,8 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
              top_k: int = 0, seed: int = 0, eos_token_ids: Optional[Sequence[int]] = None,
              stop_token_ids: Sequence[int] = (), pad_token_id: Optional[int] = None,
              cuda_graph: bool = True, tokenizer=None,
-             on_token: Optional[Callable[[int, List[int]], Optional[bool]]] = None) -> Generation:
+             on_token: Optional[Callable[[int, List[int]], Optional[bool]]] = None,
+             progress: bool = False) -> Generation:
     """Batched generation with a compressed KV cache.
 
     Args:
@@ -82,12 +83,26 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
         on_token: called after every step as ``on_token(step, tokens)`` with one token per row
             (pad in finished rows), for streaming; returning False ends the generation there.
             It costs a host sync per step.
+        progress: a tqdm bar over the steps (through on_token: a host sync per step too).
     """
-    r = _C.generate(model, _prompt_lists(prompts, tokenizer),
-                    policy if policy is not None else FullKV(), max_new_tokens, temperature,
-                    top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
-                    list(stop_token_ids), pad_token_id, cuda_graph,
-                    None if on_token is None else lambda step, t: on_token(step, t.tolist()))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=max_new_tokens, desc="gkv_ext.generate", unit="tok")
+
+    def after_step(step, tokens):
+        if bar is not None:
+            bar.update(1)
+        return None if on_token is None else on_token(step, tokens.tolist())
+    try:
+        r = _C.generate(model, _prompt_lists(prompts, tokenizer),
+                        policy if policy is not None else FullKV(), max_new_tokens, temperature,
+                        top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
+                        list(stop_token_ids), pad_token_id, cuda_graph,
+                        after_step if on_token is not None or progress else None)
+    finally:
+        if bar is not None:
+            bar.close()
     out = Generation(r.tokens, r.logprobs, r.lengths, r.prompt_lengths, r.death, r.kv_slots)
     if tokenizer is not None:
         out.texts = [tokenizer.decode(seq) for seq in out.sequences]

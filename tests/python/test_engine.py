@@ -504,10 +504,10 @@ def test_text_prompts_go_through_the_tokenizer():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_on_token_streams_every_step_and_can_stop(tiny, device):
+def test_on_token_streams_every_step_and_can_stop(tiny, device, capsys):
     """on_token sees each step's tokens in order (pad in finished rows), the same as the result;
     returning False ends the generation after that step (on CUDA, out of graph replays too); its
-    exception reaches the caller."""
+    exception reaches the caller. progress=True counts the steps on a tqdm bar beside it."""
     model = on_device(tiny["qwen2"][1], device)
     kw = dict(policy=make_policy("gkv", 10), max_new_tokens=20, eos_token_ids=[5], pad_token_id=0)
     seen = []
@@ -518,6 +518,10 @@ def test_on_token_streams_every_step_and_can_stop(tiny, device):
     stopped = generate(model, PROMPTS, on_token=lambda step, tokens: step < 3, **kw)
     assert torch.equal(stopped.tokens, out.tokens[:, :4])
     assert stopped.lengths.tolist() == [min(4, n) for n in out.lengths.tolist()]
+    capsys.readouterr()
+    with_bar = generate(model, PROMPTS, on_token=lambda step, tokens: step < 3, progress=True, **kw)
+    assert torch.equal(with_bar.tokens, stopped.tokens)
+    assert re.search(r"gkv_ext\.generate: +20%\|.*\| 4/20 ", capsys.readouterr().err)
 
     def fail(step, tokens):
         raise KeyError("from the callback")

@@ -261,6 +261,18 @@ def test_cuda_graph_decode_equals_eager_bit_for_bit(tiny, policy, dtype, decode_
     assert torch.equal(graph.death, eager.death)
 
 
+def prefilled(model, policy, max_new_tokens):
+    """A cache for PROMPTS on the model's device, prefilled: (cache, last logits [B,V])."""
+    c, device = model.config, str(model.device)
+    P = max(map(len, PROMPTS))
+    tokens = torch.tensor([[0] * (P - len(r)) + r for r in PROMPTS], device=device)
+    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in PROMPTS], device=device)
+    cache = gkv_ext.CompressedKVCache(policy, c.num_layers, len(PROMPTS), c.num_heads,
+                                      c.num_kv_heads, c.head_dim, max_tokens=P + max_new_tokens,
+                                      device=device)
+    return cache, model(tokens, cache.begin_prefill(mask), cache=cache, last_only=True)[:, -1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
     """DecodeStepper equals stepping Model.forward through the cache; on CUDA every step but the
@@ -270,17 +282,8 @@ def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
     _, model = tiny["llama"]
     model = on_device(model, device)
     p = make_policy("gkv", 10)
-    c = model.config
-    P = max(map(len, PROMPTS))
-    tokens = torch.tensor([[0] * (P - len(r)) + r for r in PROMPTS], device=device)
-    mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in PROMPTS], device=device)
-
-    def cache():
-        return gkv_ext.CompressedKVCache(p, c.num_layers, len(PROMPTS), c.num_heads,
-                                         c.num_kv_heads, c.head_dim, max_tokens=P + 40, device=device)
-    ref_cache, step_cache = cache(), cache()
-    ref = model(tokens, ref_cache.begin_prefill(mask), cache=ref_cache, last_only=True)[:, -1]
-    out = model(tokens, step_cache.begin_prefill(mask), cache=step_cache, last_only=True)[:, -1]
+    ref_cache, ref = prefilled(model, p, 40)
+    step_cache, out = prefilled(model, p, 40)
     stepper = gkv_ext.DecodeStepper(model, step_cache)
     compressing = 0
     for _ in range(40):
@@ -295,6 +298,30 @@ def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
     assert stepper.compression_replays == (compressing - 1 if device == "cuda" else 0)
     with pytest.raises(RuntimeError, match=r"tokens must be \[B\] int64 with B = 3"):
         stepper.step(torch.zeros(2, dtype=torch.long, device=device))
+
+
+@requires_cuda
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
+@pytest.mark.parametrize("policy", ["gkv", "h2o-accumulate", "streamingllm"])
+def test_cuda_decode_steps_never_wait_for_the_gpu(tiny, policy, cuda_graph):
+    """A decode step, compressing or not, replayed or eager, never syncs with the host (the
+    engine's contract: syncs only where sampling or stopping needs them). torch's sync debug
+    mode turns any wait into an error; the steps before it include the captures."""
+    _, model = tiny["llama"]
+    model = on_device(model, "cuda")
+    cache, logits = prefilled(model, make_policy(policy, 10), 60)
+    stepper = gkv_ext.DecodeStepper(model, cache, cuda_graph)
+    for _ in range(20):  # two compressions (D = 8): both graphs captured
+        logits = stepper.step(logits.argmax(-1))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(40):  # five more compressions
+            logits = stepper.step(logits.argmax(-1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()
+    assert stepper.replays == (60 - 1 if cuda_graph else 0)
 
 
 @requires_cuda

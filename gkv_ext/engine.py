@@ -27,7 +27,8 @@ class Generation:
     logprobs: torch.Tensor        # [B,T] fp32 log-prob of each token under the raw logits
     lengths: torch.Tensor         # [B] int64 tokens generated per row, stop token included
     prompt_lengths: torch.Tensor  # [B] int64
-    death: torch.Tensor           # [B,L,Hkv,P+max_new_tokens] int32 eviction log
+    death: Optional[torch.Tensor]  # [B,L,Hkv,P+max_new_tokens] int32 eviction log (None
+                                   # when generate had eviction_log=False)
     kv_slots: int                 # slots per layer and KV head the cache allocated, once
     texts: Optional[List[str]] = None  # each row's sequence decoded, when generate had a tokenizer
 
@@ -67,7 +68,7 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
              stop_token_ids: Sequence[int] = (), pad_token_id: Optional[int] = None,
              cuda_graph: bool = True, tokenizer=None,
              on_token: Optional[Callable[[int, List[int]], Optional[bool]]] = None,
-             progress: bool = False) -> Generation:
+             progress: bool = False, eviction_log: bool = True) -> Generation:
     """Batched generation with a compressed KV cache.
 
     Args:
@@ -84,6 +85,8 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
             (pad in finished rows), for streaming; returning False ends the generation there.
             It costs a host sync per step.
         progress: a tqdm bar over the steps (through on_token: a host sync per step too).
+        eviction_log: False keeps no eviction log (``death`` is None): then the memory of
+            generation is flat in ``max_new_tokens`` under a budget, not only its KV cache.
     """
     bar = None
     if progress:
@@ -99,7 +102,8 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
                         policy if policy is not None else FullKV(), max_new_tokens, temperature,
                         top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
                         list(stop_token_ids), pad_token_id, cuda_graph,
-                        after_step if on_token is not None or progress else None)
+                        after_step if on_token is not None or progress else None,
+                        eviction_log)
     finally:
         if bar is not None:
             bar.close()

@@ -138,12 +138,15 @@ class CompressedCache(Cache):
             It sizes the eviction log and FullKV's cache (compressing policies preallocate
             budget + divide_length slots whatever it is); default the model's
             max_position_embeddings.
+        eviction_log: keep the eviction log ([B,L,Hkv,max_tokens] int32, see ``eviction_log``);
+            False saves that memory.
 
     One cache serves one generation (one prefill, then decode forwards); the native cache is
     created at the prefill, when the batch size, dtype and device are known.
     """
 
-    def __init__(self, model, policy: Optional[Policy] = None, max_tokens: Optional[int] = None):
+    def __init__(self, model, policy: Optional[Policy] = None, max_tokens: Optional[int] = None,
+                 eviction_log: bool = True):
         self.spec = _spec(model)
         if policy is None:
             policy = FullKV()
@@ -158,6 +161,7 @@ class CompressedCache(Cache):
                              f"got {max_tokens!r}")
         self.policy = policy
         self.max_tokens = max_tokens
+        self.keeps_eviction_log = eviction_log
         self.native: Optional[_C.CompressedKVCache] = None
         self._seen = 0            # tokens per row (padding included) of the finished forwards
         self._tokens = 0          # T of the forward in progress, 0 when none is
@@ -208,7 +212,8 @@ class CompressedCache(Cache):
             s = self.spec
             self.native = _C.CompressedKVCache(
                 self.policy, s.layers, attention_mask.shape[0], s.q_heads, s.kv_heads,
-                s.head_dim, self.max_tokens, like.dtype, str(like.device))
+                s.head_dim, self.max_tokens, like.dtype, str(like.device),
+                self.keeps_eviction_log)
             positions = self.native.begin_prefill(attention_mask)
         else:
             positions = self.native.begin_decode(tokens)
@@ -393,7 +398,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     input_ids = input_ids.to(device)
     B, P = input_ids.shape
     with _attention_set_to(model, ATTENTION):
-        cache = CompressedCache(model, policy, max_tokens=P + max_new_tokens)
+        cache = CompressedCache(model, policy, max_tokens=P + max_new_tokens,
+                                eviction_log=return_eviction_log)
         like = torch.empty(B, 0, dtype=model.dtype, device=device)
         positions = cache.begin_forward(
             P, None if attention_mask is None else attention_mask.to(device), like=like)

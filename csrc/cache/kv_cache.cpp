@@ -68,7 +68,8 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
-CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens)
+CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens,
+                                     bool eviction_log)
     : policy_(std::move(policy)), shape_(shape), max_tokens_(max_tokens) {
   policy_.validate();
   const auto& s = shape_;
@@ -92,8 +93,10 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
     l.score = at::zeros({s.batch, s.kv_heads, cap_}, f32);
     if (W > 0) l.q_ring = at::full({s.batch, s.q_heads, W, s.head_dim}, NAN, kv_opts);
   }
-  death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
-                    kv_opts.dtype(at::kInt));
+  if (eviction_log) {
+    death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
+                      kv_opts.dtype(at::kInt));
+  }
   const auto i64 = kv_opts.dtype(at::kLong);
   step_slots_ = at::arange(2, i64);  // length_ = 0
   live_slot_ = step_slots_.narrow(0, 0, 1);
@@ -102,7 +105,7 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   step_pos_ = at::zeros({s.batch, 1}, i64);
   step_new_pos_ = at::zeros({s.batch, s.kv_heads, 1}, kv_opts.dtype(at::kInt));
   // "cuda" means the current device: name it, so device checks compare like with like.
-  shape_.device = death_.device();
+  shape_.device = step_slots_.device();
 }
 
 const CompressedKVCache::Layer& CompressedKVCache::layer_at(int64_t layer) const {
@@ -111,7 +114,11 @@ const CompressedKVCache::Layer& CompressedKVCache::layer_at(int64_t layer) const
   return layers_[layer];
 }
 
-at::Tensor CompressedKVCache::death() const { return death_.narrow(3, 0, max_tokens_); }
+at::Tensor CompressedKVCache::death() const {
+  TORCH_CHECK(death_.defined(), "death: this cache keeps no eviction log (made with eviction_log "
+              "= false)");
+  return death_.narrow(3, 0, max_tokens_);
+}
 
 at::Tensor CompressedKVCache::begin_prefill(const at::Tensor& attention_mask) {
   TORCH_CHECK(forwards_ == 0 && tokens_ == 0, "begin_prefill: the cache already holds a prefill");
@@ -333,6 +340,7 @@ at::Tensor CompressedKVCache::window_queries(const Layer& s) const {
 }
 
 void CompressedKVCache::log_evictions(int64_t layer, const at::Tensor& pos, const at::Tensor& idx) {
+  if (!death_.defined()) return;
   auto kept = at::zeros(pos.sizes(), pos.options().dtype(at::kBool)).scatter_(2, idx, true);
   auto evicted = kept.logical_not_().logical_and_(pos.ge(0));  // [B,Hkv,N]
   // Kept slots and pads all write into the spare last column, which is never read.

@@ -49,8 +49,10 @@ struct CacheShape {
 class CompressedKVCache {
  public:
   // max_tokens: the most tokens one row will ever hold, padding included (prompt + new tokens);
-  // it sizes FullKV's cache and the eviction log's position axis.
-  CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens);
+  // it sizes FullKV's cache and the eviction log's position axis. Without eviction_log the cache
+  // keeps no death log ([B,L,Hkv,max_tokens] int32, the one allocation that grows with
+  // max_tokens under a budget) and death() refuses.
+  CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens, bool eviction_log = true);
 
   // attention_mask [B,P] (nonzero = real token; every row needs one) -> positions [B,P] int64
   // for RoPE (pads get 0). Forward 0: compression is tried.
@@ -96,6 +98,7 @@ class CompressedKVCache {
   const at::Tensor& scores(int64_t layer) const { return layer_at(layer).score; }
   // [B,L,Hkv,max_tokens] int32
   at::Tensor death() const;
+  bool keeps_eviction_log() const { return death_.defined(); }
 
  private:
   struct Layer {

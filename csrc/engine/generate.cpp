@@ -124,7 +124,7 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
   at::Generator gen = at::globalContext().defaultGenerator(device).clone();
   gen.set_current_seed(options.sampling.seed);
 
-  cache::CompressedKVCache cache(policy, shape_of(model, B), P + T);
+  cache::CompressedKVCache cache(policy, shape_of(model, B), P + T, options.eviction_log);
   DecodeStepper stepper(model, cache, options.cuda_graph);
   auto logits = prefill(model, cache, batch);  // [B,V]
   auto out_tokens = at::full({B, T}, pad, batch.tokens.options());
@@ -148,7 +148,7 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
     logits = stepper.step(next);
   }
   return {out_tokens.narrow(1, 0, steps), out_logprobs.narrow(1, 0, steps), lengths, batch.lengths,
-          cache.death(), cache.capacity()};
+          cache.keeps_eviction_log() ? cache.death() : at::Tensor(), cache.capacity()};
 }
 
 ForcedResult teacher_forced(const model::Decoder& model,

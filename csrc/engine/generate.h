@@ -35,6 +35,7 @@ struct GenerateOptions {
   std::vector<int64_t> stop_token_ids;                // also end a row (kept in its output)
   std::optional<int64_t> pad_token_id;                // default: the first EOS id, else 0
   bool cuda_graph = true;  // on CUDA, replay a captured decode step (DecodeStepper)
+  bool eviction_log = true;  // false: no death log kept (memory flat in max_new_tokens), none returned
   // Called after every step with its index and tokens ([B] int64 on the CPU; pad in finished
   // rows), for streaming; returning false ends the generation there. Set, it costs a host sync
   // per step.
@@ -48,7 +49,8 @@ struct GenerateResult {
   at::Tensor lengths;         // [B] int64 tokens generated per row, its stop token included
   at::Tensor prompt_lengths;  // [B] int64 real prompt tokens per row
   at::Tensor death;           // [B,L,Hkv,M] int32 eviction log (CompressedKVCache::death);
-                              // positions a row never reached stay INT32_MAX
+                              // positions a row never reached stay INT32_MAX. Undefined
+                              // without options.eviction_log
   int64_t kv_slots = 0;       // slots per layer and KV head the cache allocated, once
 };
 

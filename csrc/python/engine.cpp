@@ -91,14 +91,14 @@ void bind_engine(py::module& m) {
                                 "The compressed KV cache of one batch (csrc/cache/kv_cache.h).")
       .def(py::init([](const Policy& policy, int64_t layers, int64_t batch, int64_t q_heads,
                        int64_t kv_heads, int64_t head_dim, int64_t max_tokens,
-                       at::ScalarType dtype, const std::string& device) {
+                       at::ScalarType dtype, const std::string& device, bool eviction_log) {
              const CacheShape shape{layers,   batch, q_heads, kv_heads,
                                     head_dim, dtype, at::Device(device)};
-             return CompressedKVCache(policy, shape, max_tokens);
+             return CompressedKVCache(policy, shape, max_tokens, eviction_log);
            }),
            py::arg("policy"), py::arg("layers"), py::arg("batch"), py::arg("q_heads"),
            py::arg("kv_heads"), py::arg("head_dim"), py::arg("max_tokens"),
-           py::arg("dtype") = at::kFloat, py::arg("device") = "cpu")
+           py::arg("dtype") = at::kFloat, py::arg("device") = "cpu", py::arg("eviction_log") = true)
       .def("begin_prefill", &CompressedKVCache::begin_prefill, py::arg("attention_mask"),
            "attention_mask [B,P] -> positions [B,P] int64")
       .def("begin_decode", &CompressedKVCache::begin_decode, py::arg("tokens") = 1,
@@ -125,7 +125,8 @@ void bind_engine(py::module& m) {
       .def("values", &CompressedKVCache::values, py::arg("layer"))
       .def("positions", &CompressedKVCache::positions, py::arg("layer"))
       .def("scores", &CompressedKVCache::scores, py::arg("layer"))
-      .def("death", &CompressedKVCache::death, "[B,L,Hkv,max_tokens] int32 eviction log");
+      .def("death", &CompressedKVCache::death, "[B,L,Hkv,max_tokens] int32 eviction log")
+      .def_property_readonly("keeps_eviction_log", &CompressedKVCache::keeps_eviction_log);
 
   py::class_<gkv::engine::GenerateResult>(m, "GenerateResult")
       .def_readonly("tokens", &gkv::engine::GenerateResult::tokens)
@@ -144,7 +145,7 @@ void bind_engine(py::module& m) {
          const Policy& policy, int64_t max_new_tokens, double temperature, double top_p,
          int64_t top_k, uint64_t seed, std::optional<std::vector<int64_t>> eos_token_ids,
          std::vector<int64_t> stop_token_ids, std::optional<int64_t> pad_token_id,
-         bool cuda_graph, const py::object& on_token) {
+         bool cuda_graph, const py::object& on_token, bool eviction_log) {
         gkv::engine::GenerateOptions o;
         o.max_new_tokens = max_new_tokens;
         o.sampling = {temperature, top_p, top_k, seed};
@@ -152,6 +153,7 @@ void bind_engine(py::module& m) {
         o.stop_token_ids = std::move(stop_token_ids);
         o.pad_token_id = pad_token_id;
         o.cuda_graph = cuda_graph;
+        o.eviction_log = eviction_log;
         if (!on_token.is_none()) {
           // The engine runs without the GIL; the call takes it. Only False stops, None goes on.
           o.on_token = [on_token](int64_t step, const at::Tensor& tokens) {
@@ -167,6 +169,7 @@ void bind_engine(py::module& m) {
       py::arg("seed") = 0, py::arg("eos_token_ids") = py::none(),
       py::arg("stop_token_ids") = std::vector<int64_t>{}, py::arg("pad_token_id") = py::none(),
       py::arg("cuda_graph") = true, py::arg("on_token") = py::none(),
+      py::arg("eviction_log") = true,
       "Batched generation with a compressed KV cache (csrc/engine/generate.h).");
   m.def(
       "teacher_forced",

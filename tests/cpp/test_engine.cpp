@@ -68,6 +68,14 @@ TEST_CASE("generation compresses in place and teacher forcing makes the same dec
   REQUIRE(streamed.size() == 10);
   REQUIRE(at::equal(at::stack(streamed, 1), gen.tokens.narrow(1, 0, 10)));
   REQUIRE(at::equal(cut.tokens, gen.tokens.narrow(1, 0, 10)));
+
+  // Without the eviction log: the same generation, and no log.
+  o.on_token = nullptr;
+  o.eviction_log = false;
+  const auto unlogged = engine::generate(model, kPrompts, p, o);
+  REQUIRE(at::equal(unlogged.tokens, gen.tokens));
+  REQUIRE(at::equal(unlogged.logprobs, gen.logprobs));
+  REQUIRE_FALSE(unlogged.death.defined());
 }
 
 TEST_CASE("the cache's buffers are allocated once", "[cache]") {

@@ -531,6 +531,25 @@ def test_text_prompts_go_through_the_tokenizer():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_generation_without_the_eviction_log(tiny, device):
+    """eviction_log=False: the same tokens and log-probs (compressions, and on CUDA their graph
+    replays, included), no log returned, and a cache made so refuses death() by name."""
+    model = on_device(tiny["llama"][1], device)
+    kw = dict(policy=make_policy("gkv", 10), max_new_tokens=40, eos_token_ids=[])
+    with_log = generate(model, PROMPTS, **kw)
+    without = generate(model, PROMPTS, eviction_log=False, **kw)
+    assert torch.equal(without.tokens, with_log.tokens)
+    assert torch.equal(without.logprobs, with_log.logprobs)
+    assert without.death is None and (with_log.death < INT32_MAX).any()
+    c = model.config
+    cache = gkv_ext.CompressedKVCache(kw["policy"], c.num_layers, 1, c.num_heads, c.num_kv_heads,
+                                      c.head_dim, max_tokens=64, device=device, eviction_log=False)
+    assert not cache.keeps_eviction_log
+    with pytest.raises(RuntimeError, match="this cache keeps no eviction log"):
+        cache.death()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_on_token_streams_every_step_and_can_stop(tiny, device, capsys):
     """on_token sees each step's tokens in order (pad in finished rows), the same as the result;
     returning False ends the generation after that step (on CUDA, out of graph replays too); its

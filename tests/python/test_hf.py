@@ -116,15 +116,20 @@ def test_model_generate_with_compressed_cache_equals_hf_generate(tiny, policy):
     ours = hf.generate(model, ids, mask, policy=make_policy(policy), max_new_tokens=30,
                        eos_token_id=[], return_eviction_log=True)
     cache = hf.CompressedCache(model, make_policy(policy), max_tokens=ids.shape[1] + 30)
+    unlogged = hf.CompressedCache(model, make_policy(policy), max_tokens=ids.shape[1] + 30,
+                                  eviction_log=False)
     try:
         assert model.config._attn_implementation == hf.ATTENTION
         out = plain_generate(model, ids, mask, 30, past_key_values=cache,
                              return_dict_in_generate=True)
+        out_unlogged = plain_generate(model, ids, mask, 30, past_key_values=unlogged)
     finally:
         model.set_attn_implementation("sdpa")
     assert out.past_key_values is cache
-    assert out.sequences.tolist() == ours.sequences.tolist()
+    assert out.sequences.tolist() == ours.sequences.tolist() == out_unlogged.tolist()
     assert torch.equal(cache.eviction_log(), ours.eviction_log)
+    with pytest.raises(RuntimeError, match="this cache keeps no eviction log"):
+        unlogged.eviction_log()
     if policy == "fullkv":
         assert out.sequences.tolist() == plain_generate(model, ids, mask, 30).tolist()
 

@@ -10,6 +10,7 @@
 #include <array>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -86,6 +87,12 @@ void fsync_path(const fs::path& path, int flags) {
 // A temporary name beside `path` that no other process writing the same target uses.
 fs::path temp_beside(const fs::path& path, const char* tag) {
   return path.parent_path() / c10::str(".", path.filename().string(), ".", tag, "-", ::getpid());
+}
+
+// Swaps two paths in one step (Linux's renameat2 RENAME_EXCHANGE), so that replacing a directory
+// never leaves its name missing; false where the filesystem or kernel cannot.
+bool exchange_paths(const fs::path& a, const fs::path& b) {
+  return ::renameat2(AT_FDCWD, a.c_str(), AT_FDCWD, b.c_str(), RENAME_EXCHANGE) == 0;
 }
 
 fs::path parent_or_dot(const fs::path& p) {
@@ -350,9 +357,16 @@ void write_directory_atomically(const fs::path& dir,
     fs::create_directories(tmp);
     fill(tmp);
     fsync_path(tmp, O_RDONLY | O_DIRECTORY);
-    // rename() cannot replace a non-empty directory: move the old one aside first.
-    if (fs::exists(target)) fs::rename(target, old);
-    fs::rename(tmp, target);
+    if (!fs::exists(target)) {
+      fs::rename(tmp, target);
+    } else if (exchange_paths(tmp, target)) {
+      fs::remove_all(tmp, ignored);  // tmp now names the old directory
+    } else {
+      // rename() cannot replace a non-empty directory, and this filesystem cannot exchange two:
+      // the old one is moved aside first (a crash between the two renames leaves it at `old`).
+      fs::rename(target, old);
+      fs::rename(tmp, target);
+    }
   } catch (...) {
     fs::remove_all(tmp, ignored);
     if (fs::exists(old) && !fs::exists(target)) fs::rename(old, target, ignored);

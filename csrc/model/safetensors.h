@@ -72,8 +72,9 @@ void write_safetensors_shards(const std::filesystem::path& dir, const NamedTenso
                               uint64_t max_shard_bytes = 0);
 
 // Creates directory `dir` atomically: `fill` writes into a fresh temporary directory beside it,
-// which is fsynced and renamed to `dir` (replacing an existing one). On an exception the temporary
-// directory is removed and `dir` is left as it was.
+// which is fsynced and renamed to `dir`. An existing `dir` is exchanged with it in one step where
+// the filesystem can (Linux renameat2), so the name is never missing. On an exception the
+// temporary directory is removed and `dir` is left as it was.
 void write_directory_atomically(const std::filesystem::path& dir,
                                 const std::function<void(const std::filesystem::path&)>& fill);
 

@@ -278,6 +278,42 @@ def test_save_load_round_trip_and_transformers_loads_it(name, max_shard_bytes, t
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
 
 
+# Watches a path until a stop file appears, then prints how often it found the path missing.
+WATCH_PATH = """
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+print("watching", flush=True)
+missing = 0
+while not os.path.exists(stop):
+    missing += not os.path.isdir(path)
+print(missing, flush=True)
+"""
+
+
+def test_saving_over_a_checkpoint_never_leaves_its_name_missing(tmp_path):
+    """Saving over a checkpoint exchanges the new directory with the old in one step (renameat2's
+    RENAME_EXCHANGE): another process watching the name never finds it missing, over 40 saves.
+    (Moving the old one aside, then the new one in, leaves a gap a watcher finds.)"""
+    import subprocess
+    import sys
+    _, path = make_hf("llama-mha-untied", tmp_path)
+    model = Model.load(str(path))
+    out, stop = tmp_path / "saved", tmp_path / "stop"
+    model.save(str(out))
+    watcher = subprocess.Popen([sys.executable, "-c", WATCH_PATH, str(out), str(stop)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline() == "watching\n"
+        for _ in range(40):
+            model.save(str(out))
+    finally:
+        stop.touch()
+        missing = int(watcher.communicate(timeout=60)[0])
+    assert missing == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-mha-untied", "saved", "stop"]
+    assert Model.load(str(out)).state_dict().keys() == model.state_dict().keys()
+
+
 def test_bf16_checkpoint_saves_in_bf16(tmp_path):
     from safetensors.torch import load_file
     _, path = make_hf("qwen3-gqa", tmp_path)

@@ -115,10 +115,10 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
 
 def teacher_forced(model: _C.Model, prompts: Prompts, tokens: torch.Tensor,
                    policy: Optional[Policy] = None, pad_token_id: Optional[int] = None,
-                   tokenizer=None):
+                   tokenizer=None, eviction_log: bool = True):
     """Runs ``tokens`` [B,T] after the prompts (as in generate; ``tokenizer`` encodes text ones)
     as if generated, in chunks ending at the compression steps; returns (logprobs [B,T],
-    death [B,L,Hkv,P+T])."""
+    death [B,L,Hkv,P+T], or None with ``eviction_log=False``)."""
     r = _C.teacher_forced(model, _prompt_lists(prompts, tokenizer), tokens,
-                          policy if policy is not None else FullKV(), pad_token_id)
+                          policy if policy is not None else FullKV(), pad_token_id, eviction_log)
     return r.logprobs, r.death

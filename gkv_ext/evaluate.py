@@ -163,7 +163,7 @@ def _nll_all(model, examples, references, policy, args, progress) -> List[Option
             tokens[j, :len(ref)] = torch.tensor(ref, dtype=torch.long)
             mask[j, :len(ref)] = True
         logprobs, _ = teacher_forced(model, [examples[i].prompt for i in rows],
-                                     tokens.to(model.device), policy=policy)
+                                     tokens.to(model.device), policy=policy, eviction_log=False)
         logprobs = logprobs.float().cpu()
         for j, ref in enumerate(refs):
             out.append(-logprobs[j][mask[j]].double().mean().item() if ref else None)

@@ -148,13 +148,13 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
     logits = stepper.step(next);
   }
   return {out_tokens.narrow(1, 0, steps), out_logprobs.narrow(1, 0, steps), lengths, batch.lengths,
-          cache.keeps_eviction_log() ? cache.death() : at::Tensor(), cache.capacity()};
+          options.eviction_log ? cache.death() : at::Tensor(), cache.capacity()};
 }
 
 ForcedResult teacher_forced(const model::Decoder& model,
                             const std::vector<std::vector<int64_t>>& prompts,
                             const at::Tensor& tokens, const cache::Policy& policy,
-                            std::optional<int64_t> pad_token_id) {
+                            std::optional<int64_t> pad_token_id, bool eviction_log) {
   policy.validate();
   const auto& config = model.config();
   TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong &&
@@ -170,7 +170,7 @@ ForcedResult teacher_forced(const model::Decoder& model,
   const int64_t B = forced.size(0), P = batch.tokens.size(1), T = forced.size(1);
   const int64_t D = policy.divide_length;
 
-  cache::CompressedKVCache cache(policy, shape_of(model, B), P + T);
+  cache::CompressedKVCache cache(policy, shape_of(model, B), P + T, eviction_log);
   auto logprobs = at::empty({B, T}, at::TensorOptions().dtype(at::kFloat).device(device));
   const auto first = prefill(model, cache, batch).log_softmax(-1);  // [B,V]
   logprobs.select(1, 0).copy_(first.gather(1, forced.narrow(1, 0, 1)).squeeze(1));
@@ -188,7 +188,7 @@ ForcedResult teacher_forced(const model::Decoder& model,
     logprobs.narrow(1, fed + 1, n).copy_(lp.gather(2, next).squeeze(2));
     fed += n;
   }
-  return {logprobs, cache.death()};
+  return {logprobs, eviction_log ? cache.death() : at::Tensor()};
 }
 
 }  // namespace gkv::engine

@@ -56,7 +56,7 @@ struct GenerateResult {
 
 struct ForcedResult {
   at::Tensor logprobs;  // [B,T] fp32: log-prob of each forced token given everything before it
-  at::Tensor death;     // [B,L,Hkv,P+T] int32
+  at::Tensor death;     // [B,L,Hkv,P+T] int32; undefined without eviction_log
 };
 
 // prompts: B non-empty lists of token ids (left-padded into one batch).
@@ -69,6 +69,7 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
 ForcedResult teacher_forced(const model::Decoder& model,
                             const std::vector<std::vector<int64_t>>& prompts,
                             const at::Tensor& tokens, const cache::Policy& policy,
-                            std::optional<int64_t> pad_token_id = std::nullopt);
+                            std::optional<int64_t> pad_token_id = std::nullopt,
+                            bool eviction_log = true);
 
 }  // namespace gkv::engine

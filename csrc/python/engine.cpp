@@ -174,12 +174,14 @@ void bind_engine(py::module& m) {
   m.def(
       "teacher_forced",
       [](const gkv::model::Decoder& model, const std::vector<std::vector<int64_t>>& prompts,
-         const at::Tensor& tokens, const Policy& policy, std::optional<int64_t> pad_token_id) {
+         const at::Tensor& tokens, const Policy& policy, std::optional<int64_t> pad_token_id,
+         bool eviction_log) {
         py::gil_scoped_release no_gil;
-        return gkv::engine::teacher_forced(model, prompts, tokens, policy, pad_token_id);
+        return gkv::engine::teacher_forced(model, prompts, tokens, policy, pad_token_id,
+                                           eviction_log);
       },
       py::arg("model"), py::arg("prompts"), py::arg("tokens"), py::arg("policy"),
-      py::arg("pad_token_id") = py::none(),
+      py::arg("pad_token_id") = py::none(), py::arg("eviction_log") = true,
       "Runs given tokens [B,T] after the prompts in chunks ending at the compression steps.");
 
   using gkv::engine::DecodeStepper;

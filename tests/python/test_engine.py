@@ -533,7 +533,8 @@ def test_text_prompts_go_through_the_tokenizer():
 @pytest.mark.parametrize("device", DEVICES)
 def test_generation_without_the_eviction_log(tiny, device):
     """eviction_log=False: the same tokens and log-probs (compressions, and on CUDA their graph
-    replays, included), no log returned, and a cache made so refuses death() by name."""
+    replays, included), no log returned (by generate or teacher_forced), and a cache made so
+    refuses death() by name."""
     model = on_device(tiny["llama"][1], device)
     kw = dict(policy=make_policy("gkv", 10), max_new_tokens=40, eos_token_ids=[])
     with_log = generate(model, PROMPTS, **kw)
@@ -541,6 +542,11 @@ def test_generation_without_the_eviction_log(tiny, device):
     assert torch.equal(without.tokens, with_log.tokens)
     assert torch.equal(without.logprobs, with_log.logprobs)
     assert without.death is None and (with_log.death < INT32_MAX).any()
+    forced, death = teacher_forced(model, PROMPTS, with_log.tokens, policy=kw["policy"],
+                                   eviction_log=False)
+    assert death is None
+    assert torch.equal(forced, teacher_forced(model, PROMPTS, with_log.tokens,
+                                              policy=kw["policy"])[0])
     c = model.config
     cache = gkv_ext.CompressedKVCache(kw["policy"], c.num_layers, 1, c.num_heads, c.num_kv_heads,
                                       c.head_dim, max_tokens=64, device=device, eviction_log=False)

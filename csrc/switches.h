@@ -4,8 +4,9 @@
 // it was captured. The environment gives the initial value:
 //   chained_launch  GKV_CHAINED_LAUNCH=0 turns it off: every kernel of ours launched plainly
 //                   instead of chained (kernels/common.cuh).
-//   decode_linear   GKV_DECODE_LINEAR=1 turns it on: the decoder's projections through
-//                   gkv::decode_linear instead of ATen's linear (model/decoder.cpp).
+//   decode_linear   GKV_DECODE_LINEAR=0 turns it off: the decoder's projections of at most 16
+//                   rows (a decode step's) through gkv::decode_linear instead of ATen's linear
+//                   (model/decoder.cpp).
 // No torch headers: the CUDA kernels' common header includes this.
 #pragma once
 
@@ -25,7 +26,7 @@ inline bool env_equals(const char* name, const char* value) {
 
 inline std::atomic<bool>& switch_state(Switch s) {
   static std::atomic<bool> chained_launch{!env_equals("GKV_CHAINED_LAUNCH", "0")};
-  static std::atomic<bool> decode_linear{env_equals("GKV_DECODE_LINEAR", "1")};
+  static std::atomic<bool> decode_linear{!env_equals("GKV_DECODE_LINEAR", "0")};
   return s == Switch::chained_launch ? chained_launch : decode_linear;
 }
 }  // namespace detail

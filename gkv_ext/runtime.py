@@ -3,13 +3,13 @@ debugging in one process:
 
 - ``chained_launch`` (on unless ``GKV_CHAINED_LAUNCH=0``): our kernels launched chained
   (programmatic dependent launch) rather than plainly.
-- ``decode_linear`` (off unless ``GKV_DECODE_LINEAR=1``): the decoder's projections through
-  ``gkv::decode_linear`` rather than ATen's linear (cuBLAS).
+- ``decode_linear`` (on unless ``GKV_DECODE_LINEAR=0``): the decoder's projections of at most 16
+  rows (a decode step's) through ``gkv::decode_linear`` rather than ATen's linear (cuBLAS).
 
 A switch acts where it is read (a kernel launch, a projection); a CUDA graph keeps what was on when
 it was captured::
 
-    with gkv_ext.switches(decode_linear=True):
+    with gkv_ext.switches(decode_linear=False):
         out = gkv_ext.generate(model, prompts)
 """
 import contextlib

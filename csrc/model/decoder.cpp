@@ -103,11 +103,18 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
   }
 }
 
-// Switch::decode_linear (csrc/switches.h) sends the layers' projections through gkv::decode_linear
-// (on CUDA, our weight-streaming kernel for a decode step's few rows) instead of ATen's linear.
+// Up to this many rows a projection goes through gkv::decode_linear when Switch::decode_linear
+// (csrc/switches.h) is on. On an H200 its kernel beat cuBLAS at 16 rows (the engine's step 5-6%
+// faster) and lost at 64 (10-14% slower): the x rows take a growing share of its shared-memory
+// ring, so fewer weight bytes are in flight (docs/benchmarks.md, "Our own decode GEMM").
+constexpr int64_t kDecodeLinearRowsItWins = 16;
+
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
   const std::optional<at::Tensor> bias = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
-  return switch_on(Switch::decode_linear) ? gkv::decode_linear(x, w, bias) : at::linear(x, w, bias);
+  const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  return switch_on(Switch::decode_linear) && rows <= kDecodeLinearRowsItWins
+             ? gkv::decode_linear(x, w, bias)
+             : at::linear(x, w, bias);
 }
 
 // True when `parts` are, in order, the consecutive row blocks of `joint` (views of it, as

@@ -581,44 +581,51 @@ def test_on_token_streams_every_step_and_can_stop(tiny, device, capsys):
         generate(model, PROMPTS, on_token=fail, **kw)
 
 
-def test_decode_linear_switch_routes_the_projections(tiny):
-    """gkv_ext.switches(decode_linear=True) sends the decoder's projections through
-    gkv::decode_linear (the profiler sees the op) with the same result (its CPU kernel is ATen's
-    linear), and the switch is back off after the block."""
+def test_decode_linear_switch_routes_the_decode_steps_projections(tiny):
+    """The decode_linear switch (on by default) sends the decoder's projections of at most 16
+    rows, a decode step's, through gkv::decode_linear (the profiler sees the op) and leaves the
+    prefill's on ATen's linear, with the same result (the op's CPU kernel is ATen's linear);
+    switched off, none goes through it."""
     _, model = tiny["llama"]
 
-    def run():
+    def run(prompts):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out = generate(model, PROMPTS, policy=make_policy("gkv", 10), max_new_tokens=12,
+            out = generate(model, prompts, policy=make_policy("gkv", 10), max_new_tokens=12,
                            eos_token_ids=[])
         return out, sum(e.name == "gkv::decode_linear" for e in prof.events())
 
-    plain, calls = run()
-    assert calls == 0 and not gkv_ext.switch_on("decode_linear")
-    with gkv_ext.switches(decode_linear=True):
-        assert gkv_ext.switch_on("decode_linear")
-        switched, calls = run()
-    assert not gkv_ext.switch_on("decode_linear")
-    # q/k/v (joint), o, gate/up (joint) and down in each layer, at the prefill and 11 decode steps.
-    assert calls == 4 * model.config.num_layers * 12
+    # q/k/v (joint), o, gate/up (joint) and down in each layer.
+    per_pass = 4 * model.config.num_layers
+    assert gkv_ext.switch_on("decode_linear")
+    switched, calls = run(PROMPTS)  # the prefill's 3 x 11 rows stay on ATen's linear
+    assert calls == per_pass * 11
+    with gkv_ext.switches(decode_linear=False):
+        plain, calls = run(PROMPTS)
+    assert calls == 0 and gkv_ext.switch_on("decode_linear")
     assert torch.equal(switched.tokens, plain.tokens)
     assert torch.equal(switched.logprobs, plain.logprobs)
     assert torch.equal(switched.death, plain.death)
+    _, calls = run(PROMPTS[:1] * 16)  # 16 rows at the decode steps, 176 at the prefill
+    assert calls == per_pass * 11
+    _, calls = run(PROMPTS[1:2] * 5)  # 15 rows at the prefill too
+    assert calls == per_pass * 12
+    _, calls = run(PROMPTS[1:2] * 17)
+    assert calls == 0
 
 
 def test_switches_start_from_the_environment_and_reject_unknown_names():
     code = ("import gkv_ext; print(gkv_ext.switch_on('chained_launch'), "
             "gkv_ext.switch_on('decode_linear'))")
-    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="1")
+    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
-    assert out.split() == ["False", "True"]
-    assert gkv_ext.switch_on("chained_launch") and not gkv_ext.switch_on("decode_linear")
+    assert out.split() == ["False", "False"]
+    assert gkv_ext.switch_on("chained_launch") and gkv_ext.switch_on("decode_linear")
     unknown = r"unknown switch 'fast' \(chained_launch or decode_linear\)"
     with pytest.raises(ValueError, match=unknown):
-        with gkv_ext.switches(decode_linear=True, fast=True):
+        with gkv_ext.switches(decode_linear=False, fast=True):
             pass
-    assert not gkv_ext.switch_on("decode_linear")  # nothing was set
+    assert gkv_ext.switch_on("decode_linear")  # nothing was set
 
 
 def test_package_exports():

@@ -296,9 +296,11 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(work, tmp_path, backe
     one = weights(tmp_path / "one" / "step-00000006")
     two = weights(tmp_path / "dp" / "step-00000006")
     # Equal up to summation order: Adam's g / sqrt(v) magnifies 1e-7 gradient differences where
-    # g is tiny; 1e-5 is 0.1% of one update at lr 1e-2.
+    # g is tiny, and the order depends on the CPU's BLAS path (an AMD EPYC with AVX2 moved one
+    # element by 1.2e-5). 5e-5 is 0.5% of one update at lr 1e-2; a rank that trained on other
+    # data or skipped the all-reduce moves whole tensors by updates.
     for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(two[k], one[k], atol=5e-5, rtol=1e-4)
     assert not all(torch.equal(one[k], weights(work / "model")[k]) for k in one)
     # Evaluation is sharded over the ranks and summed.
     assert len(series(tmp_path / "dp", "eval_accuracy")) == 3

@@ -80,23 +80,29 @@ def bench(device, dtype, projections, batches, libraries, layers, reps):
 
 
 def plot(rows, copy_tbps, path):
+    """One panel per projection: weight bandwidth (weight bytes / us_norm_between, the time as in
+    the engine's step) against the rows, a line per library."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shapes = list(dict.fromkeys((r["proj"], r["B"]) for r in rows))
+    projections = list(dict.fromkeys(r["proj"] for r in rows))
     libraries = list(dict.fromkeys(r["library"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(libraries)
-    for i, library in enumerate(libraries):
-        values = [next(r["TBps"] for r in rows if (r["proj"], r["B"]) == s and r["library"] == library)
-                  for s in shapes]
-        ax.bar([j + i * width for j in range(len(shapes))], values, width, label=library)
-    ax.axhline(copy_tbps, color="k", ls="--", lw=1, label="copy bandwidth")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-    ax.set_xticklabels([f"{p}\nB={b}" for p, b in shapes], fontsize=8)
-    ax.set_ylabel("weight TB/s")
-    ax.set_title("decode-step GEMMs, 28 layers per CUDA graph")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(projections), figsize=(3.2 * len(projections), 3.4),
+                             sharey=True, squeeze=False)
+    for ax, proj in zip(axes[0], projections):
+        for library in libraries:
+            mine = [r for r in rows if r["proj"] == proj and r["library"] == library]
+            ax.plot([r["B"] for r in mine],
+                    [r["TBps"] * r["us"] / r["us_norm_between"] for r in mine],
+                    marker="o", ms=3, label=library)
+        ax.axhline(copy_tbps, color="k", ls="--", lw=1, label="copy bandwidth")
+        first = next(r for r in rows if r["proj"] == proj)
+        ax.set_title(f"{proj} (N={first['N']}, K={first['K']})", fontsize=9)
+        ax.set_xlabel("rows (decode batch)")
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("weight TB/s, norm between")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("decode-step GEMMs, 28 layers per CUDA graph", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -95,7 +95,9 @@ void bind_model(py::module& m) {
       .def("__repr__", [](const ModelConfig& c) { return "ModelConfig(" + config_to_json(c).dump() + ")"; });
 
   py::class_<Decoder>(m, "Model", "Llama / Qwen2 / Qwen3 decoder (csrc/model/decoder.h).")
-      .def_static("load", &load_decoder, py::arg("path"),
+      // Files are read and written without the GIL: a checkpoint saved from a background thread
+      // leaves the other Python threads running.
+      .def_static("load", &load_decoder, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
                   "Loads a transformers checkpoint directory or a llama2.ts .bin file.")
       .def_property_readonly("config", &Decoder::config)
       .def_property_readonly("device", &Decoder::device)
@@ -138,6 +140,7 @@ void bind_model(py::module& m) {
            py::arg("device") = py::none(), py::arg("dtype") = py::none(),
            py::return_value_policy::reference_internal)
       .def("save", &save_decoder, py::arg("dir"), py::arg("max_shard_bytes") = 0,
+           py::call_guard<py::gil_scoped_release>(),
            "Writes config.json + safetensors atomically (sharded above max_shard_bytes > 0).")
       .def("state_dict", [](const Decoder& d) {
         py::dict out;

@@ -314,6 +314,46 @@ def test_saving_over_a_checkpoint_never_leaves_its_name_missing(tmp_path):
     assert Model.load(str(out)).state_dict().keys() == model.state_dict().keys()
 
 
+def longest_stall_of_other_threads(call):
+    """Runs call() in a thread while this one counts; returns the longest stretch of call()'s run
+    in which this thread could not run, and the length of call()'s run, in seconds."""
+    import threading
+    import time
+    window = {}
+
+    def run():
+        window["start"] = time.perf_counter()
+        call()
+        window["end"] = time.perf_counter()
+
+    ticks = []
+    thread = threading.Thread(target=run)
+    thread.start()
+    while thread.is_alive():
+        ticks.append(time.perf_counter())
+    thread.join()
+    start, end = window["start"], window["end"]
+    inside = [start] + [t for t in ticks if start < t < end] + [end]
+    return max(b - a for a, b in zip(inside, inside[1:])), end - start
+
+
+def test_save_and_load_let_other_python_threads_run(tmp_path):
+    """Model.save and Model.load release the GIL while they write and read the files: a checkpoint
+    saved from a background thread does not stall the Python threads beside it. Held, the counting
+    thread would stop for the whole call."""
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=8,
+                                      vocab_size=32000)  # 46M parameters: 184 MB in fp32
+    path = tmp_path / "big"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = Model.load(str(path))
+    out = tmp_path / "saved"
+    for call in (lambda: model.save(str(out)), lambda: Model.load(str(out))):
+        stall, duration = longest_stall_of_other_threads(call)
+        assert duration > 0.02, "too fast to tell: make the model larger"
+        assert stall < 0.5 * duration, f"stalled {stall:.3f} s of a {duration:.3f} s call"
+
+
 def test_bf16_checkpoint_saves_in_bf16(tmp_path):
     from safetensors.torch import load_file
     _, path = make_hf("qwen3-gqa", tmp_path)

@@ -116,6 +116,9 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
   const c10::Device device = model.device();
   const Batch batch = left_pad(prompts, pad, config.vocab_size, device);
   const int64_t B = batch.tokens.size(0), P = batch.tokens.size(1), T = options.max_new_tokens;
+  TORCH_CHECK(T <= std::numeric_limits<int32_t>::max() - P, "max_new_tokens (", T,
+              ") plus the padded prompt length (", P, ") must be at most 2^31 - 1: the cache "
+              "and the eviction log keep positions as int32");
 
   std::vector<int64_t> stop_ids = eos;
   stop_ids.insert(stop_ids.end(), options.stop_token_ids.begin(), options.stop_token_ids.end());

@@ -338,7 +338,8 @@ def test_policy_defaults():
     (lambda: policies.GKV(64, lam=2.0), "lambda must be in"),
     (lambda: policies.GKV(64, history="median"), "history must be one of"),
     (lambda: policies.GKV(64, divide_length=0), "divide_length must be >= 1"),
-    (lambda: policies.StreamingLLM(4, sinks=4), "window must be >= 1"),
+    (lambda: policies.StreamingLLM(4, sinks=4), r"budget \(4\) must be > sinks \(4\)"),
+    (lambda: policies.StreamingLLM(4), r"budget \(4\) must be > sinks \(4\)"),  # default sinks
     (lambda: policies.H2O(64, mode="decay"), "H2O mode"),
     (lambda: policies.by_name("magic", 64), "unknown policy"),
     (lambda: policies.by_name("gkv"), "needs a budget"),

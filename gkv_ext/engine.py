@@ -6,6 +6,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import _C
+from ._checks import check_seed
 from .policies import FullKV, Policy
 
 __all__ = ["load_model", "generate", "teacher_forced", "Generation"]
@@ -88,6 +89,7 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
         eviction_log: False keeps no eviction log (``death`` is None): then the memory of
             generation is flat in ``max_new_tokens`` under a budget, not only its KV cache.
     """
+    check_seed(seed)
     bar = None
     if progress:
         from tqdm import tqdm

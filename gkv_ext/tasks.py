@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from ._C import Tokenizer as _Llama2Tokenizer
 from ._C import tasks as _tasks
+from ._checks import check_seed
 
 Vocab = _tasks.Vocab
 SyntheticOptions = _tasks.SyntheticOptions
@@ -77,7 +78,7 @@ def make_example(seed: int, options: Optional[SyntheticOptions] = None,
         raise ValueError("make_example: give options or length, not both")
     if options is None:
         options = synthetic_options(length)
-    return _tasks.make_synthetic_example(options, seed)
+    return _tasks.make_synthetic_example(options, check_seed(seed))
 
 
 def char_token_ids(text: str) -> List[int]:

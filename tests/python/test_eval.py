@@ -137,6 +137,7 @@ def test_transformers_checkpoint_on_gsm8k(tmp_path):
     (["--data", "wiki"], "neither a file nor one of tinystories"),
     (["--limit", "0"], "--limit must be >= 1"),
     (["--dtype", "fp8"], "--dtype must be one of"),
+    (["--data", "synthetic", "--seed", "-1"], "seed must be in [0, 2**64), got -1"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
     base = {"--model": str(STORIES), "--data": "tinystories", "--policies": "fullkv",

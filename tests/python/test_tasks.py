@@ -84,6 +84,9 @@ def test_synthetic_option_errors():
         tasks.synthetic_options(depth=3)
     with pytest.raises(ValueError, match="options or length"):
         tasks.make_example(0, tasks.synthetic_options(), length=512)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got -1"):
+        tasks.make_example(-1)
+    assert tasks.make_example(2**64 - 1)["answer"]  # the largest seed is one
     with pytest.raises(ValueError, match="byte 66 at offset 2"):
         tasks.char_token_ids("a=B")
 

@@ -63,6 +63,15 @@ def _prompt_lists(prompts: Prompts, tokenizer=None) -> List[List[int]]:
     return out
 
 
+def _policy_or_fullkv(policy: Optional[Policy]) -> Policy:
+    if policy is None:
+        return FullKV()
+    if not isinstance(policy, Policy):
+        raise TypeError("policy must be a gkv_ext.policies policy (e.g. policies.GKV(budget=1024) "
+                        f"or policies.by_name(name, budget)), got {type(policy).__name__}")
+    return policy
+
+
 def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, eos_token_ids: Optional[Sequence[int]] = None,
@@ -101,7 +110,7 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
         return None if on_token is None else on_token(step, tokens.tolist())
     try:
         r = _C.generate(model, _prompt_lists(prompts, tokenizer),
-                        policy if policy is not None else FullKV(), max_new_tokens, temperature,
+                        _policy_or_fullkv(policy), max_new_tokens, temperature,
                         top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
                         list(stop_token_ids), pad_token_id, cuda_graph,
                         after_step if on_token is not None or progress else None,
@@ -115,12 +124,15 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
     return out
 
 
-def teacher_forced(model: _C.Model, prompts: Prompts, tokens: torch.Tensor,
+def teacher_forced(model: _C.Model, prompts: Prompts,
+                   tokens: Union[torch.Tensor, Sequence[Sequence[int]]],
                    policy: Optional[Policy] = None, pad_token_id: Optional[int] = None,
                    tokenizer=None, eviction_log: bool = True):
-    """Runs ``tokens`` [B,T] after the prompts (as in generate; ``tokenizer`` encodes text ones)
-    as if generated, in chunks ending at the compression steps; returns (logprobs [B,T],
-    death [B,L,Hkv,P+T], or None with ``eviction_log=False``)."""
+    """Runs ``tokens`` [B,T] (a tensor or B lists of T ids) after the prompts (as in generate;
+    ``tokenizer`` encodes text ones) as if generated, in chunks ending at the compression steps;
+    returns (logprobs [B,T], death [B,L,Hkv,P+T], or None with ``eviction_log=False``)."""
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
     r = _C.teacher_forced(model, _prompt_lists(prompts, tokenizer), tokens,
-                          policy if policy is not None else FullKV(), pad_token_id, eviction_log)
+                          _policy_or_fullkv(policy), pad_token_id, eviction_log)
     return r.logprobs, r.death

@@ -69,6 +69,7 @@ Policy budgeted(const char* name, int64_t budget, int64_t window, Parts parts) {
 
 Policy Policy::streaming_llm(int64_t budget, int64_t sinks) {
   // The recent tokens are the window; the candidates feed the sinks.
+  TORCH_CHECK(sinks >= 0, "Policy 'streamingllm': sinks must be >= 0, got ", sinks);
   TORCH_CHECK(budget > sinks, "Policy 'streamingllm': budget (", budget, ") must be > sinks (",
               sinks, "): the most recent budget - sinks tokens are kept beside the sinks");
   return budgeted("streamingllm", budget, budget - sinks, [&](Policy& p) {

@@ -340,6 +340,7 @@ def test_policy_defaults():
     (lambda: policies.GKV(64, divide_length=0), "divide_length must be >= 1"),
     (lambda: policies.StreamingLLM(4, sinks=4), r"budget \(4\) must be > sinks \(4\)"),
     (lambda: policies.StreamingLLM(4), r"budget \(4\) must be > sinks \(4\)"),  # default sinks
+    (lambda: policies.StreamingLLM(64, sinks=-1), r"sinks must be >= 0, got -1"),
     (lambda: policies.H2O(64, mode="decay"), "H2O mode"),
     (lambda: policies.by_name("magic", 64), "unknown policy"),
     (lambda: policies.by_name("gkv"), "needs a budget"),

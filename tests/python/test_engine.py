@@ -398,6 +398,24 @@ def test_bad_generate_arguments_raise(tiny, kwargs, match):
         generate(model, **args)
 
 
+def test_policy_of_another_type_is_refused_by_name(tiny):
+    _, model = tiny["llama"]
+    tokens = torch.zeros(len(PROMPTS), 2, dtype=torch.long)
+    for call in (lambda: generate(model, PROMPTS, policy="gkv", max_new_tokens=2),
+                 lambda: teacher_forced(model, PROMPTS, tokens, policy="gkv")):
+        with pytest.raises(TypeError, match="policy must be a gkv_ext.policies policy .* got str"):
+            call()
+
+
+def test_teacher_forced_takes_token_lists_as_a_tensor(tiny):
+    _, model = tiny["llama"]
+    policy = make_policy("gkv", 10)
+    tokens = torch.randint(0, 50, (len(PROMPTS), 14), generator=torch.Generator().manual_seed(3))
+    as_tensor = teacher_forced(model, PROMPTS, tokens, policy=policy)
+    as_lists = teacher_forced(model, PROMPTS, tokens.tolist(), policy=policy)
+    assert all(torch.equal(a, b) for a, b in zip(as_tensor, as_lists))
+
+
 def test_bad_teacher_forced_arguments_raise(tiny):
     _, model = tiny["llama"]
     with pytest.raises(RuntimeError, match=r"tokens must be \[B,T\] int64 with B = 3"):

@@ -24,10 +24,10 @@ from typing import Dict, List, Optional
 import torch
 
 from . import policies, tasks
+from ._checks import MODEL_DTYPES, model_dtype
 from .engine import generate, load_model
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "data" / "bundled"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -153,15 +153,13 @@ def demo(args) -> Dict:
     if args.limit < 1 or args.batch_size < 1:
         raise ValueError(f"--limit and --batch-size must be >= 1, got {args.limit} and "
                          f"{args.batch_size}")
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    chosen_dtype = model_dtype(args.dtype, "--dtype")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model: {model_dir} is not a checkpoint directory (no config.json)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are slow on most chips
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda")
-                                                   else torch.float32)
+    dtype = chosen_dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     # built before anything runs, so a bad name fails at once
     grid = [("fullkv", None, policies.FullKV())] + [
@@ -195,7 +193,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None,
-                   help=f"one of {', '.join(DTYPES)} (default: bfloat16 on cuda, float32 on cpu)")
+                   help=f"one of {', '.join(MODEL_DTYPES)} (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--out", default="demo_results", help="output directory (demo_results)")
 
 

@@ -6,16 +6,18 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import _C
-from ._checks import check_seed
+from ._checks import check_seed, model_dtype
 from .policies import FullKV, Policy
 
 __all__ = ["load_model", "generate", "teacher_forced", "Generation"]
 
 
 def load_model(path: Union[str, PathLike], device: Optional[str] = None,
-               dtype: Optional[torch.dtype] = None) -> _C.Model:
+               dtype: Union[None, str, torch.dtype] = None) -> _C.Model:
     """A transformers checkpoint directory (config.json + safetensors) or a llama2.ts .bin file
-    (stories260K), optionally moved to ``device`` / cast to ``dtype``."""
+    (stories260K), optionally moved to ``device`` / cast to ``dtype`` (a torch.dtype, or
+    "float32", "bfloat16" or "float16")."""
+    dtype = model_dtype(dtype)
     model = _C.Model.load(str(path))
     if device is not None or dtype is not None:
         model.to(device, dtype)

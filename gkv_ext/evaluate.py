@@ -28,11 +28,11 @@ import torch
 
 from . import policies
 from . import tasks
+from ._checks import MODEL_DTYPES, model_dtype
 from .engine import generate, load_model, teacher_forced
 
 METRICS = ("accuracy", "agree_prefix", "agree_overall", "nll_increase")
 DATA_SETS = ("tinystories", "gsm8k", "math500", "synthetic")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -214,8 +214,7 @@ def _check_args(args):
     for name in ("limit", "max_new_tokens", "batch_size", "prompt_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    model_dtype(args.dtype, "--dtype")
     if args.data not in DATA_SETS and not Path(args.data).is_file():
         raise ValueError(f"--data: {args.data!r} is neither a file nor one of "
                          f"{', '.join(DATA_SETS)}")
@@ -256,8 +255,7 @@ def evaluate(args) -> dict:
 
     grid = _policy_grid(args)
     _check_args(args)
-    model = load_model(args.model, device=args.device,
-                       dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = (tasks.load_tokenizer(args.tokenizer or args.model, chat_template=args.chat_template)
                  if args.data in DATA_SETS else None)
     examples = load_examples(args, tokenizer)
@@ -367,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--divide-length", type=int, default=None,
                    help="compression every D forwards (policy default 128)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda")
-    p.add_argument("--dtype", default=None, help=f"one of {', '.join(DTYPES)} (default: the model's)")
+    p.add_argument("--dtype", default=None, help=f"one of {', '.join(MODEL_DTYPES)} (default: the model's)")
     p.add_argument("--out", default="eval_results", help="output directory (eval_results)")
 
 

@@ -179,6 +179,18 @@ def test_bf16_model_generates_under_compression(tiny, tmp_path, policy):
     assert torch.isfinite(logprobs).all() and death.shape == out.death.shape
 
 
+def test_load_model_takes_dtype_names(tiny, tmp_path):
+    hf, _ = tiny["qwen3"]
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    for name, dtype in [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                        ("float32", torch.float32)]:
+        assert load_model(tmp_path, dtype=name).dtype == dtype
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'fp8'"):
+        load_model(tmp_path, dtype="fp8")
+    with pytest.raises(RuntimeError, match=r"unsupported model dtype Int \(float32, bfloat16"):
+        load_model(tmp_path, dtype=torch.int32)
+
+
 def on_device(model, device, dtype=None):
     """The same weights as a new model on `device` (Model.from_tensors over its state_dict)."""
     tensors = {k: v.to(device) for k, v in model.state_dict().items()}

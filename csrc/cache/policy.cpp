@@ -14,13 +14,13 @@ void Policy::validate() const {
   TORCH_CHECK(divide_length >= 1, "Policy '", name, "': divide_length must be >= 1, got ",
               divide_length);
   TORCH_CHECK(window >= 1, "Policy '", name, "': window must be >= 1, got ", window);
+  TORCH_CHECK(sinks >= 0, "Policy '", name, "': sinks must be >= 0, got ", sinks);
   if (budget) {
     TORCH_CHECK(*budget >= window, "Policy '", name, "': budget (", *budget,
                 ") must be >= window (", window, ")");
     TORCH_CHECK(*budget - window >= sinks, "Policy '", name, "': budget - window (",
                 *budget - window, ") must leave room for the ", sinks, " sinks");
   }
-  TORCH_CHECK(sinks >= 0, "Policy '", name, "': sinks must be >= 0, got ", sinks);
   TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "Policy '", name,
               "': alpha must be finite and >= 0, got ", alpha);
   TORCH_CHECK(history != History::mean || alpha <= 1, "Policy '", name,
@@ -69,7 +69,6 @@ Policy budgeted(const char* name, int64_t budget, int64_t window, Parts parts) {
 
 Policy Policy::streaming_llm(int64_t budget, int64_t sinks) {
   // The recent tokens are the window; the candidates feed the sinks.
-  TORCH_CHECK(sinks >= 0, "Policy 'streamingllm': sinks must be >= 0, got ", sinks);
   TORCH_CHECK(budget > sinks, "Policy 'streamingllm': budget (", budget, ") must be > sinks (",
               sinks, "): the most recent budget - sinks tokens are kept beside the sinks");
   return budgeted("streamingllm", budget, budget - sinks, [&](Policy& p) {

@@ -4,8 +4,9 @@
     python -m gkv_ext eval --model PATH --policies gkv,fullkv --budgets 64,128 --data tinystories
     python -m gkv_ext demo      # the bundled model: accuracy, KV memory, tokens/s; FullKV vs G-KV
 
-The tokenizer is transformers' AutoTokenizer for a checkpoint directory that has one, or the
-llama2.c tokenizer (tok512.bin beside the model, else the model file's own vocabulary) for a
+The tokenizer (``--tokenizer``, default the model's) is transformers' AutoTokenizer for a
+checkpoint directory that has one (or has one in ``tokenizer/``, as the bundled model does), or
+the llama2.c tokenizer (tok512.bin beside the model, else the model file's own vocabulary) for a
 llama2.ts .bin model (gkv_ext.tasks.load_tokenizer). ``generate`` prints the text as it is
 generated, then a summary line (tokens/s, KV slots) on stderr. ``eval`` is gkv_ext/evaluate.py,
 ``demo`` gkv_ext/demo.py.
@@ -46,7 +47,7 @@ class _TextStream:
 
 def _generate(args) -> int:
     path = Path(args.model)
-    tokenizer = tasks.load_tokenizer(path)
+    tokenizer = tasks.load_tokenizer(args.tokenizer or path)
     model = load_model(path, device=args.device)
     extra = {"window": args.window, "divide_length": args.divide_length}
     policy = policies.by_name(args.policy, args.budget,
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a compressed KV cache")
     g.add_argument("--model", required=True, help="checkpoint directory or llama2.ts .bin file")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or .bin (default: the model's)")
     g.add_argument("--policy", default="gkv",
                    help="fullkv, streamingllm, h2o, h2o-accumulate, snapkv, rkv, tova or gkv "
                         "(default gkv)")

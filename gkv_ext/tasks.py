@@ -239,7 +239,9 @@ Tokenizer = Union[Llama2Tokenizer, HFTokenizer]
 
 def load_tokenizer(path: Union[str, PathLike], chat_template: bool = False) -> Tokenizer:
     """The tokenizer for ``path``: a llama2.ts .bin file's llama2.c tokenizer, or the
-    transformers tokenizer of a directory that has one."""
+    transformers tokenizer of a directory that has one, or of its ``tokenizer/`` subdirectory
+    (where the bundled model keeps its character tokenizer: beside a Qwen2 config.json,
+    transformers would load it as a Qwen2Tokenizer, which drops newlines)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path} does not exist (a model directory or a llama2.ts .bin file)")
@@ -247,11 +249,12 @@ def load_tokenizer(path: Union[str, PathLike], chat_template: bool = False) -> T
         if chat_template:
             raise ValueError(f"{path}: a llama2.c tokenizer has no chat template")
         return Llama2Tokenizer(path)
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                         "tokenizer.model")):
-        return HFTokenizer(path, chat_template=chat_template)
-    raise ValueError(f"no tokenizer found in {path} (tokenizer.json or tokenizer_config.json, "
-                     "or a llama2.ts .bin file)")
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    for directory in (path, path / "tokenizer"):
+        if any((directory / f).exists() for f in files):
+            return HFTokenizer(directory, chat_template=chat_template)
+    raise ValueError(f"no tokenizer found in {path} or {path / 'tokenizer'} (tokenizer.json or "
+                     "tokenizer_config.json), and it is not a llama2.ts .bin file")
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

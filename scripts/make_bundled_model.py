@@ -98,7 +98,7 @@ def export(checkpoint: Path, data: Path, out: Path) -> None:
     model = load_model(checkpoint, dtype=torch.bfloat16)
     model.save(str(out))
     # In a subdirectory: beside config.json (model_type qwen2) transformers 5 loads it as a
-    # Qwen2Tokenizer, which drops the newlines (use --tokenizer <out>/tokenizer with eval).
+    # Qwen2Tokenizer, which drops the newlines. gkv_ext.tasks.load_tokenizer looks there.
     shutil.copytree(data / "tokenizer", out / "tokenizer")
     shutil.copy(data / "vocab.json", out / "vocab.json")
     task = {"task": "synthetic", "synthetic_length": SYNTHETIC_LENGTH,

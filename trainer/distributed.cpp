@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/cuda.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -64,6 +65,14 @@ DataParallel DataParallel::from_env(const std::string& backend, const std::strin
   if (dp.world_ < 1 || dp.rank_ >= dp.world_) {
     throw std::invalid_argument("RANK must be in [0, WORLD_SIZE), got RANK=" + std::to_string(dp.rank_) +
                                 " WORLD_SIZE=" + std::to_string(dp.world_));
+  }
+  if (device_kind == "cuda") {  // this rank's GPU, checked before any process group needs it
+    const auto gpus = static_cast<int>(torch::cuda::device_count());
+    if (gpus == 0) throw std::invalid_argument("config key 'device': cuda, but no CUDA device is available");
+    if (dp.local_rank_ < 0 || dp.local_rank_ >= gpus) {
+      throw std::invalid_argument("LOCAL_RANK must be in [0, " + std::to_string(gpus) + ") (the CUDA devices here), got " +
+                                  std::to_string(dp.local_rank_));
+    }
   }
   if (dp.world_ == 1) return dp;
   const std::string kind = backend == "auto" ? (device_kind == "cuda" ? "nccl" : "gloo") : backend;

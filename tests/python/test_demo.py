@@ -71,3 +71,29 @@ def test_bad_arguments_are_one_line_errors(arg, message, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and message in lines[-1]
+
+
+def test_generate_command_runs_the_bundled_model_with_its_tokenizer(capsys, tmp_path):
+    """`python -m gkv_ext generate --model <bundled>` finds the character tokenizer the bundled
+    model keeps in tokenizer/ (it said "no tokenizer found"), and answers an eval example as the
+    Python API does; --tokenizer names another one."""
+    from gkv_ext import tasks
+    from gkv_ext.engine import generate
+    from gkv_ext.policies import FullKV
+    example = tasks.make_example(seed=100000, length=256)
+    tok = tasks.load_tokenizer(BUNDLED / "tokenizer")
+    ref = generate(load_model(BUNDLED), [example["prompt"]], tokenizer=tok, policy=FullKV(),
+                   max_new_tokens=80)
+    assert ref.texts[0].endswith(f"Answer: {example['answer']}")
+    for extra in ([], ["--tokenizer", str(BUNDLED / "tokenizer")]):
+        assert cli.main(["generate", "--model", str(BUNDLED), "--prompt", example["prompt"],
+                         "--policy", "fullkv", "--max-new-tokens", "80", *extra]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == ref.texts[0]
+    assert cli.main(["generate", "--model", str(BUNDLED), "--prompt", "a=1\na?\n",
+                     "--tokenizer", "/nonexistent/tok"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: /nonexistent/tok does not exist (a model directory or a llama2.ts .bin file)"
+    empty = tmp_path / "model"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no tokenizer found in .*/model or .*/model/tokenizer"):
+        tasks.load_tokenizer(empty)

@@ -152,6 +152,18 @@ def test_bad_keys_and_values_are_one_line_errors(work, tmp_path, override, messa
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+def test_a_cuda_device_that_is_not_there_is_a_one_line_error(work, tmp_path):
+    """device=cuda on a machine without a GPU, or a LOCAL_RANK past its GPUs, is named before any
+    tensor moves (it was a page of torch's dispatcher backends)."""
+    gpus = torch.cuda.device_count()
+    message = f"LOCAL_RANK must be in [0, {gpus})" if gpus else \
+        "config key 'device': cuda, but no CUDA device is available"
+    out = run("sft", *sft_args(work, tmp_path / "o"), "device=cuda", check=False,
+              env={"LOCAL_RANK": str(gpus)})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and message in lines[0], out.stderr
+
+
 def test_bad_config_file_and_data_name_the_problem(work, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model": str(work / "model"), "lerning_rate": 1}))

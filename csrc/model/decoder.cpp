@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/StringUtil.h>
+#include <torch/cuda.h>
 
 #include <cmath>
 #include <nlohmann/json.hpp>
@@ -358,6 +359,12 @@ void Decoder::to(std::optional<c10::Device> device, std::optional<c10::ScalarTyp
   const c10::ScalarType type = dtype.value_or(config_.dtype);
   TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
               "Decoder::to: unsupported model dtype ", type, " (float32, bfloat16 or float16)");
+  if (dev.is_cuda()) {  // named here: the copy itself would fail with a page of dispatcher backends
+    const auto gpus = static_cast<int64_t>(torch::cuda::device_count());
+    TORCH_CHECK(gpus > 0, "Decoder::to: device ", dev, ", but no CUDA device is available");
+    TORCH_CHECK(dev.index() < gpus, "Decoder::to: device ", dev, ", but there are ", gpus,
+                " CUDA devices (cuda:0 to cuda:", gpus - 1, ")");
+  }
   for_each_slot(config_, weights_, [&](const std::string&, at::Tensor& t, const std::vector<int64_t>&) {
     t = t.to(dev, type);
   });

@@ -191,6 +191,17 @@ def test_load_model_takes_dtype_names(tiny, tmp_path):
         load_model(tmp_path, dtype=torch.int32)
 
 
+def test_load_model_names_a_cuda_device_that_is_not_there(tiny, tmp_path):
+    """A CUDA device the machine lacks is named (it was a page of dispatcher backends)."""
+    hf, _ = tiny["qwen3"]
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    gpus = torch.cuda.device_count()
+    message = (rf"device cuda:{gpus}, but there are {gpus} CUDA devices" if gpus else
+               rf"device cuda:{gpus}, but no CUDA device is available")
+    with pytest.raises(RuntimeError, match=message):
+        load_model(tmp_path, device=f"cuda:{gpus}")
+
+
 def on_device(model, device, dtype=None):
     """The same weights as a new model on `device` (Model.from_tensors over its state_dict)."""
     tensors = {k: v.to(device) for k, v in model.state_dict().items()}

@@ -347,11 +347,17 @@ def _sampler(do_sample, temperature, top_k, top_p):
     return warpers
 
 
-def _check_inputs(input_ids, attention_mask, max_new_tokens):
+def _check_inputs(input_ids, attention_mask, max_new_tokens, vocab_size):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 \
             or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError("input_ids must be an integer tensor [B,P] with P >= 1, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    # Pads are embedded too. On CUDA an id past the table is a device-side assert that ends the
+    # process's CUDA context, so it is named here.
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must be in [0, {vocab_size}) (the model's embedding rows), "
+                         f"got {low if low < 0 else high}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have the shape of input_ids "
@@ -387,7 +393,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             same results; a step that compresses replays it, then compresses); False: every step
             eager.
     """
-    _check_inputs(input_ids, attention_mask, max_new_tokens)
+    _check_inputs(input_ids, attention_mask, max_new_tokens,
+                  model.get_input_embeddings().num_embeddings)
     warpers = _sampler(do_sample, temperature, top_k, top_p)
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:

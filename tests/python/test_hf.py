@@ -288,6 +288,8 @@ def test_unsupported_architectures_raise():
 BAD_ARGUMENTS = [
     (dict(input_ids=torch.tensor([1, 2, 3])), "input_ids must be an integer tensor"),
     (dict(input_ids=torch.tensor([[1.0, 2.0]])), "input_ids must be an integer tensor"),
+    (dict(input_ids=torch.tensor([[1, 2, 10**6]])), r"input_ids must be in \[0, \d+\) .*got 1000000"),
+    (dict(input_ids=torch.tensor([[1, -2, 3]])), r"input_ids must be in \[0, \d+\) .*got -2"),
     (dict(attention_mask=torch.ones(1, 5)), r"attention_mask must have the shape .*\(1, 3\)"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "padding_side='left'"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),

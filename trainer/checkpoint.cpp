@@ -92,28 +92,57 @@ std::optional<fs::path> latest_checkpoint(const fs::path& out_dir) {
   return all.back();
 }
 
-TrainerState load_checkpoint(const fs::path& dir, model::Decoder& model,
-                             torch::optim::Optimizer& optimizer) {
+namespace {
+
+TrainerState load_checkpoint_files(const fs::path& dir, model::Decoder& model,
+                                   torch::optim::Optimizer& optimizer) {
   const model::Decoder saved = model::load_decoder(dir);
   const auto from = saved.named_tensors();
   auto to = model.named_tensors();
-  TORCH_CHECK(from.size() == to.size(), "checkpoint ", dir.string(), " has ", from.size(),
-              " tensors, the model ", to.size());
+  TORCH_CHECK(from.size() == to.size(), "it has ", from.size(), " tensors, the model ", to.size());
   {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < to.size(); ++i) {
       TORCH_CHECK(from[i].first == to[i].first && from[i].second.sizes() == to[i].second.sizes(),
-                  "checkpoint ", dir.string(), ": tensor ", from[i].first, " ", from[i].second.sizes(),
-                  " does not match the model's ", to[i].first, " ", to[i].second.sizes());
+                  "tensor ", from[i].first, " ", from[i].second.sizes(), " does not match the model's ",
+                  to[i].first, " ", to[i].second.sizes());
       to[i].second.copy_(from[i].second);
     }
   }
-  torch::serialize::InputArchive archive;
-  archive.load_from((dir / "optimizer.pt").string(), model.device());
-  optimizer.load(archive);
-  const auto s = nlohmann::json::parse(read_text(dir / "trainer_state.json"));
-  return {s.at("step").get<int64_t>(), s.at("updates").get<int64_t>(), s.at("cursor").get<int64_t>(),
-          s.at("seed").get<uint64_t>()};
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from((dir / "optimizer.pt").string(), model.device());
+    optimizer.load(archive);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(std::string("optimizer.pt: ") + e.what_without_backtrace());
+  }
+  try {
+    const auto s = nlohmann::json::parse(read_text(dir / "trainer_state.json"));
+    return {s.at("step").get<int64_t>(), s.at("updates").get<int64_t>(), s.at("cursor").get<int64_t>(),
+            s.at("seed").get<uint64_t>()};
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(std::string("trainer_state.json: ") + e.what());
+  }
+}
+
+}  // namespace
+
+TrainerState load_checkpoint(const fs::path& dir, model::Decoder& model,
+                             torch::optim::Optimizer& optimizer) {
+  // A checkpoint is written whole or not at all (write_directory_atomically), so a bad one was
+  // changed afterwards: say which, and how to go on from the one before it.
+  const auto cannot = [&](const std::string& why) {
+    return std::runtime_error("cannot resume from " + dir.string() + ": " + why +
+                              " (remove that directory to resume from the checkpoint before it, "
+                              "or set resume=false)");
+  };
+  try {
+    return load_checkpoint_files(dir, model, optimizer);
+  } catch (const c10::Error& e) {
+    throw cannot(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    throw cannot(e.what());
+  }
 }
 
 }  // namespace gkv::trainer

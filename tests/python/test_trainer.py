@@ -14,6 +14,7 @@ Runs use one thread (OMP_NUM_THREADS=1): results are then bitwise reproducible o
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -218,6 +219,29 @@ def test_sigkill_and_resume_gives_the_weights_of_an_uninterrupted_run(work, tmp_
     # Every step's loss and gradient norm match too (Adam's moments were restored, not reset).
     assert [(m["loss"], m["grad_norm"]) for m in metrics(whole)] == \
         [(m["loss"], m["grad_norm"]) for m in metrics(killed)]
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", "model.safetensors"])
+def test_a_damaged_checkpoint_names_itself_and_the_way_on(work, tmp_path, damage):
+    """A checkpoint changed after it was written (they are written whole or not at all) stops the
+    resume with one line naming the directory, the file and what to do; removing it resumes from
+    the one before, exactly as an uninterrupted run."""
+    whole, out = tmp_path / "whole", tmp_path / "o"
+    run("sft", *sft_args(work, whole, "steps=3"))
+    run("sft", *sft_args(work, out, "steps=3", "save_every=1"))
+    latest = out / "step-00000003"
+    path = latest / damage
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    result = run("sft", *sft_args(work, out, "steps=4"), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert f"cannot resume from {latest}: " in lines[0] and damage in lines[0]
+    assert "remove that directory to resume from the checkpoint before it" in lines[0]
+    shutil.rmtree(latest)
+    run("sft", *sft_args(work, out, "steps=3"))
+    resumed, expected = weights(out / "step-00000003"), weights(whole / "step-00000003")
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
 
 def test_sft_under_teacher_forced_compression(work, tmp_path):

@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -54,6 +55,24 @@ Check one_of(std::string Config::*f, std::vector<std::string> allowed) {
   };
 }
 
+// out_dir is created when absent; where it exists it must be a directory.
+Check directory_or_absent(std::string Config::*f) {
+  return [=](const Config& c) {
+    std::error_code ec;
+    const bool file = std::filesystem::exists(c.*f, ec) && !std::filesystem::is_directory(c.*f, ec);
+    return file ? std::string("must be a directory (made when absent), not a file") : std::string();
+  };
+}
+
+// A data file: a directory there would read as a file with no examples.
+Check not_a_directory(std::string Config::*f) {
+  return [=](const Config& c) {
+    std::error_code ec;
+    return std::filesystem::is_directory(c.*f, ec) ? std::string("must be a JSONL file, not a directory")
+                                                    : std::string();
+  };
+}
+
 Check any() {
   return [](const Config&) { return std::string(); };
 }
@@ -64,9 +83,12 @@ const std::vector<std::string> kPolicies = {"gkv",  "snapkv", "rkv",          "h
 const std::vector<Key>& keys() {
   static const std::vector<Key> table = {
       {"model", &Config::model, "checkpoint directory (or llama2.ts .bin) to start from", any()},
-      {"data", &Config::data, "training JSONL (prompt, response, answer, answer_kind)", any()},
-      {"out_dir", &Config::out_dir, "checkpoints step-N/ and metrics.jsonl go here", any()},
-      {"eval_data", &Config::eval_data, "evaluation JSONL; empty: no evaluation", any()},
+      {"data", &Config::data, "training JSONL (prompt, response, answer, answer_kind)",
+       not_a_directory(&Config::data)},
+      {"out_dir", &Config::out_dir, "checkpoints step-N/ and metrics.jsonl go here",
+       directory_or_absent(&Config::out_dir)},
+      {"eval_data", &Config::eval_data, "evaluation JSONL; empty: no evaluation",
+       not_a_directory(&Config::eval_data)},
       {"vocab", &Config::vocab, "vocab.json; empty: vocab.json beside data", any()},
       {"teacher", &Config::teacher, "distill: teacher checkpoint; empty: the initial weights", any()},
       {"device", &Config::device, "cpu or cuda (cuda: LOCAL_RANK picks the GPU)",

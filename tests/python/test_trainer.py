@@ -143,6 +143,8 @@ def test_help_lists_every_key_with_its_default(work, tmp_path):
     ("policy=gkv", "config key 'budget': policy gkv needs budget > 0"),
     ("micro_batch_size=3", "config key 'micro_batch_size': must divide batch_size"),
     ("dist_backend=nccl", "nccl needs device=cuda"),
+    ("data=/", "config key 'data': must be a JSONL file, not a directory"),
+    (f"out_dir={__file__}", "config key 'out_dir': must be a directory (made when absent), not a file"),
 ])
 def test_bad_keys_and_values_are_one_line_errors(work, tmp_path, override, message):
     env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"} \

@@ -38,6 +38,8 @@ def parse_splits(text: str) -> List[Tuple[str, int]]:
         if not name or (count and n < 1):
             raise ValueError(f"--splits: expected name=count with count >= 1 (or a bare name), "
                              f"got {item!r}")
+        if any(name == seen for seen, _ in out):  # its file would be written twice
+            raise ValueError(f"--splits: {name!r} is named twice")
         out.append((name, n))
     if not out:
         raise ValueError("--splits: empty")
@@ -77,8 +79,12 @@ def prepare(args) -> Dict[str, int]:
         raise ValueError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     splits = parse_splits(args.splits)
     overrides = {k: getattr(args, k) for k in tasks.SYNTHETIC_FIELDS if getattr(args, k) is not None}
+    if args.synthetic_length is not None and not 64 <= args.synthetic_length <= 65536:
+        raise ValueError(f"--synthetic-length must be in [64, 65536], got {args.synthetic_length}")
     synthetic = tasks.synthetic_options(args.synthetic_length, **overrides)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out must be a directory (made when absent), got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_path = args.tokenizer
     if args.tokenizer == "char":

@@ -139,7 +139,8 @@ def test_max_prompt_tokens_leaves_out_long_prompts(tmp_path):
     (["--data", "synthetic", "--tokenizer", "char", "--splits", "train"], "needs a count"),
     (["--data", "synthetic", "--tokenizer", "/nonexistent"], "/nonexistent does not exist"),
     (["--data", "synthetic", "--tokenizer", "char", "--splits", "a=2", "--synthetic-length", 10],
-     "tokens must be in [64, 65536]"),
+     "--synthetic-length must be in [64, 65536], got 10"),
+    (["--data", "synthetic", "--tokenizer", "char", "--splits", "a=2,b=1,a=3"], "'a' is named twice"),
     (["--data", "synthetic", "--tokenizer", "char", "--chain-depth", "0"], "chain_depth must be in"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
@@ -147,3 +148,11 @@ def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_out_naming_a_file_is_refused_by_name(tmp_path):
+    file = tmp_path / "data.txt"
+    file.write_text("keep me")
+    r = prepare("--data", "synthetic", "--tokenizer", "char", "--splits", "a=2", "--out", file)
+    assert r.returncode == 2 and file.read_text() == "keep me"
+    assert r.stderr.strip() == f"error: --out must be a directory (made when absent), got the file {file}"

@@ -1,5 +1,6 @@
 """Argument checks shared by the Python entry points, raising ValueError that names the argument
 (the command line prints it as one line)."""
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -22,3 +23,21 @@ def model_dtype(dtype: Union[None, str, torch.dtype], name: str = "dtype") -> Op
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"{name} must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
     return MODEL_DTYPES[dtype]
+
+
+def output_dir(path, flag: str = "--out") -> Path:
+    """``path`` as the directory results go to, refused up front (before the work whose results
+    it would hold) when it names a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} must be a directory (made when absent), got the file {path}")
+    return path
+
+
+def distinct(items: list, flag: str) -> list:
+    """``items`` (a comma-separated flag's values), refused when one comes twice: its rows would
+    run twice."""
+    twice = sorted({str(i) for i in items if items.count(i) > 1})
+    if twice:
+        raise ValueError(f"{flag} names {', '.join(twice)} more than once")
+    return items

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import policies, tasks
-from ._checks import MODEL_DTYPES, model_dtype
+from ._checks import MODEL_DTYPES, distinct, model_dtype, output_dir
 from .engine import generate, load_model
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "data" / "bundled"
@@ -149,7 +149,8 @@ def demo(args) -> Dict:
     """Runs the rows; returns {"config", "rows"} (also written to demo.json)."""
     from tqdm import tqdm
 
-    budgets = parse_budgets(args.budgets)
+    budgets = distinct(parse_budgets(args.budgets), "--budgets")
+    output_dir(args.out)
     if args.limit < 1 or args.batch_size < 1:
         raise ValueError(f"--limit and --batch-size must be >= 1, got {args.limit} and "
                          f"{args.batch_size}")
@@ -161,6 +162,8 @@ def demo(args) -> Dict:
     # bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are slow on most chips
     dtype = chosen_dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    if "fullkv" in distinct([policies.canonical_name(n) for n in names], "--policies"):
+        raise ValueError("--policies: FullKV always runs; name the policies to compare with it")
     # built before anything runs, so a bad name fails at once
     grid = [("fullkv", None, policies.FullKV())] + [
         (name, b, policies.by_name(name, b, divide_length=args.divide_length))

@@ -28,7 +28,7 @@ import torch
 
 from . import policies
 from . import tasks
-from ._checks import MODEL_DTYPES, model_dtype
+from ._checks import MODEL_DTYPES, distinct, model_dtype, output_dir
 from .engine import generate, load_model, teacher_forced
 
 METRICS = ("accuracy", "agree_prefix", "agree_overall", "nll_increase")
@@ -220,6 +220,7 @@ def _check_args(args):
                          f"{', '.join(DATA_SETS)}")
     if not Path(args.model).exists():
         raise ValueError(f"--model: {args.model} not found")
+    output_dir(args.out)
 
 
 def _check_token_ids(examples: List[Example], vocab_size: int):
@@ -238,10 +239,12 @@ def _policy_grid(args):
     budgets = parse_list(args.budgets, "budgets", int)
     if any(b < 1 for b in budgets):
         raise ValueError(f"--budgets must be positive, got {args.budgets!r}")
+    distinct([policies.canonical_name(n) for n in names], "--policies")
+    distinct(budgets, "--budgets")
     extra = {} if args.divide_length is None else {"divide_length": args.divide_length}
     grid = []
     for name in names:
-        if name.lower().replace("-", "").replace("_", "") == "fullkv":  # no budget
+        if policies.canonical_name(name) == "fullkv":  # no budget
             grid.append(("fullkv", None, policies.FullKV()))
             continue
         for budget in budgets:

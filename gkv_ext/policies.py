@@ -98,12 +98,21 @@ _BY_NAME = {"fullkv": FullKV, "streamingllm": StreamingLLM, "h2o": H2O,
             "gkv": GKV}
 
 
-def by_name(name: str, budget: Optional[int] = None, **kwargs) -> Policy:
-    """The policy called ``name`` (fullkv, streamingllm, h2o, h2o-accumulate, snapkv, rkv, tova,
-    gkv; case, '-' and '_' ignored)."""
+NAMES = ("fullkv", "streamingllm", "h2o", "h2o-accumulate", "snapkv", "rkv", "tova", "gkv")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` as NAMES spells it (case, '-' and '_' ignored); unknown names raise ValueError."""
     key = name.lower().replace("-", "").replace("_", "")
-    if key not in _BY_NAME:
-        raise ValueError(f"unknown policy {name!r}; one of {', '.join(_BY_NAME)}")
+    for known in NAMES:
+        if key == known.replace("-", ""):
+            return known
+    raise ValueError(f"unknown policy {name!r}; one of {', '.join(NAMES)}")
+
+
+def by_name(name: str, budget: Optional[int] = None, **kwargs) -> Policy:
+    """The policy called ``name``, one of NAMES (case, '-' and '_' ignored)."""
+    key = canonical_name(name).replace("-", "")
     if key == "fullkv":
         return FullKV()
     if budget is None:

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Tuple
 from tqdm import tqdm
 
 from gkv_ext import tasks
+from gkv_ext._checks import output_dir
 
 DATA_SETS = ("gsm8k", "math500", "synthetic")
 
@@ -82,9 +83,7 @@ def prepare(args) -> Dict[str, int]:
     if args.synthetic_length is not None and not 64 <= args.synthetic_length <= 65536:
         raise ValueError(f"--synthetic-length must be in [64, 65536], got {args.synthetic_length}")
     synthetic = tasks.synthetic_options(args.synthetic_length, **overrides)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out must be a directory (made when absent), got the file {out}")
+    out = output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_path = args.tokenizer
     if args.tokenizer == "char":

@@ -64,7 +64,10 @@ def test_fullkv_accuracy_equals_the_eval_harness(demo_run, tmp_path):
 @pytest.mark.parametrize("arg, message", [
     (["--budgets", "0"], "--budgets"), (["--limit", "0"], "--limit"),
     (["--limit", "100000"], "--limit"), (["--dtype", "int8"], "--dtype"),
-    (["--model", "/nonexistent"], "--model"), (["--policies", "nope"], "nope")])
+    (["--model", "/nonexistent"], "--model"), (["--policies", "nope"], "nope"),
+    (["--policies", "gkv,rkv,gkv"], "--policies names gkv more than once"),
+    (["--policies", "gkv,fullkv"], "FullKV always runs"),
+    (["--budgets", "64,64"], "--budgets names 64 more than once")])
 def test_bad_arguments_are_one_line_errors(arg, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gkv_ext", "demo", *arg, "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
@@ -97,3 +100,14 @@ def test_generate_command_runs_the_bundled_model_with_its_tokenizer(capsys, tmp_
     empty.mkdir()
     with pytest.raises(ValueError, match=r"no tokenizer found in .*/model or .*/model/tokenizer"):
         tasks.load_tokenizer(empty)
+
+
+@pytest.mark.parametrize("command", ["demo", "eval"])
+def test_out_naming_a_file_is_refused_before_the_run(command, tmp_path, capsys):
+    file = tmp_path / "results"
+    file.write_text("keep me")
+    args = ["--model", str(BUNDLED), "--data", "synthetic"] if command == "eval" else []
+    assert cli.main([command, *args, "--out", str(file)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --out must be a directory (made when absent), got the file {file}"
+    assert file.read_text() == "keep me"

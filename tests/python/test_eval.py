@@ -131,7 +131,9 @@ def test_transformers_checkpoint_on_gsm8k(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--policies", "nope"], "unknown policy 'nope'"),
+    (["--policies", "nope"], "unknown policy 'nope'; one of fullkv, streamingllm, h2o, h2o-accumulate"),
+    (["--policies", "gkv,snapkv,GKV"], "--policies names gkv more than once"),
+    (["--budgets", "64,32,64"], "--budgets names 64 more than once"),
     (["--budgets", "64,x"], "--budgets: expected comma-separated integers"),
     (["--budgets", "0"], "--budgets must be positive"),
     (["--data", "wiki"], "neither a file nor one of tinystories"),

@@ -223,6 +223,15 @@ class CompressedCache(Cache):
     def attend(self, layer: int, q, k, v, attention_mask=None, position_ids=None):
         """q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,T,Hq,d] (transformers' layout)."""
         if not self._tokens:  # under model.generate: this first layer begins the forward
+            if self.native is not None and attention_mask is not None and \
+                    attention_mask.shape[-1] != self._seen + q.shape[2]:
+                # transformers' mask spans every token of its generation: a shorter one is a new
+                # prompt, whose tokens would be attended after the earlier generation's.
+                raise RuntimeError(
+                    f"CompressedCache: this cache holds {self._seen} tokens per row of an earlier "
+                    f"generation, but the attention mask covers {attention_mask.shape[-1]}; a new "
+                    "prompt needs a new CompressedCache (a continuation passes the whole earlier "
+                    "sequence as its prompt)")
             positions = self.begin_forward(q.shape[2], attention_mask if self.native is None
                                            else None, like=q)
             if self.native.forwards == 0 and position_ids is not None:

@@ -319,6 +319,27 @@ def test_gkv_attention_without_a_compressed_cache_raises(tiny):
         model.set_attn_implementation("sdpa")
 
 
+def test_a_compressed_cache_reused_for_a_new_prompt_raises(tiny):
+    """A second model.generate on a cache that holds a generation: transformers feeds the
+    prompt's tokens past the cache's length, which were attended after the old tokens. A
+    continuation (the whole earlier sequence as the prompt) stays allowed."""
+    model, _ = tiny["qwen2"]
+    ids, mask = left_padded(PROMPTS)
+    try:
+        cache = hf.CompressedCache(model, make_policy("gkv"), max_tokens=ids.shape[1] + 40)
+        first = plain_generate(model, ids, mask, 3, past_key_values=cache)
+        with pytest.raises(RuntimeError, match="holds 13 tokens per row .* the attention mask "
+                                               "covers 11; a new prompt needs a new CompressedCache"):
+            plain_generate(model, ids, mask, 5, past_key_values=cache)
+        cache = hf.CompressedCache(model, make_policy("gkv"), max_tokens=ids.shape[1] + 40)
+        first = plain_generate(model, ids, mask, 3, past_key_values=cache)
+        more = torch.ones_like(first[:, :1])
+        plain_generate(model, first, torch.cat([mask, more.expand(-1, 3)], 1), 5,
+                       past_key_values=cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def test_compressed_cache_checks_positions_and_padding(tiny):
     """Under model(...) / model.generate the cache takes transformers' position_ids: they must be
     the original positions, and the padding must be on the left."""

@@ -59,6 +59,11 @@ at::Tensor DecodeStepper::step(const at::Tensor& tokens) {
   TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == B && tokens.scalar_type() == at::kLong,
               "DecodeStepper::step: tokens must be [B] int64 with B = ", B, ", got ",
               tokens.sizes(), " ", tokens.scalar_type());
+  // The forward checks CPU ids only after begin_decode, so a bad id would leave the cache
+  // mid-forward, refusing every later step: checked first here (on CUDA it would sync).
+  if (tokens.device().is_cpu()) {
+    model::check_token_range(tokens, model_.config().vocab_size, "DecodeStepper::step");
+  }
   at::NoGradGuard no_grad;
   const auto input = tokens.view({B, 1});
   if (!use_graph_) return eager(input);

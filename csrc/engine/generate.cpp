@@ -168,8 +168,7 @@ ForcedResult teacher_forced(const model::Decoder& model,
   const c10::Device device = model.device();
   const Batch batch = left_pad(prompts, pad, config.vocab_size, device);
   const auto forced = tokens.to(device);
-  TORCH_CHECK(forced.min().item<int64_t>() >= 0 && forced.max().item<int64_t>() < config.vocab_size,
-              "teacher_forced: token ids must lie in [0, ", config.vocab_size, ")");
+  model::check_token_range(forced, config.vocab_size, "teacher_forced");
   const int64_t B = forced.size(0), P = batch.tokens.size(1), T = forced.size(1);
   const int64_t D = policy.divide_length;
 

@@ -191,10 +191,7 @@ void check_tokens(const at::Tensor& tokens, const at::Tensor& positions, const M
               "forward: tokens and positions must be on the model's device ", device);
   TORCH_CHECK(tokens.size(1) > 0, "forward: tokens must hold at least one token per row");
   // A range check syncs with the device, so only on CPU (CUDA's embedding asserts by itself).
-  if (device.is_cpu()) {
-    TORCH_CHECK(tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < c.vocab_size,
-                "forward: token ids must lie in [0, ", c.vocab_size, ")");
-  }
+  if (device.is_cpu()) check_token_range(tokens, c.vocab_size, "forward");
 }
 
 // q [B,T,Hq,d], k [B,T,Hkv,d] -> RoPE'd (after the per-head q/k norms when configured)
@@ -233,6 +230,12 @@ at::Tensor CausalAttention::forward(int64_t /*layer*/, const at::Tensor& q, cons
     visible_ = causal.logical_and(real_key).logical_or(at::eye(t, opts));   // [B,1,T,T]
   }
   return at::scaled_dot_product_attention(q, k, v, visible_, 0.0, /*is_causal=*/false, scale, gqa);
+}
+
+void check_token_range(const at::Tensor& tokens, int64_t vocab_size, const char* who) {
+  TORCH_CHECK(tokens.numel() == 0 ||
+                  (tokens.min().item<int64_t>() >= 0 && tokens.max().item<int64_t>() < vocab_size),
+              who, ": token ids must lie in [0, ", vocab_size, ")");
 }
 
 at::Tensor positions_from_mask(const at::Tensor& attention_mask) {

@@ -79,6 +79,10 @@ class CausalAttention final : public Attention {
 // get 0). attention_mask [B,T], nonzero = real token.
 at::Tensor positions_from_mask(const at::Tensor& attention_mask);
 
+// Throws "<who>: token ids must lie in [0, vocab_size)" unless they do. Reads the ids on the
+// host, so on CUDA it syncs: callers on the decode path check only CPU tensors.
+void check_token_range(const at::Tensor& tokens, int64_t vocab_size, const char* who);
+
 class Decoder {
  public:
   // Checks every tensor's shape against the config.

@@ -296,6 +296,23 @@ def prefilled(model, policy, max_new_tokens):
     return cache, model(tokens, cache.begin_prefill(mask), cache=cache, last_only=True)[:, -1]
 
 
+def test_decode_stepper_refuses_bad_ids_and_steps_on(tiny):
+    """A token id outside the vocabulary is refused before the step begins: the cache is not
+    left mid-forward (every later step used to fail), and the next good step equals a stepper
+    that never saw the bad one."""
+    _, model = tiny["llama"]
+    p = make_policy("gkv", 10)
+    ref_cache, _ = prefilled(model, p, 8)
+    cache, _ = prefilled(model, p, 8)
+    ref, stepper = gkv_ext.DecodeStepper(model, ref_cache), gkv_ext.DecodeStepper(model, cache)
+    good = torch.tensor([3] * len(PROMPTS))
+    for bad in (model.config.vocab_size, -1):
+        with pytest.raises(RuntimeError, match=r"DecodeStepper::step: token ids must lie in \[0, "):
+            stepper.step(good.clone().fill_(bad))
+    for _ in range(3):
+        assert torch.equal(stepper.step(good), ref.step(good))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_stepper_replays_every_step_after_the_first(tiny, device):
     """DecodeStepper equals stepping Model.forward through the cache; on CUDA every step but the

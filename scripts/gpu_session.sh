@@ -2,6 +2,7 @@
 # One call on the GPU machine: build with all cores, run the whole test suite (CUDA tests
 # included), then the op benchmark. Logs and results go under $OUT (or ./out).
 # Usage: scripts/gpu_session.sh [pytest args...]    (GKV_SKIP_BENCH=1 skips the benchmark)
+# A suite longer than one call: `scripts/gpu_session.sh -n 14 --shard 0/2`, then `--shard 1/2`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

@@ -4,6 +4,7 @@ Every op is checked three ways: its CPU kernel against a dense PyTorch formula w
 test, its CUDA kernel against the CPU kernel (over the grids below, skipped without a GPU), and
 torch.library.opcheck on one grid point.
 """
+import zlib
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,25 @@ def shared_dir() -> Path:
     root = Path(__file__).resolve().parents[2]
     inside = root / "shared"
     return inside if inside.is_dir() else root.parent / "shared"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N shards of the tests (0 <= I < N), so that a "
+                          "suite too long for one run can be split over several")
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if spec is None:
+        return
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        index = count = -1
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard must be I/N with 0 <= I < N, got {spec!r}")
+    # A hash of the test's id, stable across processes (xdist workers collect on their own).
+    keep = [item for item in items if zlib.crc32(item.nodeid.encode()) % count == index]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep

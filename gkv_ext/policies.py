@@ -94,11 +94,9 @@ def _h2o_accumulate(budget: int, **kwargs) -> Policy:
 
 
 _BY_NAME = {"fullkv": FullKV, "streamingllm": StreamingLLM, "h2o": H2O,
-            "h2oaccumulate": _h2o_accumulate, "snapkv": SnapKV, "rkv": RKV, "tova": TOVA,
+            "h2o-accumulate": _h2o_accumulate, "snapkv": SnapKV, "rkv": RKV, "tova": TOVA,
             "gkv": GKV}
-
-
-NAMES = ("fullkv", "streamingllm", "h2o", "h2o-accumulate", "snapkv", "rkv", "tova", "gkv")
+NAMES = tuple(_BY_NAME)
 
 
 def canonical_name(name: str) -> str:
@@ -112,7 +110,7 @@ def canonical_name(name: str) -> str:
 
 def by_name(name: str, budget: Optional[int] = None, **kwargs) -> Policy:
     """The policy called ``name``, one of NAMES (case, '-' and '_' ignored)."""
-    key = canonical_name(name).replace("-", "")
+    key = canonical_name(name)
     if key == "fullkv":
         return FullKV()
     if budget is None:

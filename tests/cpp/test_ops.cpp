@@ -153,7 +153,7 @@ TEST_CASE("decode_linear is x W^T + b and differentiates through C++ autograd") 
   REQUIRE(out.sizes() == at::IntArrayRef({2, 3, 6}));
   REQUIRE(close(out, at::matmul(x, weight.t()) + bias));
   out.sum().backward();
-  REQUIRE(close(weight.grad(), x.detach().sum({0, 1}).expand({6, 16})));
+  REQUIRE(close(weight.grad(), x.detach().sum(at::IntArrayRef{0, 1}).expand({6, 16})));
   REQUIRE(close(gkv::decode_linear(x, weight), at::matmul(x, weight.t())));
 }
 

@@ -2,7 +2,8 @@
 # One call on the GPU machine: build with all cores, run the whole test suite (CUDA tests
 # included), then the op benchmark. Logs and results go under $OUT (or ./out).
 # Usage: scripts/gpu_session.sh [pytest args...]    (GKV_SKIP_BENCH=1 skips the benchmark)
-# A suite longer than one call: `scripts/gpu_session.sh -n 14 --shard 0/2`, then `--shard 1/2`.
+# A suite longer than one call (10 minutes): `scripts/gpu_session.sh -n 14 --shard 0/3`, then 1/3
+# and 2/3 (half the suite took over 500 s of tests on an H100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -13,7 +14,10 @@ start=$(date +%s)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
   || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
-scripts/test.sh "$@" 2>&1 | tee "$OUT/test.log" | tail -40
+# test.log names each test as it ends (-v), so a run cut off by the call's time limit still says
+# which tests failed; the console gets the failed tests and the summaries.
+scripts/test.sh -v "$@" 2>&1 | tee "$OUT/test.log" | grep -E --line-buffered \
+  '(FAILED|ERROR)( |$)|^(FAILED|ERROR) |[0-9]+ (passed|failed)|tests passed|Errors while'
 if [ -z "${GKV_SKIP_BENCH:-}" ]; then
   python3 scripts/bench_ops.py --out "$OUT/benchmarks_ops" ${GKV_BENCH_ARGS:-} 2>&1 | grep -v '%|' | tee "$OUT/bench.log"
 fi

@@ -2,7 +2,7 @@
 // kernel (16-bit x with 1..64 rows, K % 8 == 0, 16-byte aligned rows, a contiguous weight) and
 // cuBLAS through ATen's linear (everything else: more rows make the product compute-bound, where
 // cuBLAS's tiles win, and a strided weight would need a copy per call), the plan, dispatch over
-// dtype and m16 tiles, launch on the current stream.
+// dtype and row count, launch on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,16 +18,6 @@ namespace gkv {
 namespace {
 
 constexpr const char* kOp = "decode_linear";
-
-template <typename F>
-void dispatch_m_tiles(int m_tiles, F&& f) {
-  switch (m_tiles) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
-}
 
 // x [..., K], weight [N, K], bias [N] -> [..., N]
 at::Tensor decode_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -70,10 +60,10 @@ at::Tensor decode_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight_i
   const int m_tiles = static_cast<int>((M + 15) / 16);
   GKV_DISPATCH_FLOATING(kOp, dtype, [&] {
     if constexpr (!std::is_same_v<scalar_t, float>) {  // fp32 went to cuBLAS above
-      dispatch_m_tiles(m_tiles, [&](auto mt) {
-        GKV_CUDA_CHECK(kOp, (kernels::decode_linear_launch<scalar_t, decltype(mt)::value>(
-                                p, stream)));
-      });
+      // Up to 16 rows: one m16 tile of mma.sync. More: wgmma over all 64 x rows.
+      const auto launch = m_tiles == 1 ? kernels::decode_linear_launch<scalar_t, 1>
+                                       : kernels::decode_linear_launch<scalar_t, 4, true>;
+      GKV_CUDA_CHECK(kOp, launch(p, stream));
     }
   });
   return out;

@@ -6,10 +6,14 @@
 //   1. decode_linear_kernel, grid (ceil(N / 64), splits): a block takes 64 weight rows (output
 //      columns) and one range of K, walked in chunks of 64 through a 4-stage cp.async ring that
 //      holds the weight chunk [64][64] and the x chunk [16*MT][64], both with their 16-byte
-//      pieces XOR-swizzled by row. Each of the 4 warps takes one k16 step of every chunk for all
-//      64 columns and all rows (mma.sync.m16n8k16, fp32 accumulators); the warps' sums meet in
-//      shared memory at the end, added in warp order. With one split the block writes out (bias
-//      added in fp32, one rounding); otherwise its fp32 partial.
+//      pieces XOR-swizzled by row. Up to 16 rows (MT = 1), each of the 4 warps takes one k16 step
+//      of every chunk for all 64 columns and all rows (mma.sync.m16n8k16, fp32 accumulators); the
+//      warps' sums meet in shared memory at the end, added in warp order. From 17 to 64 rows
+//      (MT = 4) the 4 warps act as one warpgroup and run Hopper's wgmma straight from the ring
+//      (sm_90a builds; others take the mma.sync path with 4 m16 tiles): no fragments pass
+//      through registers and no sums meet in shared memory, which the mma.sync shape of 64 rows
+//      paid for in registers (3 blocks an SM instead of 5) and bandwidth. With one split the
+//      block writes out (bias added in fp32, one rounding); otherwise its fp32 partial.
 //   2. decode_linear_reduce_kernel (splits > 1 only): out = sum of the partials in split order
 //      (+ bias), one rounding. The order is fixed, so results do not depend on timing.
 // Splitting K is for the narrow projections (N = 3584: 56 column tiles), which alone would leave
@@ -61,10 +65,28 @@ struct DecodeLinearConfig {
 constexpr int kDecodeLinearMaxRows = 64;
 constexpr int kDecodeLinearMinChunks = 4;  // K chunks per split, at least
 
-template <typename T, int MT>
+// A block's sum for out[row, n]: its fp32 partial when K is split, else the output (bias added in
+// fp32, one rounding).
+template <typename T>
+__device__ __forceinline__ void store_result(const DecodeLinearParams& p, int row, int n, float v) {
+  if (p.num_splits > 1) {
+    p.partial[(int64_t(blockIdx.y) * p.M + row) * p.N + n] = v;
+  } else {
+    if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
+    static_cast<T*>(p.out)[int64_t(row) * p.N + n] = from_float<T>(v);
+  }
+}
+
+// kWgmma (with MT = 4, sm_90a): the warpgroup multiplies each chunk with wgmma straight from the
+// ring, weight rows as wgmma's M and the 64 x rows (zeros past M) as its N, and writes from its
+// accumulators; no fragments go through registers and no warps' sums meet in shared memory.
+// Without sm_90a in the build it runs the mma.sync path.
+template <typename T, int MT, bool kWgmma = false>
 __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
     decode_linear_kernel(const DecodeLinearParams p) {
   using Cfg = DecodeLinearConfig<MT>;
+  static_assert(!kWgmma || MT == 4, "wgmma takes all 64 x rows as its N");
+  constexpr bool kUseWgmma = kWgmma && GKV_HAVE_WGMMA;
   constexpr int kTileN = Cfg::kTileN, kChunkK = Cfg::kChunkK, kStages = Cfg::kStages;
   constexpr int kThreads = Cfg::kWarps * 32;
   const int n0 = blockIdx.x * kTileN;
@@ -84,7 +106,13 @@ __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
   chain_release();
 
   extern __shared__ __align__(16) unsigned char decode_linear_smem[];
-  T* ring = reinterpret_cast<T*>(decode_linear_smem);  // [kStages][weight rows, x rows][kChunkK]
+  // [kStages][weight rows, x rows][kChunkK]; the wgmma swizzle needs 1024-byte aligned tiles
+  // (every stage and both its tiles are whole 1024-byte multiples), hence the slack.
+  unsigned char* smem = decode_linear_smem;
+  if constexpr (kWgmma) {
+    smem += (1024 - (static_cast<unsigned>(__cvta_generic_to_shared(smem)) & 1023)) & 1023;
+  }
+  T* ring = reinterpret_cast<T*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // A thread copies piece `piece` of rows copy_row, copy_row + kRowStep, ... of each stage tile.
   // Its source pointers start at chunk 0 of its first rows and move by whole rows and chunks, so
@@ -127,72 +155,97 @@ __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(c_begin + s);
 
-  // acc[mt][nt]: the C fragment of rows mt*16.., columns nt*8.. of the tile.
-  float acc[MT][kTileN / 8][4];
+  if constexpr (kUseWgmma) {
+    float acc[32] = {};  // rows: weight rows of the tile; columns: x rows (wgmma_m64n64k16)
+    for (int c = c_begin; c < c_end; ++c) {
+      cp_async_wait<kStages - 2>();
+      fence_proxy_async_shared();  // this thread's landed copies, visible to the tensor cores
+      __syncthreads();             // ... everyone's; chunk c - 1's wgmma finished below
+      issue(c + kStages - 1);
+      const uint32_t sw = static_cast<uint32_t>(
+          __cvta_generic_to_shared(ring + ((c - c_begin) % kStages) * Cfg::kStageElems));
+      const uint32_t sx = sw + kTileN * kChunkK * sizeof(T);
+      wgmma_fence();
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < kTileN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+      for (int k16 = 0; k16 < kChunkK / 16; ++k16) {
+        wgmma_m64n64k16<T>(acc, wgmma_desc_k_major_sw128(sw + 32 * k16),
+                           wgmma_desc_k_major_sw128(sx + 32 * k16));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // the stage is refilled at the next chunk
     }
-  }
-  for (int c = c_begin; c < c_end; ++c) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of chunk c have landed
-    __syncthreads();               // ... everyone's, and everyone is done with chunk c - 1
-    issue(c + kStages - 1);        // refills the stage of chunk c - 1
-    const T* sw = ring + ((c - c_begin) % kStages) * Cfg::kStageElems;
-    const T* sx = sw + kTileN * kChunkK;
-    // The weight is stored [n][k], the B operand as [n][k]: matrices 0/1 = rows 0-7 of a 16-row
-    // group at k 0-7 / 8-15, 2/3 = rows 8-15.
-    uint32_t wf[kTileN / 16][4];
+    cp_async_wait<0>();
 #pragma unroll
-    for (int g = 0; g < kTileN / 16; ++g) {
-      ldmatrix_x4(wf[g], sw + Cfg::offset(g * 16 + ((lane >> 4) << 3) + (lane & 7),
-                                          warp * 2 + ((lane >> 3) & 1)));
+    for (int e = 0; e < 32; ++e) {
+      const int n = n0 + 16 * warp + (lane >> 2) + 8 * ((e >> 1) & 1);
+      const int row = 8 * (e >> 2) + 2 * (lane & 3) + (e & 1);
+      if (n < p.N && row < p.M) store_result<T>(p, row, n, acc[e]);
     }
+  } else {
+    // acc[mt][nt]: the C fragment of rows mt*16.., columns nt*8.. of the tile.
+    float acc[MT][kTileN / 8][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      uint32_t xa[4];  // A fragment: rows 0-7 / 8-15 at k 0-7, then at k 8-15
-      ldmatrix_x4(xa, sx + Cfg::offset(mt * 16 + (lane & 15), warp * 2 + (lane >> 4)));
+#pragma unroll
+      for (int nt = 0; nt < kTileN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+      }
+    }
+    for (int c = c_begin; c < c_end; ++c) {
+      cp_async_wait<kStages - 2>();  // this thread's copies of chunk c have landed
+      __syncthreads();               // ... everyone's, and everyone is done with chunk c - 1
+      issue(c + kStages - 1);        // refills the stage of chunk c - 1
+      const T* sw = ring + ((c - c_begin) % kStages) * Cfg::kStageElems;
+      const T* sx = sw + kTileN * kChunkK;
+      // The weight is stored [n][k], the B operand as [n][k]: matrices 0/1 = rows 0-7 of a 16-row
+      // group at k 0-7 / 8-15, 2/3 = rows 8-15.
+      uint32_t wf[kTileN / 16][4];
 #pragma unroll
       for (int g = 0; g < kTileN / 16; ++g) {
-        mma_m16n8k16<T>(acc[mt][2 * g], xa, wf[g][0], wf[g][1]);
-        mma_m16n8k16<T>(acc[mt][2 * g + 1], xa, wf[g][2], wf[g][3]);
+        ldmatrix_x4(wf[g], sw + Cfg::offset(g * 16 + ((lane >> 4) << 3) + (lane & 7),
+                                            warp * 2 + ((lane >> 3) & 1)));
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t xa[4];  // A fragment: rows 0-7 / 8-15 at k 0-7, then at k 8-15
+        ldmatrix_x4(xa, sx + Cfg::offset(mt * 16 + (lane & 15), warp * 2 + (lane >> 4)));
+#pragma unroll
+        for (int g = 0; g < kTileN / 16; ++g) {
+          mma_m16n8k16<T>(acc[mt][2 * g], xa, wf[g][0], wf[g][1]);
+          mma_m16n8k16<T>(acc[mt][2 * g + 1], xa, wf[g][2], wf[g][3]);
+        }
       }
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the ring becomes the warps' sums
+    cp_async_wait<0>();
+    __syncthreads();  // the ring becomes the warps' sums
 
-  float* red = reinterpret_cast<float*>(decode_linear_smem);  // [kWarps][kRowsX][kRedLd]
-  const int gr = lane >> 2, tq = lane & 3;
+    float* red = reinterpret_cast<float*>(decode_linear_smem);  // [kWarps][kRowsX][kRedLd]
+    const int gr = lane >> 2, tq = lane & 3;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int nt = 0; nt < kTileN / 8; ++nt) {
+      for (int nt = 0; nt < kTileN / 8; ++nt) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = mt * 16 + gr + half * 8;
-        float* at = red + (warp * Cfg::kRowsX + row) * Cfg::kRedLd + nt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(at) = make_float2(acc[mt][nt][2 * half],
-                                                     acc[mt][nt][2 * half + 1]);
+        for (int half = 0; half < 2; ++half) {
+          const int row = mt * 16 + gr + half * 8;
+          float* at = red + (warp * Cfg::kRowsX + row) * Cfg::kRedLd + nt * 8 + 2 * tq;
+          *reinterpret_cast<float2*>(at) = make_float2(acc[mt][nt][2 * half],
+                                                       acc[mt][nt][2 * half + 1]);
+        }
       }
     }
-  }
-  __syncthreads();
-  const int rows = min(p.M, Cfg::kRowsX);
-  for (int e = threadIdx.x; e < rows * kTileN; e += kThreads) {
-    const int row = e / kTileN, col = e % kTileN, n = n0 + col;
-    if (n >= p.N) continue;
-    float v = 0.f;
+    __syncthreads();
+    const int rows = min(p.M, Cfg::kRowsX);
+    for (int e = threadIdx.x; e < rows * kTileN; e += kThreads) {
+      const int row = e / kTileN, col = e % kTileN, n = n0 + col;
+      if (n >= p.N) continue;
+      float v = 0.f;
 #pragma unroll
-    for (int wi = 0; wi < Cfg::kWarps; ++wi) v += red[(wi * Cfg::kRowsX + row) * Cfg::kRedLd + col];
-    if (p.num_splits > 1) {
-      p.partial[(int64_t(blockIdx.y) * p.M + row) * p.N + n] = v;
-    } else {
-      if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-      static_cast<T*>(p.out)[int64_t(row) * p.N + n] = from_float<T>(v);
+      for (int wi = 0; wi < Cfg::kWarps; ++wi) {
+        v += red[(wi * Cfg::kRowsX + row) * Cfg::kRedLd + col];
+      }
+      store_result<T>(p, row, n, v);
     }
   }
 }
@@ -236,15 +289,19 @@ inline cudaError_t decode_linear_plan(DecodeLinearParams& p) {
 }
 
 // Runs the kernels; p comes from decode_linear_plan, with p.partial set when num_splits > 1;
-// 1 <= M <= 16 * MT, K % 8 == 0, x and w 16-byte aligned, x_row_stride % 8 == 0.
-template <typename T, int MT>
+// 1 <= M <= 16 * MT, K % 8 == 0, x and w 16-byte aligned, x_row_stride % 8 == 0. kWgmma needs
+// MT = 4 (see decode_linear_kernel).
+template <typename T, int MT, bool kWgmma = false>
 cudaError_t decode_linear_launch(const DecodeLinearParams& p, cudaStream_t stream) {
   using Cfg = DecodeLinearConfig<MT>;
-  cudaError_t err = allow_dynamic_smem<decode_linear_kernel<T, MT>>(Cfg::kSmemBytes);
+  constexpr auto kernel = decode_linear_kernel<T, MT, kWgmma>;
+  // The wgmma ring's 1024-byte alignment slack; the mma.sync fallback's sums need kRedBytes.
+  constexpr int smem = kWgmma && Cfg::kRingBytes + 1024 > Cfg::kSmemBytes ? Cfg::kRingBytes + 1024
+                                                                          : Cfg::kSmemBytes;
+  cudaError_t err = allow_dynamic_smem<kernel>(smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.N, Cfg::kTileN), p.num_splits);
-  err = launch_chained(decode_linear_kernel<T, MT>, grid, Cfg::kWarps * 32, Cfg::kSmemBytes,
-                       stream, p);
+  err = launch_chained(kernel, grid, Cfg::kWarps * 32, smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int threads = 256;
   const int blocks = ceil_div(int64_t(p.M) * p.N, threads);

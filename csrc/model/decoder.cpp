@@ -106,8 +106,9 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
 
 // Up to this many rows a projection goes through gkv::decode_linear when Switch::decode_linear
 // (csrc/switches.h) is on. On an H200 its kernel beat cuBLAS at 16 rows (the engine's step 5-6%
-// faster) and lost at 64 (10-14% slower): the x rows take a growing share of its shared-memory
-// ring, so fewer weight bytes are in flight (docs/benchmarks.md, "Our own decode GEMM").
+// faster). Its wgmma shape for 17-64 rows still loses at 64 (the engine's step 2% slower on an
+// H100) and won by 2% at 32 in the GEMMs alone, not yet timed in the engine
+// (docs/benchmarks.md, "Our own decode GEMM", "wgmma for 17-64 rows").
 constexpr int64_t kDecodeLinearRowsItWins = 16;
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {

@@ -142,8 +142,12 @@ at::Tensor CompressedKVCache::begin_prefill(const at::Tensor& attention_mask) {
 }
 
 void CompressedKVCache::check_decode(int64_t tokens) const {
-  TORCH_CHECK(forwards_ >= 1 && tokens_ == 0,
-              "begin_decode: needs a finished prefill and no forward in progress");
+  // A forward that failed part way may have written some layers' slots, query rings and
+  // accumulated scores, which cannot be taken back: such a cache stays refused.
+  TORCH_CHECK(tokens_ == 0, "begin_decode: a forward of ", tokens_,
+              " tokens is in progress (begun, not finished by end_forward); a cache whose forward "
+              "failed part way cannot go on: make a new one");
+  TORCH_CHECK(forwards_ >= 1, "begin_decode: the cache holds no prefill; call begin_prefill first");
   TORCH_CHECK(tokens >= 1, "begin_decode: tokens must be >= 1, got ", tokens);
   TORCH_CHECK(length_ + tokens <= cap_, "begin_decode: ", tokens, " more tokens overflow the ",
               cap_, " slots of the cache (", length_, " live); max_tokens = ", max_tokens_);

@@ -410,7 +410,7 @@ def test_bad_cache_calls_raise():
     cache = CompressedKVCache(POLICIES["gkv-max"], 2, 2, 4, 2, 16, max_tokens=64)
     with pytest.raises(RuntimeError, match="call begin_prefill or begin_decode first"):
         cache.attend(0, torch.zeros(2, 4, 1, 16), torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16))
-    with pytest.raises(RuntimeError, match="needs a finished prefill"):
+    with pytest.raises(RuntimeError, match="holds no prefill; call begin_prefill first"):
         cache.begin_decode(1)
     with pytest.raises(RuntimeError, match="needs at least one real token"):
         cache.begin_prefill(torch.tensor([[1, 1], [0, 0]]))
@@ -426,6 +426,8 @@ def test_bad_cache_calls_raise():
     cache.attend(0, torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16))
     with pytest.raises(RuntimeError, match="layer 1 did not attend"):
         cache.end_forward()
+    with pytest.raises(RuntimeError, match="a forward of 5 tokens is in progress"):
+        cache.begin_decode(1)
     cache.attend(1, torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16))
     cache.end_forward()
     with pytest.raises(RuntimeError, match="cross a compression step"):

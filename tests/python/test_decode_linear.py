@@ -189,10 +189,11 @@ def test_cuda_other_cases_are_aten_linear():
 
 
 @requires_cuda
-def test_cuda_deterministic_and_graph_replay():
+@pytest.mark.parametrize("rows", [16, 64])  # the mma.sync and the wgmma shape
+def test_cuda_deterministic_and_graph_replay(rows):
     """The splits are summed in a fixed order: repeated calls and a CUDA-graph replay of a chain
     of calls (chained launches inside the graph) give the same bits."""
-    x, w, b = inputs(16, 4608, 3584, torch.bfloat16, "cuda")
+    x, w, b = inputs(rows, 4608, 3584, torch.bfloat16, "cuda")
     w2 = torch.randn(3584, 4608, device="cuda", dtype=torch.bfloat16)
     chain = lambda: ops.decode_linear(ops.decode_linear(x, w, b), w2)  # noqa: E731
     eager = chain()

@@ -22,6 +22,7 @@
 // writes: L2 is where writes land, and the copies into shared memory come after the wait).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/common.cuh"
@@ -77,10 +78,8 @@ __device__ __forceinline__ void store_result(const DecodeLinearParams& p, int ro
   }
 }
 
-// kWgmma (with MT = 4, sm_90a): the warpgroup multiplies each chunk with wgmma straight from the
-// ring, weight rows as wgmma's M and the 64 x rows (zeros past M) as its N, and writes from its
-// accumulators; no fragments go through registers and no warps' sums meet in shared memory.
-// Without sm_90a in the build it runs the mma.sync path.
+// kWgmma (MT = 4): the wgmma shape of the header, weight rows as wgmma's M and the 64 x rows
+// (zeros past M) as its N; without sm_90a in the build it runs the mma.sync path.
 template <typename T, int MT, bool kWgmma = false>
 __global__ void __launch_bounds__(DecodeLinearConfig<MT>::kWarps * 32)
     decode_linear_kernel(const DecodeLinearParams p) {
@@ -296,8 +295,7 @@ cudaError_t decode_linear_launch(const DecodeLinearParams& p, cudaStream_t strea
   using Cfg = DecodeLinearConfig<MT>;
   constexpr auto kernel = decode_linear_kernel<T, MT, kWgmma>;
   // The wgmma ring's 1024-byte alignment slack; the mma.sync fallback's sums need kRedBytes.
-  constexpr int smem = kWgmma && Cfg::kRingBytes + 1024 > Cfg::kSmemBytes ? Cfg::kRingBytes + 1024
-                                                                          : Cfg::kSmemBytes;
+  constexpr int smem = kWgmma ? std::max(Cfg::kRingBytes + 1024, Cfg::kSmemBytes) : Cfg::kSmemBytes;
   cudaError_t err = allow_dynamic_smem<kernel>(smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.N, Cfg::kTileN), p.num_splits);

@@ -92,37 +92,27 @@ __device__ __forceinline__ uint64_t wgmma_desc_k_major_sw128(uint32_t addr) {
          (uint64_t(1) << 62);
 }
 
-// Below, the wrappers trap where wgmma is not compiled in: callers branch on GKV_HAVE_WGMMA.
+// The wrappers below trap where wgmma is not compiled in (callers branch on GKV_HAVE_WGMMA);
+// they exist in every build so that the branch not taken still names declared functions.
+#if GKV_HAVE_WGMMA
+#define GKV_SM90A_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define GKV_SM90A_ASM(...) __trap()
+#endif
 // Orders this thread's earlier shared-memory writes (cp.async copies that have landed) before
 // the tensor cores' reads; each writer runs it before the barrier that publishes the tile.
 __device__ __forceinline__ void fence_proxy_async_shared() {
-#if GKV_HAVE_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#else
-  __trap();
-#endif
+  GKV_SM90A_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 __device__ __forceinline__ void wgmma_fence() {
-#if GKV_HAVE_WGMMA
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
+  GKV_SM90A_ASM("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
 __device__ __forceinline__ void wgmma_commit() {
-#if GKV_HAVE_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
+  GKV_SM90A_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
-#if GKV_HAVE_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-#else
-  __trap();
-#endif
+  GKV_SM90A_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
 // The 32 accumulators of m64n64, as asm operands %0-%31 (the descriptors are %32, %33).
@@ -142,24 +132,21 @@ __device__ __forceinline__ void wgmma_wait() {
 // columns 8 j + 2 (t % 4) + {0, 1} of d[4j .. 4j + 3], j = 0..7.
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b) {
-#if GKV_HAVE_WGMMA
   // scale-d 1 (accumulate), scale-a/b 1, both operands K-major (no transpose).
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GKV_WGMMA_D32_LIST
-                 ", %32, %33, 1, 1, 1, 0, 0;\n"
-                 : GKV_WGMMA_D32
-                 : "l"(a), "l"(b));
+    GKV_SM90A_ASM("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GKV_WGMMA_D32_LIST
+                  ", %32, %33, 1, 1, 1, 0, 0;\n"
+                  : GKV_WGMMA_D32
+                  : "l"(a), "l"(b));
   } else {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GKV_WGMMA_D32_LIST
-                 ", %32, %33, 1, 1, 1, 0, 0;\n"
-                 : GKV_WGMMA_D32
-                 : "l"(a), "l"(b));
+    GKV_SM90A_ASM("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GKV_WGMMA_D32_LIST
+                  ", %32, %33, 1, 1, 1, 0, 0;\n"
+                  : GKV_WGMMA_D32
+                  : "l"(a), "l"(b));
   }
-#else
-  __trap();
-#endif
 }
 #undef GKV_WGMMA_D32
 #undef GKV_WGMMA_D32_LIST
+#undef GKV_SM90A_ASM
 
 }  // namespace gkv::kernels

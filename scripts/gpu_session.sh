@@ -17,7 +17,7 @@ echo "build: $(( $(date +%s) - start )) s"
 # test.log names each test as it ends (-v), so a run cut off by the call's time limit still says
 # which tests failed; the console gets the failed tests and the summaries.
 scripts/test.sh -v "$@" 2>&1 | tee "$OUT/test.log" | grep -E --line-buffered \
-  '(FAILED|ERROR)( |$)|^(FAILED|ERROR) |[0-9]+ (passed|failed)|tests passed|Errors while'
+  '(FAILED|ERROR)( |$)|[0-9]+ (passed|failed)|tests passed|Errors while'
 if [ -z "${GKV_SKIP_BENCH:-}" ]; then
   python3 scripts/bench_ops.py --out "$OUT/benchmarks_ops" ${GKV_BENCH_ARGS:-} 2>&1 | grep -v '%|' | tee "$OUT/bench.log"
 fi

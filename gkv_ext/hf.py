@@ -32,6 +32,7 @@ How, with public extension points only:
   costs the GPU's work rather than transformers' host code.
 """
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
@@ -169,6 +170,9 @@ class CompressedCache(Cache):
         super().__init__(layers=[_CompressedLayer(self) for _ in range(self.spec.layers)])
         if model.config._attn_implementation != ATTENTION:
             model.set_attn_implementation(ATTENTION)
+        if model not in _checked_models:
+            model.register_forward_pre_hook(_check_new_tokens, with_kwargs=True)
+            _checked_models.add(model)
 
     # --- transformers' Cache API -------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -223,15 +227,7 @@ class CompressedCache(Cache):
     def attend(self, layer: int, q, k, v, attention_mask=None, position_ids=None):
         """q [B,Hq,T,d], k/v [B,Hkv,T,d] post-RoPE -> out [B,T,Hq,d] (transformers' layout)."""
         if not self._tokens:  # under model.generate: this first layer begins the forward
-            if self.native is not None and attention_mask is not None and \
-                    attention_mask.shape[-1] != self._seen + q.shape[2]:
-                # transformers' mask spans every token of its generation: a shorter one is a new
-                # prompt, whose tokens would be attended after the earlier generation's.
-                raise RuntimeError(
-                    f"CompressedCache: this cache holds {self._seen} tokens per row of an earlier "
-                    f"generation, but the attention mask covers {attention_mask.shape[-1]}; a new "
-                    "prompt needs a new CompressedCache (a continuation passes the whole earlier "
-                    "sequence as its prompt)")
+            self.check_continues(q.shape[2], attention_mask)
             positions = self.begin_forward(q.shape[2], attention_mask if self.native is None
                                            else None, like=q)
             if self.native.forwards == 0 and position_ids is not None:
@@ -243,6 +239,24 @@ class CompressedCache(Cache):
             self._seen += self._tokens
             self._tokens = self._attended = 0
         return out.transpose(1, 2)
+
+    def check_continues(self, tokens: int, attention_mask=None) -> None:
+        """Raises unless a forward of ``tokens`` new tokens per row under ``attention_mask`` (2-D,
+        or transformers' 4-D: its last dim spans every token of the generation) continues what
+        this cache holds. The model's forward pre-hook calls it before transformers embeds an
+        input it may have sliced to nothing; the first layer's attention calls it again."""
+        if self.native is not None and attention_mask is not None and \
+                attention_mask.shape[-1] != self._seen + tokens:
+            # A mask that does not span the earlier tokens too belongs to a new prompt, whose
+            # tokens would be attended after the earlier generation's.
+            raise RuntimeError(
+                f"CompressedCache: this cache holds {self._seen} tokens per row of an earlier "
+                f"generation, but the attention mask covers {attention_mask.shape[-1]}; a new "
+                "prompt needs a new CompressedCache (a continuation passes the whole earlier "
+                "sequence as its prompt)")
+        if tokens < 1:
+            raise RuntimeError("CompressedCache: a forward needs at least one new token per row, "
+                               "got 0")
 
     def account_replayed_decode(self, replay) -> None:
         """A one-token forward whose device work is ``replay()`` (a CUDA graph's replay): the
@@ -274,6 +288,25 @@ class CompressedCache(Cache):
             return []
         return [t for i in range(self.spec.layers)
                 for t in (self.native.keys(i), self.native.values(i))]
+
+
+# Models whose forward checks a CompressedCache's new tokens (one hook per model, however many
+# caches it serves).
+_checked_models = weakref.WeakSet()
+
+
+def _check_new_tokens(model, args, kwargs):
+    """Forward pre-hook: transformers' generate slices a prompt to the tokens past the cache's
+    length, which for a reused cache and a shorter prompt leaves none; this names that mistake
+    before the embedding or a projection fails on the empty input."""
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, CompressedCache):
+        return
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is not None:
+        cache.check_continues(inputs.shape[1], kwargs.get("attention_mask"))
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

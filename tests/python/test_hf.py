@@ -331,6 +331,11 @@ def test_a_compressed_cache_reused_for_a_new_prompt_raises(tiny):
         with pytest.raises(RuntimeError, match="holds 13 tokens per row .* the attention mask "
                                                "covers 11; a new prompt needs a new CompressedCache"):
             plain_generate(model, ids, mask, 5, past_key_values=cache)
+        # A prompt shorter than what the cache holds: transformers slices it to no tokens at all.
+        short_ids, short_mask = left_padded([PROMPTS[1]])
+        with pytest.raises(RuntimeError, match="holds 13 tokens per row .* covers 3; a new prompt"):
+            plain_generate(model, short_ids.expand(3, -1), short_mask.expand(3, -1), 5,
+                           past_key_values=cache)
         cache = hf.CompressedCache(model, make_policy("gkv"), max_tokens=ids.shape[1] + 40)
         first = plain_generate(model, ids, mask, 3, past_key_values=cache)
         more = torch.ones_like(first[:, :1])

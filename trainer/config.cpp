@@ -28,7 +28,9 @@ struct Key {
 template <typename T>
 Check at_least(T Config::*f, T low) {
   return [=](const Config& c) {
-    return c.*f >= low ? std::string() : "must be >= " + std::to_string(low);
+    std::ostringstream message;  // "must be >= 0", not std::to_string's "0.000000"
+    if (!(c.*f >= low)) message << "must be >= " << low;
+    return message.str();
   };
 }
 
@@ -129,7 +131,8 @@ const std::vector<Key>& keys() {
       {"max_new_tokens", &Config::max_new_tokens, "rollout / teacher response length limit",
        at_least<int64_t>(&Config::max_new_tokens, 1)},
       {"temperature", &Config::temperature,
-       "rollout sampling temperature (<= 0: greedy); rl log-probs use logits / temperature", any()},
+       "rollout sampling temperature (0: greedy); rl log-probs use logits / temperature",
+       at_least<double>(&Config::temperature, 0.0)},
       {"top_p", &Config::top_p, "rollout nucleus mass", in_unit(&Config::top_p, false)},
       {"top_k", &Config::top_k, "rollout top-k; 0: none", at_least<int64_t>(&Config::top_k, 0)},
       {"log_every", &Config::log_every, "progress line every this many steps",

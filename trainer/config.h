@@ -51,7 +51,7 @@ struct Config {
 
   // Generation (rl rollouts, distill teacher responses, evaluation)
   int64_t max_new_tokens = 64;
-  double temperature = 1.0;  // rollouts; <= 0 greedy
+  double temperature = 1.0;  // rollouts; 0: greedy
   double top_p = 1.0;
   int64_t top_k = 0;
 

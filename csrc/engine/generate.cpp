@@ -57,14 +57,16 @@ cache::CacheShape shape_of(const model::Decoder& model, int64_t batch) {
 }
 
 void check_sampling(const SamplingOptions& o) {
-  TORCH_CHECK(std::isfinite(o.temperature), "temperature must be finite, got ", o.temperature);
+  // A negative temperature is a mistake, not another spelling of greedy (0).
+  TORCH_CHECK(std::isfinite(o.temperature) && o.temperature >= 0,
+              "temperature must be finite and >= 0 (0: greedy), got ", o.temperature);
   TORCH_CHECK(o.top_p > 0 && o.top_p <= 1, "top_p must be in (0, 1], got ", o.top_p);
   TORCH_CHECK(o.top_k >= 0, "top_k must be >= 0, got ", o.top_k);
 }
 
 // logits [B,V] fp32 -> next tokens [B] int64
 at::Tensor sample(const at::Tensor& logits, const SamplingOptions& o, at::Generator& gen) {
-  if (o.temperature <= 0) return logits.argmax(-1);
+  if (o.temperature == 0) return logits.argmax(-1);
   auto x = logits / o.temperature;
   if (o.top_k > 0 && o.top_k < x.size(-1)) {
     const auto kth = std::get<0>(x.topk(o.top_k, -1)).narrow(-1, o.top_k - 1, 1);  // [B,1]

@@ -22,7 +22,7 @@
 namespace gkv::engine {
 
 struct SamplingOptions {
-  double temperature = 0.0;  // <= 0: greedy
+  double temperature = 0.0;  // 0: greedy
   double top_p = 1.0;        // nucleus mass kept, in (0, 1]
   int64_t top_k = 0;         // 0: no top-k cut
   uint64_t seed = 0;

@@ -421,6 +421,8 @@ def test_eos_and_stop_tokens_freeze_rows(tiny):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(max_new_tokens=2**31 - 11), r"max_new_tokens \(2147483637\) plus the padded prompt "
                                       r"length \(11\) must be at most 2\^31 - 1"),
+    (dict(temperature=-1.0), r"temperature must be finite and >= 0 \(0: greedy\), got -1"),
+    (dict(temperature=float("nan")), "temperature must be finite and >= 0"),
     (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1, temperature=1.0), "top_k must be >= 0"),
     (dict(pad_token_id=97), "pad_token_id 97 is outside the vocabulary"),

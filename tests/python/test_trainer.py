@@ -137,6 +137,7 @@ def test_help_lists_every_key_with_its_default(work, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("no_such_key=1", "config key 'no_such_key': unknown key"),
     ("lr=-1", "config key 'lr': must be > 0"),
+    ("temperature=-0.5", "config key 'temperature': must be >= 0"),
     ("steps=abc", "config key 'steps': cannot parse"),
     ("steps=1.5", "config key 'steps': expected an integer"),
     ("policy=magic", "config key 'policy': must be one of"),

@@ -1,5 +1,6 @@
 """Argument checks shared by the Python entry points, raising ValueError that names the argument
 (the command line prints it as one line)."""
+import operator
 from pathlib import Path
 from typing import Optional, Union
 
@@ -13,6 +14,22 @@ def check_seed(seed: int, name: str = "seed") -> int:
     if not 0 <= seed < 2**64:
         raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
     return seed
+
+
+def integer(value, name: str) -> int:
+    """``value`` as an int (Python, NumPy or a 0-d tensor's); TypeError naming ``name`` when it
+    is not one, where the binding would only list the signatures it accepts."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def token_ids(values, name: str) -> list:
+    """``values`` (an iterable of ints) as a list of ints; TypeError naming the first bad one."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list of token ids (ints), got {type(values).__name__}")
+    return [integer(v, f"{name}[{i}]") for i, v in enumerate(values)]
 
 
 def model_dtype(dtype: Union[None, str, torch.dtype], name: str = "dtype") -> Optional[torch.dtype]:

@@ -6,7 +6,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import _C
-from ._checks import check_seed, model_dtype
+from ._checks import check_seed, integer, model_dtype, token_ids
 from .policies import FullKV, Policy
 
 __all__ = ["load_model", "generate", "teacher_forced", "Generation"]
@@ -52,16 +52,16 @@ def _prompt_lists(prompts: Prompts, tokenizer=None) -> List[List[int]]:
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
-    if prompts and isinstance(prompts[0], int):
-        return [prompts]
+    if prompts and not isinstance(prompts[0], str) and not hasattr(prompts[0], "__iter__"):
+        return [token_ids(prompts, "prompts")]
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("a text prompt needs tokenizer= (an object with encode(text), "
                                  "e.g. gkv_ext.tasks.load_tokenizer(model_dir))")
             p = tokenizer.encode(p)
-        out.append(list(p))
+        out.append(token_ids(p, f"prompts[{i}]"))
     return out
 
 
@@ -111,10 +111,14 @@ def generate(model: _C.Model, prompts: Prompts, policy: Optional[Policy] = None,
             bar.update(1)
         return None if on_token is None else on_token(step, tokens.tolist())
     try:
-        r = _C.generate(model, _prompt_lists(prompts, tokenizer),
-                        _policy_or_fullkv(policy), max_new_tokens, temperature,
-                        top_p, top_k, seed, None if eos_token_ids is None else list(eos_token_ids),
-                        list(stop_token_ids), pad_token_id, cuda_graph,
+        r = _C.generate(model, _prompt_lists(prompts, tokenizer), _policy_or_fullkv(policy),
+                        integer(max_new_tokens, "max_new_tokens"), temperature, top_p,
+                        integer(top_k, "top_k"), seed,
+                        None if eos_token_ids is None else token_ids(eos_token_ids,
+                                                                     "eos_token_ids"),
+                        token_ids(stop_token_ids, "stop_token_ids"),
+                        None if pad_token_id is None else integer(pad_token_id, "pad_token_id"),
+                        cuda_graph,
                         after_step if on_token is not None or progress else None,
                         eviction_log)
     finally:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -436,6 +437,31 @@ def test_bad_generate_arguments_raise(tiny, kwargs, match):
     args.update(kwargs)
     with pytest.raises(RuntimeError, match=match):
         generate(model, **args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[[1, [2]]]), r"prompts\[0\]\[1\] must be an int, got list"),
+    (dict(prompts=[1.0, 2.0]), r"prompts\[0\] must be an int, got float"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got float"),
+    (dict(top_k="3"), "top_k must be an int, got str"),
+    (dict(eos_token_ids="2"), r"eos_token_ids must be a list of token ids \(ints\), got str"),
+    (dict(stop_token_ids=[3, None]), r"stop_token_ids\[1\] must be an int, got NoneType"),
+    (dict(pad_token_id=0.0), "pad_token_id must be an int, got float"),
+])
+def test_arguments_of_the_wrong_type_are_named(tiny, kwargs, match):
+    """Not the binding's list of the signatures it accepts."""
+    _, model = tiny["llama"]
+    args = dict(prompts=PROMPTS, max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=match):
+        generate(model, **args)
+
+
+def test_token_ids_may_be_numpy_or_tensor_integers(tiny):
+    _, model = tiny["llama"]
+    ref = generate(model, PROMPTS, max_new_tokens=4).tokens
+    mixed = [np.array(PROMPTS[0]), torch.tensor(PROMPTS[1])] + PROMPTS[2:]
+    assert torch.equal(generate(model, mixed, max_new_tokens=4).tokens, ref)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64])

@@ -416,7 +416,7 @@ def test_eos_and_stop_tokens_freeze_rows(tiny):
     assert early.sequences == [free.tokens[0, :early.lengths[0]].tolist()]
 
 
-@pytest.mark.parametrize("kwargs, match", [
+BAD_VALUES = [  # the C++ side's RuntimeError
     (dict(prompts=[[]]), r"prompts\[0\] is empty"),
     (dict(prompts=[[1, 500]]), r"prompts\[0\] holds token id 500"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
@@ -430,16 +430,8 @@ def test_eos_and_stop_tokens_freeze_rows(tiny):
     # The default pad id is the first EOS id: the error names what the caller gave.
     (dict(eos_token_ids=[10**9]), "eos_token_ids holds token id 1000000000, outside the vocab"),
     (dict(stop_token_ids=[3, -1]), "stop_token_ids holds token id -1, outside the vocabulary"),
-])
-def test_bad_generate_arguments_raise(tiny, kwargs, match):
-    _, model = tiny["llama"]
-    args = dict(prompts=PROMPTS, max_new_tokens=4)
-    args.update(kwargs)
-    with pytest.raises(RuntimeError, match=match):
-        generate(model, **args)
-
-
-@pytest.mark.parametrize("kwargs, match", [
+]
+BAD_TYPES = [  # Python's TypeError naming the argument, not the binding's list of signatures
     (dict(prompts=[[1, [2]]]), r"prompts\[0\]\[1\] must be an int, got list"),
     (dict(prompts=[1.0, 2.0]), r"prompts\[0\] must be an int, got float"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got float"),
@@ -447,13 +439,17 @@ def test_bad_generate_arguments_raise(tiny, kwargs, match):
     (dict(eos_token_ids="2"), r"eos_token_ids must be a list of token ids \(ints\), got str"),
     (dict(stop_token_ids=[3, None]), r"stop_token_ids\[1\] must be an int, got NoneType"),
     (dict(pad_token_id=0.0), "pad_token_id must be an int, got float"),
-])
-def test_arguments_of_the_wrong_type_are_named(tiny, kwargs, match):
-    """Not the binding's list of the signatures it accepts."""
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match",
+                         [(k, RuntimeError, m) for k, m in BAD_VALUES] +
+                         [(k, TypeError, m) for k, m in BAD_TYPES])
+def test_bad_generate_arguments_raise(tiny, kwargs, error, match):
     _, model = tiny["llama"]
     args = dict(prompts=PROMPTS, max_new_tokens=4)
     args.update(kwargs)
-    with pytest.raises(TypeError, match=match):
+    with pytest.raises(error, match=match):
         generate(model, **args)
 
 

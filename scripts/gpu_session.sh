@@ -23,10 +23,11 @@ else
   mkdir -p build && echo "$sources" >"$stamp"
   echo "build: $(( $(date +%s) - start )) s"
 fi
-# test.log names each test as it ends (-v), so a run cut off by the call's time limit still says
-# which tests failed; the console gets the failed tests and the summaries.
-scripts/test.sh -v "$@" 2>&1 | tee "$OUT/test.log" | grep -E --line-buffered \
-  '(FAILED|ERROR)( |$)|[0-9]+ (passed|failed)|tests passed|Errors while'
+# test.log names each test as it ends (-v twice: test.sh passes -q), so a run cut off by the
+# call's time limit still says which tests failed; the console gets the failed tests, the
+# summaries and the slowest tests (what to trim when the suite outgrows its calls).
+scripts/test.sh -v -v --durations=15 "$@" 2>&1 | tee "$OUT/test.log" | grep -E --line-buffered \
+  '(FAILED|ERROR)( |$)|[0-9]+ (passed|failed)|tests passed|Errors while|^[0-9.]+s (call|setup) '
 if [ -z "${GKV_SKIP_BENCH:-}" ]; then
   python3 scripts/bench_ops.py --out "$OUT/benchmarks_ops" ${GKV_BENCH_ARGS:-} 2>&1 | grep -v '%|' | tee "$OUT/bench.log"
 fi

@@ -39,6 +39,10 @@ int main(int argc, char** argv) {
         std::cerr << "gkv-train: --config needs a file\n";
         return 2;
       }
+      if (!config_path.empty()) {  // the first file's keys would be silently dropped
+        std::cerr << "gkv-train: --config given twice; one file, and key=value to override it\n";
+        return 2;
+      }
       config_path = args[++i];
     } else {
       overrides.push_back(args[i]);

@@ -173,6 +173,9 @@ def test_bad_config_file_and_data_name_the_problem(work, tmp_path):
     cfg.write_text(json.dumps({"model": str(work / "model"), "lerning_rate": 1}))
     out = run("sft", "--config", str(cfg), check=False)
     assert out.returncode != 0 and "config key 'lerning_rate': unknown key" in out.stderr
+    out = run("sft", "--config", str(cfg), "--config", str(cfg), check=False)
+    assert out.returncode == 2 and out.stderr == \
+        "gkv-train: --config given twice; one file, and key=value to override it\n"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [1, 2]}, {"prompt": [1, 999]}])
     out = run("sft", *sft_args(work, tmp_path / "o"), f"data={bad}", check=False)
     assert out.returncode != 0 and "bad.jsonl:2: 'prompt' holds 999" in out.stderr

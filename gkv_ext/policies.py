@@ -19,18 +19,38 @@ which live in one place (csrc/cache/policy.h): window 16, divide_length 128, alp
     p = GKV(budget=256)
     p.history = "mean"          # or build one from scratch: Policy(); p.budget = ...
 """
+import numbers
 from typing import Optional
 
 from ._C import Policy
+from ._checks import integer
 
 __all__ = ["Policy", "FullKV", "StreamingLLM", "H2O", "SnapKV", "RKV", "TOVA", "GKV", "by_name"]
 
 
+_REALS = ("alpha", "lam")  # the float arguments; history is a str; the rest are ints
+
+
+def _typed(name, value):
+    """``value`` as the binding takes it, or a TypeError naming the argument (the binding's own
+    lists the signatures it accepts)."""
+    if name == "history":
+        if not isinstance(value, str):
+            raise TypeError(f"history must be a str (e.g. 'max'), got {type(value).__name__}")
+        return value
+    if name in _REALS:
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        return float(value)
+    return integer(value, name)
+
+
 def _make(ctor, budget, divide_length, **kwargs) -> Policy:
     """ctor(budget, **the given kwargs); the C++ defaults fill the rest."""
-    policy = ctor(budget, **{k: v for k, v in kwargs.items() if v is not None})
+    policy = ctor(integer(budget, "budget"),
+                  **{k: _typed(k, v) for k, v in kwargs.items() if v is not None})
     if divide_length is not None:
-        policy.divide_length = divide_length
+        policy.divide_length = integer(divide_length, "divide_length")
     policy.validate()
     return policy
 

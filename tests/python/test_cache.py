@@ -9,6 +9,7 @@ sets, the buffers are never reallocated, and bad arguments raise clear errors.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -331,6 +332,9 @@ def test_policy_defaults():
     assert "gkv" in repr(g)
     assert repr(policies.by_name("G-KV", 2048)) == repr(g)
     assert policies.by_name("rkv", 512, window=8, divide_length=64).window == 8
+    # NumPy scalars, as from a sweep's np.arange / np.linspace, are ints and reals like any other.
+    assert repr(policies.GKV(np.int64(2048), alpha=np.float32(0.5))) == \
+        repr(policies.GKV(2048, alpha=0.5))
 
 
 @pytest.mark.parametrize("build, match", [
@@ -346,9 +350,15 @@ def test_policy_defaults():
     (lambda: policies.by_name("gkv"), "needs a budget"),
     (lambda: policies.H2O(64, window=8), "window is for 'accumulate'"),
     (lambda: policies.H2O(64, mode="accumulate", alpha=0.5), "alpha is for 'sampled'"),
+    # Wrong types are named too, not answered with the binding's list of signatures.
+    (lambda: policies.GKV(2.5), "budget must be an int, got float"),
+    (lambda: policies.GKV(64, alpha="0.8"), "alpha must be a real number, got str"),
+    (lambda: policies.GKV(64, history=1), "history must be a str"),
+    (lambda: policies.StreamingLLM(64, sinks=1.0), "sinks must be an int, got float"),
+    (lambda: policies.by_name("rkv", 64, divide_length="8"), "divide_length must be an int"),
 ])
 def test_bad_policies_raise(build, match):
-    with pytest.raises((RuntimeError, ValueError), match=match):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
         build()
 
 

@@ -1,5 +1,6 @@
 """Argument checks shared by the Python entry points, raising ValueError that names the argument
 (the command line prints it as one line)."""
+import numbers
 import operator
 from pathlib import Path
 from typing import Optional, Union
@@ -23,6 +24,13 @@ def integer(value, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def real(value, name: str) -> float:
+    """``value`` as a float (any real number, NumPy's included); TypeError naming ``name``."""
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
 
 
 def token_ids(values, name: str) -> list:

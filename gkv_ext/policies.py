@@ -19,11 +19,10 @@ which live in one place (csrc/cache/policy.h): window 16, divide_length 128, alp
     p = GKV(budget=256)
     p.history = "mean"          # or build one from scratch: Policy(); p.budget = ...
 """
-import numbers
 from typing import Optional
 
 from ._C import Policy
-from ._checks import integer
+from ._checks import integer, real
 
 __all__ = ["Policy", "FullKV", "StreamingLLM", "H2O", "SnapKV", "RKV", "TOVA", "GKV", "by_name"]
 
@@ -38,11 +37,7 @@ def _typed(name, value):
         if not isinstance(value, str):
             raise TypeError(f"history must be a str (e.g. 'max'), got {type(value).__name__}")
         return value
-    if name in _REALS:
-        if not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        return float(value)
-    return integer(value, name)
+    return real(value, name) if name in _REALS else integer(value, name)
 
 
 def _make(ctor, budget, divide_length, **kwargs) -> Policy:

@@ -552,6 +552,8 @@ class _DecodeGraph:
         try:
             with torch.cuda.device(token.device), torch.cuda.graph(graph):
                 self.logits = _decode_logits(self.model, self.cache, self.token)
+        except torch.OutOfMemoryError:
+            raise  # the batch, not the capture, is the problem
         except RuntimeError as e:  # e.g. a forward hook that copies weights from the CPU
             raise RuntimeError(f"gkv_ext.hf.generate: this model's decode forward cannot be "
                                f"captured as a CUDA graph ({e}); pass cuda_graph=False") from e

@@ -22,6 +22,26 @@ at::Tensor cached_forward(const model::Decoder& model, cache::CompressedKVCache&
 }
 
 #ifdef GKV_WITH_CUDA
+namespace {
+// Records work() into graph. If it throws (out of memory, say), the capture is ended before the
+// error goes on: a stream left capturing makes every later cudaMalloc on the device fail, so a
+// caller that catches the error and retries smaller (a batch search) could not go on.
+void record(at::cuda::CUDAGraph& graph, const std::function<void()>& work,
+            at::cuda::MempoolId_t pool = {0, 0}) {
+  graph.capture_begin(pool);
+  try {
+    work();
+  } catch (...) {
+    try {
+      graph.capture_end();
+    } catch (...) {  // the first error is the one to report
+    }
+    throw;
+  }
+  graph.capture_end();
+}
+}  // namespace
+
 struct DecodeStepper::Graph {
   at::cuda::CUDAGraph graph;
   int64_t span = -1;   // the decode_span it attends over
@@ -123,9 +143,8 @@ at::Tensor DecodeStepper::capture(const at::Tensor& input, int64_t span) {
     auto g = std::make_unique<Graph>();
     g->span = span;
     g->tokens = input.clone();
-    g->graph.capture_begin();
-    g->logits = eager(g->tokens);  // recorded, not run; the cache's host state advances here
-    g->graph.capture_end();
+    // Recorded, not run; the cache's host state advances here.
+    record(g->graph, [&] { g->logits = eager(g->tokens); });
     graph_ = std::move(g);
   });
   return logits;
@@ -147,9 +166,7 @@ void DecodeStepper::run_compression(const cache::CompressedKVCache::CompressionK
       g->key = key;
       // The decode graph's pool: its temporaries and these are never live at the same time (the
       // two graphs replay one after the other on one stream), so they share the memory.
-      g->graph.capture_begin(graph_->graph.pool());
-      compress();  // recorded, not run
-      g->graph.capture_end();
+      record(g->graph, compress, graph_->graph.pool());  // recorded, not run
       compression_ = std::move(g);
     });
   }

@@ -366,6 +366,31 @@ def test_cuda_decode_steps_never_wait_for_the_gpu(tiny, policy, cuda_graph):
 
 
 @requires_cuda
+def test_out_of_memory_while_capturing_leaves_the_device_usable(tiny):
+    """An allocation that fails while a step is being captured ends the capture before the error
+    propagates. A stream left capturing made every later cudaMalloc on the device fail, so a
+    batch search that catches the error and tries a smaller batch could not go on."""
+    _, model = tiny["llama"]
+    model = on_device(model, "cuda")
+    cache, logits = prefilled(model, policies.FullKV(), 4)  # FullKV: no step compresses
+    stepper = gkv_ext.DecodeStepper(model, cache)
+    logits = stepper.step(logits.argmax(-1))  # the warm-up, eager; the next step is captured
+    torch.cuda.synchronize()
+    # The capture allocates from a new private pool, so its first allocation needs a new segment.
+    total = torch.cuda.get_device_properties(model.device).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 2**20) / total)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            stepper.step(logits.argmax(-1))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert stepper.replays == 0
+    torch.cuda.empty_cache()
+    assert torch.ones(2**24, device="cuda").sum().item() == 2**24  # a new cudaMalloc
+    torch.cuda.synchronize()
+
+
+@requires_cuda
 @PROJECTIONS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_low_precision_generation_stays_close_to_fp32(tiny, dtype, decode_linear):

@@ -456,3 +456,39 @@ def test_cuda_graph_decode_equals_eager(policy, dtype):
     compressing = 0 if p is None else -(-n // p.divide_length)
     assert eager.graph_replays == 0
     assert graph.graph_replays >= (n - 1) - compressing - 1
+
+
+@requires_cuda
+def test_cuda_out_of_memory_while_capturing_is_not_blamed_on_the_graph():
+    """An allocation that fails while the decode step is being captured propagates as the
+    out-of-memory error it is (a smaller batch fits; cuda_graph=False would not help), and the
+    device stays usable. A streamer's put runs just before each decode step: at the step that is
+    captured (the second; the first is the warm-up) it caps this process's memory at what is
+    reserved, so the capture's new private pool cannot get a segment."""
+    model = random_hf(*CONFIGS["llama"]).cuda()
+    ids, mask = left_padded(PROMPTS)
+
+    class CapMemoryAtTheCapture:
+        puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 3:  # the prompt, the warm-up step's token, the captured step's token
+                torch.cuda.empty_cache()
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(
+                    (torch.cuda.memory_reserved() + 2**20) / total)
+
+        def end(self):
+            pass
+
+    try:
+        with pytest.raises(torch.OutOfMemoryError) as error:
+            hf.generate(model, ids.cuda(), mask.cuda(), policy=policies.FullKV(),
+                        max_new_tokens=8, eos_token_id=[], streamer=CapMemoryAtTheCapture())
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert any(entry.name == "_capture" for entry in error.traceback)
+    torch.cuda.empty_cache()
+    assert torch.ones(2**24, device="cuda").sum().item() == 2**24  # a new cudaMalloc
+    torch.cuda.synchronize()

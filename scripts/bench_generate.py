@@ -26,7 +26,8 @@ the weights are random and the text is meaningless):
      divide_length / 16 tokens, so that the batch is bounded by the cache and the decode step,
      not by the scratch of the fill (a T-token forward over N cached slots masks [B,Hq,T,N]:
      2 GB at B=128, T=32, N=16.9K, which made FullKV's probed batch fail late in its fill).
-     --memory-batches FULLKV,GKV skips the search (it also lets the section run on a CPU).
+     --memory-batches FULLKV,GKV skips the search (it also lets the section run on a CPU);
+     --memory-policies fullkv or gkv measures one row alone.
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
@@ -374,6 +375,9 @@ def bench_equal_memory(model, args, device, bw, out):
     budget = max(args.budgets)
     configs = [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]
     for i, (name, policy) in enumerate(configs):
+        if ("fullkv", "gkv")[i] not in args.memory_policies:
+            continue
+        started = time.perf_counter()
         B = (args.memory_batches[i] if args.memory_batches
              else largest_batch(model, policy, args, device))
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
@@ -399,7 +403,8 @@ def bench_equal_memory(model, args, device, bw, out):
                 else steps[0])
         out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3))
         print(f"equal memory: {name} at B={B}: {mean:.2f} ms per step, "
-              f"{out[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+              f"{out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row took "
+              f"{time.perf_counter() - started:.0f} s)", flush=True)
     return out
 
 
@@ -511,6 +516,9 @@ def main(argv=None):
     ap.add_argument("--memory-batches", type=ints, default=None,
                     help="FULLKV,GKV: the equal-memory batches (e.g. found by an earlier run); "
                          "skips the search")
+    ap.add_argument("--memory-policies", default="fullkv,gkv",
+                    help="which rows the equal-memory section measures (one row can take most of "
+                         "a 10-minute call: FullKV's fill to 16K tokens)")
     ap.add_argument("--only", default="engine,transformers,memory")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
                     help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
@@ -522,6 +530,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.ab_rounds < 1:
         ap.error(f"--ab-rounds must be >= 1, got {args.ab_rounds}")
+    args.memory_policies = args.memory_policies.split(",")
+    if not set(args.memory_policies) <= {"fullkv", "gkv"}:
+        ap.error(f"--memory-policies takes fullkv and/or gkv, got {','.join(args.memory_policies)}")
     if args.memory_batches and len(args.memory_batches) != 2:
         ap.error(f"--memory-batches takes two batch sizes (FullKV,G-KV), got {args.memory_batches}")
     # `timeout` stops a long run with SIGTERM: exit through the sections' finally, which saves.

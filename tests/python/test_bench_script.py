@@ -88,7 +88,8 @@ def test_bench_generate_ab_times_both_sides_in_turn(tmp_path):
 
 def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     """--memory-batches skips the batch search, so the equal-memory section runs on a CPU too:
-    one row per policy at the given batch, each printed as soon as it is measured."""
+    one row per policy at the given batch, each printed as soon as it is measured;
+    --memory-policies measures one of them alone."""
     out = tmp_path / "memory"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
                           "--only", "memory", "--memory-batches", "2,3", "--steps", "4",
@@ -100,10 +101,20 @@ def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     for r in rows:
         assert r["mean_step_ms"] > 0 and r["tokens_per_s"] > 0
         assert f"equal memory: {r['policy']} at B={r['batch']}" in run.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
-                          "--only", "memory", "--memory-batches", "2"],
+    one = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--only", "memory", "--memory-batches", "2,3", "--steps", "4",
+                          "--memory-policies", "gkv", "--out", str(out)],
                          capture_output=True, text=True, timeout=600, env=ENV)
-    assert bad.returncode != 0 and "--memory-batches takes two batch sizes" in bad.stderr
+    assert one.returncode == 0, one.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["equal_memory"]
+    assert [(r["policy"], r["batch"]) for r in rows] == [("G-KV@64", 3)]
+    for args, message in [(["--memory-batches", "2"], "--memory-batches takes two batch sizes"),
+                          (["--memory-policies", "gkv,snapkv"],
+                           "--memory-policies takes fullkv and/or gkv, got gkv,snapkv")]:
+        bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"),
+                              "--quick", "--only", "memory", *args],
+                             capture_output=True, text=True, timeout=600, env=ENV)
+        assert bad.returncode != 0 and message in bad.stderr, args
 
 
 def load_script(name, monkeypatch):

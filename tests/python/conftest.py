@@ -4,6 +4,7 @@ Every op is checked three ways: its CPU kernel against a dense PyTorch formula w
 test, its CUDA kernel against the CPU kernel (over the grids below, skipped without a GPU), and
 torch.library.opcheck on one grid point.
 """
+import os
 import zlib
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def shared_dir() -> Path:
     root = Path(__file__).resolve().parents[2]
     inside = root / "shared"
     return inside if inside.is_dir() else root.parent / "shared"
+
+
+def pytest_configure(config):
+    # Under pytest-xdist every worker would start one ATen thread per core (14 workers on 16
+    # cores: over 200 threads), so the CPU oracles share the cores instead of fighting for them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_addoption(parser):

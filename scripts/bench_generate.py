@@ -334,13 +334,37 @@ def fill_chunk(args):
     return max(1, args.divide // 16)
 
 
+def largest_fitting(fits, upper):
+    """The largest batch below `upper` (a batch known not to fit) for which fits(B) holds, to
+    within 1/16, with fits true up to some batch and false above it: steps down by 1/8 until a
+    batch fits, then bisects. 0 when not even B=1 fits."""
+    hi, lo = upper, upper * 7 // 8
+    while lo >= 1 and not fits(lo):
+        hi, lo = lo, lo * 7 // 8
+    if lo < 1:
+        return 0
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def largest_batch(model, policy, args, device):
-    """The largest batch whose cache and one decode step fit for --max-new generated tokens
-    (doubling, then bisection; the allocations are real)."""
+    """The largest batch whose cache, fill and decode step fit for --max-new generated tokens (the
+    allocations are real). A batch whose K and V alone exceed the free memory cannot fit, which
+    bounds the search: a few probes, not a doubling from B=1."""
+    slots = (args.prompt + args.max_new + 1 if policy.budget is None
+             else policy.budget + policy.divide_length)
+    free = torch.cuda.mem_get_info(device)[0]
+    # Under a budget the probe fills past the first compression (teacher-forced chunks, far
+    # cheaper than decoding there one step at a time), so that its scratch is probed too.
+    fill = (args.divide if policy.budget is None
+            else max(args.divide, policy.budget + policy.divide_length - args.prompt))
+
     def fits(B):
         try:
             run = Run(model, policy, B, args.prompt, args.max_new, device, chunk=fill_chunk(args))
-            run.fill_to(args.divide, fill_chunk(args))  # and the first compression fits
+            run.fill_to(fill, fill_chunk(args))
             run.decode(2)
             return True
         except RuntimeError as e:
@@ -351,13 +375,7 @@ def largest_batch(model, policy, args, device):
             run = None
             torch.cuda.empty_cache()
 
-    lo, hi = 0, 1
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > max(1, lo // 16):  # within 1/16: enough for a throughput ratio
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return largest_fitting(fits, free // (slots * kv_bytes_per_slot(model.config, model.config.dtype)) + 1)
 
 
 def mean_step_over_generation(points, steps_ms, total):

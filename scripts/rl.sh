@@ -25,16 +25,8 @@
 #   GKV_TRAIN       the binary (default build/gkv-train, built if missing)
 # Extra arguments are passed to gkv-train as key=value overrides.
 source "$(dirname "$0")/train_common.sh"
-: "${MODEL:?set MODEL to a transformers checkpoint directory}"
-TOKENIZER=${TOKENIZER:-$MODEL}
-DATA=${DATA:-gsm8k}
 DATA_DIR=${DATA_DIR:-data/$DATA-rl}
 SPLITS=${SPLITS:-train=2000,test=32}
-CHAT_TEMPLATE=${CHAT_TEMPLATE:-1}
-POLICY=${POLICY:-gkv}
-BUDGET=${BUDGET:-512}
-WINDOW=${WINDOW:-16}
-DIVIDE_LENGTH=${DIVIDE_LENGTH:-128}
 OUT=${OUT:-out/rl-$POLICY-$BUDGET}
 GROUP=${GROUP:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-2048}
@@ -45,23 +37,11 @@ CLIP_EPS=${CLIP_EPS:-0.2}
 KL_COEF=${KL_COEF:-0}
 CLIP_OVERLONG=${CLIP_OVERLONG:-true}
 STEPS=${STEPS:-400}
-BATCH=${BATCH:-16}
-MICRO_BATCH=${MICRO_BATCH:-1}
-LR=${LR:-1e-6}
 WARMUP=${WARMUP:-20}
 EVAL_EVERY=${EVAL_EVERY:-10}
-EVAL_SAMPLES=${EVAL_SAMPLES:-32}
-SAVE_EVERY=${SAVE_EVERY:-50}
-DEVICE=${DEVICE:-cuda}
-BF16=${BF16:-true}
 
 ensure_binary
 ensure_job_data
-launch rl model="$MODEL" data="$DATA_DIR/train.jsonl" eval_data="$DATA_DIR/test.jsonl" \
-  out_dir="$OUT" policy="$POLICY" budget="$BUDGET" window="$WINDOW" \
-  divide_length="$DIVIDE_LENGTH" group_size="$GROUP" max_new_tokens="$MAX_NEW_TOKENS" \
-  eval_max_new_tokens="$MAX_NEW_TOKENS" temperature="$TEMPERATURE" top_p="$TOP_P" \
+launch_job rl group_size="$GROUP" temperature="$TEMPERATURE" top_p="$TOP_P" \
   ppo_epochs="$PPO_EPOCHS" clip_eps="$CLIP_EPS" kl_coef="$KL_COEF" clip_overlong="$CLIP_OVERLONG" \
-  steps="$STEPS" batch_size="$BATCH" micro_batch_size="$MICRO_BATCH" lr="$LR" \
-  warmup_steps="$WARMUP" eval_every="$EVAL_EVERY" eval_samples="$EVAL_SAMPLES" \
-  save_every="$SAVE_EVERY" device="$DEVICE" bf16="$BF16" "$@"
+  "$@"

@@ -415,6 +415,19 @@ def test_scripts_run_a_job_end_to_end(work, tmp_path, script):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "out" / "step-00000002" / "model.safetensors").exists()
     assert len(series(tmp_path / "out", "eval_accuracy")) == 2
+    # Every variable reached its key, and the script's own defaults the rest.
+    config = json.loads((tmp_path / "out" / "step-00000002" / "train_config.json").read_text())
+    expected = dict(model=str(work / "model"), data=str(data / "train.jsonl"),
+                    eval_data=str(data / "test.jsonl"), out_dir=str(tmp_path / "out"),
+                    policy="gkv", budget=8, window=2, divide_length=4, max_new_tokens=4,
+                    eval_max_new_tokens=4, steps=2, batch_size=2, micro_batch_size=1, lr=1e-3,
+                    warmup_steps=0, eval_every=2, eval_samples=2, save_every=1, device="cpu",
+                    bf16=False)
+    expected.update(dict(group_size=2, temperature=0.8, top_p=0.95, ppo_epochs=1, clip_eps=0.2,
+                         kl_coef=0.0, clip_overlong=True) if script == "rl.sh" else
+                    dict(teacher="", distill_temperature=0.6, distill_generate=False,
+                         max_seq_len=4096))
+    assert {key: config[key] for key in expected} == expected
 
 
 def test_posttrain_compares_compressed_and_full_cache_runs(tmp_path):

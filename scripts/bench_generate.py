@@ -391,9 +391,10 @@ def bench_equal_memory(model, args, device, bw, out):
     short keeps FullKV's row, whose teacher-forced fill to 16K tokens takes minutes."""
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
     budget = max(args.budgets)
-    configs = [("FullKV", policies.FullKV()), (f"G-KV@{budget}", policies.GKV(budget))]
-    for i, (name, policy) in enumerate(configs):
-        if ("fullkv", "gkv")[i] not in args.memory_policies:
+    configs = [("fullkv", "FullKV", policies.FullKV()),
+               ("gkv", f"G-KV@{budget}", policies.GKV(budget))]
+    for i, (key, name, policy) in enumerate(configs):
+        if key not in args.memory_policies:
             continue
         started = time.perf_counter()
         B = (args.memory_batches[i] if args.memory_batches

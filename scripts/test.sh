@@ -13,6 +13,6 @@ status=0
 # With pytest-xdist the Python tests spread over the cores (350 s -> 227 s on 2 cores); a caller's
 # own -n N comes later and wins. tests/python/conftest.py gives each worker its share of threads.
 workers=()
-python -c "import xdist" 2>/dev/null && workers=(-n "${GKV_TEST_WORKERS:-auto}")
+python -c "import xdist" 2>/dev/null && workers=(-n auto)
 python -m pytest -q tests/python "${workers[@]}" "$@" || status=1
 exit $status

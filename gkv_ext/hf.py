@@ -509,6 +509,7 @@ class _DecodeGraph:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.span = -1
         self.warmed = False
+        self.generator_anchor: Optional[torch.cuda.CUDAGraph] = None  # see _warm_up
         self.replays = 0
         self.token = self.logits = None  # the graph's input [B] and output [B,V]
 
@@ -540,6 +541,15 @@ class _DecodeGraph:
                 logits = _decode_logits(self.model, self.cache, token)
             current.wait_stream(side)
         logits.record_stream(current)
+        # torch 2.11's capture_begin adds the device's default generator to the graph before the
+        # generator's first registration allocates its seed and offset (torch.cuda.graph empties
+        # the allocator's cache just before); an out-of-memory error in between leaves a graph
+        # whose destructor aborts the process, long after the error was handled. This graph is
+        # never captured: it keeps the generator registered, so no capture's registration
+        # allocates. Made here, where the eager step has just left small blocks in the cache.
+        self.generator_anchor = torch.cuda.CUDAGraph()
+        self.generator_anchor.register_generator_state(
+            torch.cuda.default_generators[token.device.index])
         self.warmed = True
         return logits
 

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #ifdef GKV_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -53,9 +54,20 @@ struct DecodeStepper::CompressionGraph {
   at::cuda::CUDAGraph graph;
   cache::CompressedKVCache::CompressionKey key{};
 };
+// torch 2.11's capture_begin adds the device's default generator to the graph before the
+// generator's first registration allocates its seed and offset; an out-of-memory error in between
+// leaves a graph whose destructor aborts the process. This graph is never captured: registered
+// once, at the warm-up, it keeps the generator registered, so no capture's registration allocates.
+struct DecodeStepper::GeneratorAnchor {
+  at::cuda::CUDAGraph graph;
+  explicit GeneratorAnchor(c10::DeviceIndex device) {
+    graph.register_generator_state(at::cuda::detail::getDefaultCUDAGenerator(device));
+  }
+};
 #else
 struct DecodeStepper::Graph {};
 struct DecodeStepper::CompressionGraph {};
+struct DecodeStepper::GeneratorAnchor {};
 #endif
 
 DecodeStepper::DecodeStepper(const model::Decoder& model, cache::CompressedKVCache& cache,
@@ -137,6 +149,7 @@ at::Tensor DecodeStepper::capture(const at::Tensor& input, int64_t span) {
       // The first graph-eligible step runs eagerly on the side stream instead, so that state the
       // ops make lazily per stream (cuBLAS workspaces) exists before anything is captured.
       logits = eager(input);
+      generator_anchor_ = std::make_unique<GeneratorAnchor>(model_.device().index());
       warmed_ = true;
       return;
     }

@@ -81,6 +81,8 @@ class DecodeStepper {
   std::unique_ptr<Graph> graph_;
   struct CompressionGraph;  // CUDA only: defined in decode_step.cpp
   std::unique_ptr<CompressionGraph> compression_;
+  struct GeneratorAnchor;  // CUDA only: a graph never captured (decode_step.cpp says why)
+  std::unique_ptr<GeneratorAnchor> generator_anchor_;
 };
 
 }  // namespace gkv::engine

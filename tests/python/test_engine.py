@@ -376,7 +376,9 @@ def test_out_of_memory_while_capturing_leaves_the_device_usable(tiny):
     stepper = gkv_ext.DecodeStepper(model, cache)
     logits = stepper.step(logits.argmax(-1))  # the warm-up, eager; the next step is captured
     torch.cuda.synchronize()
-    # The capture allocates from a new private pool, so its first allocation needs a new segment.
+    # The capture allocates from a new private pool, so its first allocation needs a new segment;
+    # with cached segments left, the allocator would free them to make room under the cap.
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(model.device).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 2**20) / total)
     try:

@@ -273,17 +273,12 @@ def grad_tolerance(dtype, ref):
     return {"atol": atol * max(1.0, ref.abs().max().item()), "rtol": rtol}
 
 
-@requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t", LENGTHS + [1000])
-@pytest.mark.parametrize("g", GQA_GROUPS)
-@pytest.mark.parametrize("d", HEAD_DIMS)
-def test_cuda_matches_cpu(dtype, t, g, d):
-    q, k, v, death, scale = make_inputs(2, 2, g, t, d, dtype=dtype, seed=t + 7 * g + d, pad=3)
+def assert_cuda_matches_cpu(q, k, v, death, scale, grad_seed):
+    """The CUDA forward and backward against the CPU kernels on the same CPU inputs."""
+    dtype = q.dtype
     out, lse = op(q, k, v, death, scale)
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(grad_seed)).to(dtype)
     ref_grads = op_backward(grad, q, k, v, death, out, lse, scale)
-
     qc, kc, vc, dc, gc = (x.cuda() for x in (q, k, v, death, grad))
     out_c, lse_c = op(qc, kc, vc, dc, scale)
     torch.testing.assert_close(out_c.cpu(), out, **tolerance(dtype))
@@ -297,6 +292,16 @@ def test_cuda_matches_cpu(dtype, t, g, d):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", LENGTHS + [1000])
+@pytest.mark.parametrize("g", GQA_GROUPS)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_cuda_matches_cpu(dtype, t, g, d):
+    q, k, v, death, scale = make_inputs(2, 2, g, t, d, dtype=dtype, seed=t + 7 * g + d, pad=3)
+    assert_cuda_matches_cpu(q, k, v, death, scale, grad_seed=8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS + [16, 32])  # 16: FFMA path, 32: smallest tensor-core one
 @pytest.mark.parametrize("window", [1, 100, 300, NEVER])
 def test_cuda_sliding_window_matches_cpu(dtype, d, window):
@@ -306,16 +311,7 @@ def test_cuda_sliding_window_matches_cpu(dtype, d, window):
     q, k, v, _, scale = make_inputs(2, 2, 4, 1000, d, dtype=dtype, seed=window % 1000 + d)
     death = window_death(2, 2, 1000, window)
     death[1, 1, 500:700] = torch.arange(500, 700, dtype=torch.int32) - 1  # a run of padding
-    out, lse = op(q, k, v, death, scale)
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
-    ref_grads = op_backward(grad, q, k, v, death, out, lse, scale)
-    qc, kc, vc, dc, gc = (x.cuda() for x in (q, k, v, death, grad))
-    out_c, lse_c = op(qc, kc, vc, dc, scale)
-    torch.testing.assert_close(out_c.cpu(), out, **tolerance(dtype))
-    assert_lse_equal(lse_c.cpu(), lse, **tolerance(dtype))
-    grads_c = op_backward(gc, qc, kc, vc, dc, out.cuda(), lse.cuda(), scale)
-    for got, want in zip(grads_c, ref_grads):
-        torch.testing.assert_close(got.cpu(), want, **grad_tolerance(dtype, want))
+    assert_cuda_matches_cpu(q, k, v, death, scale, grad_seed=3)
 
 
 @requires_cuda

@@ -28,7 +28,7 @@ import torch
 
 from . import policies
 from . import tasks
-from ._checks import MODEL_DTYPES, distinct, model_dtype, output_dir
+from ._checks import MODEL_DTYPES, check_seed, distinct, model_dtype, output_dir
 from .engine import generate, load_model, teacher_forced
 
 METRICS = ("accuracy", "agree_prefix", "agree_overall", "nll_increase")
@@ -215,6 +215,9 @@ def _check_args(args):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model_dtype(args.dtype, "--dtype")
+    # The synthetic examples' seeds, checked before the model loads.
+    check_seed(args.seed, "--seed")
+    check_seed(args.seed + args.limit - 1, "--seed + --limit - 1")
     if args.data not in DATA_SETS and not Path(args.data).is_file():
         raise ValueError(f"--data: {args.data!r} is neither a file nor one of "
                          f"{', '.join(DATA_SETS)}")

@@ -89,11 +89,13 @@ std::string layer_name(int64_t layer, const char* name) {
   return c10::str("model.layers.", layer, ".", name);
 }
 
-// Calls fn(name, tensor&, shape) for every tensor the config has, in checkpoint order.
-template <typename W, typename Fn>
+// Calls fn(name, tensor&, shape) for every tensor the config has, in checkpoint order. With
+// AddLayers, w.layers gains each layer as it is reached (loading: see from_named).
+template <bool AddLayers = false, typename W, typename Fn>
 void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
   fn(kGlobalSlots[0].name, w.*kGlobalSlots[0].field, kGlobalSlots[0].shape(c));
   for (int64_t l = 0; l < c.num_layers; ++l) {
+    if constexpr (AddLayers) w.layers.emplace_back();
     for (const LayerSlot& s : kLayerSlots) {
       if (s.present(c)) fn(layer_name(l, s.name), w.layers[l].*s.field, s.shape(c));
     }
@@ -276,14 +278,13 @@ void Decoder::join_projections() {
 Decoder Decoder::from_named(ModelConfig config,
                             const std::function<at::Tensor(const std::string&, c10::IntArrayRef)>& get) {
   config.validate();
+  // The layers are added as their tensors load, so a layer count that the checkpoint does not
+  // back fails at its first missing tensor. A resize to the count up front relied on the
+  // allocation being refused; under memory overcommit (the GPU machine) 2^31 empty layers were
+  // written page by page until the process was killed.
   Weights w;
-  try {
-    w.layers.resize(config.num_layers);
-  } catch (const std::exception&) {  // bad_alloc, or length_error past max_size()
-    throw std::runtime_error(c10::str("key 'num_hidden_layers' (", config.num_layers,
-                                      ") is more layers than memory can hold"));
-  }
-  for_each_slot(config, w, [&](const std::string& name, at::Tensor& t, const std::vector<int64_t>& shape) {
+  for_each_slot</*AddLayers=*/true>(config, w, [&](const std::string& name, at::Tensor& t,
+                                                   const std::vector<int64_t>& shape) {
     t = get(name, shape).to(config.dtype);
   });
   return Decoder(std::move(config), std::move(w));

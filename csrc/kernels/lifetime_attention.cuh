@@ -119,15 +119,7 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
 
     float sc[BN / 8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int nt = 0; nt < BN / 16; ++nt) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, frag_b_nk_ptr(k_s, LD, nt * 16, kk * 16, lane));
-        mma_m16n8k16<T>(sc[2 * nt], qf[kk], bf[0], bf[1]);
-        mma_m16n8k16<T>(sc[2 * nt + 1], qf[kk], bf[2], bf[3]);
-      }
-    }
+    for (int kk = 0; kk < D / 16; ++kk) mma_nk_tile<T, BN>(sc, qf[kk], k_s, LD, kk, lane);
     const int2 st = stats_bh[n];
     const bool full = (n + 1) * BN - 1 <= m0 && st.x > m_last;
 #pragma unroll
@@ -167,17 +159,9 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
     // acc += P V, P straight from the accumulators.
 #pragma unroll
     for (int kt = 0; kt < BN / 16; ++kt) {
-      const uint32_t pf[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
-                              pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
-                              pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
-                              pack2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3])};
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, frag_b_kn_ptr(v_s, LD, kt * 16, dn * 16, lane));
-        mma_m16n8k16<T>(acc[2 * dn], pf, bf[0], bf[1]);
-        mma_m16n8k16<T>(acc[2 * dn + 1], pf, bf[2], bf[3]);
-      }
+      uint32_t pf[4];
+      acc_as_a<T, BN>(sc, kt, pf);
+      mma_kn_tile<T, D>(acc, pf, v_s, LD, kt, lane);
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
     n = nn;

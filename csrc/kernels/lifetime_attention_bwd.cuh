@@ -95,16 +95,8 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
       uint32_t qf[4], of[4];
       ldmatrix_x4(qf, frag_a_ptr(sQ, LD, warp * 16, kk * 16, lane));
       ldmatrix_x4(of, frag_a_ptr(sdO, LD, warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int nt = 0; nt < BN / 16; ++nt) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, frag_b_nk_ptr(k_s, LD, nt * 16, kk * 16, lane));
-        mma_m16n8k16<T>(sc[2 * nt], qf, bf[0], bf[1]);
-        mma_m16n8k16<T>(sc[2 * nt + 1], qf, bf[2], bf[3]);
-        ldmatrix_x4(bf, frag_b_nk_ptr(v_s, LD, nt * 16, kk * 16, lane));
-        mma_m16n8k16<T>(dp[2 * nt], of, bf[0], bf[1]);
-        mma_m16n8k16<T>(dp[2 * nt + 1], of, bf[2], bf[3]);
-      }
+      mma_nk_tile<T, BN>(sc, qf, k_s, LD, kk, lane);
+      mma_nk_tile<T, BN>(dp, of, v_s, LD, kk, lane);
     }
     const int2 st = stats_bh[n];
     const bool full = (n + 1) * BN - 1 <= m0 && st.x > m_last;
@@ -121,17 +113,9 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
     // acc += dS K
 #pragma unroll
     for (int kt = 0; kt < BN / 16; ++kt) {
-      const uint32_t af[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
-                              pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
-                              pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
-                              pack2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3])};
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, frag_b_kn_ptr(k_s, LD, kt * 16, dn * 16, lane));
-        mma_m16n8k16<T>(acc[2 * dn], af, bf[0], bf[1]);
-        mma_m16n8k16<T>(acc[2 * dn + 1], af, bf[2], bf[3]);
-      }
+      uint32_t af[4];
+      acc_as_a<T, BN>(sc, kt, af);
+      mma_kn_tile<T, D>(acc, af, k_s, LD, kt, lane);
     }
     __syncthreads();
     n = nn;
@@ -246,16 +230,8 @@ __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
       uint32_t kf[4], vf[4];
       ldmatrix_x4(kf, frag_a_ptr(sK, LD, warp * 16, kk * 16, lane));
       ldmatrix_x4(vf, frag_a_ptr(sV, LD, warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int nt = 0; nt < BM / 16; ++nt) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, frag_b_nk_ptr(q_s, LD, nt * 16, kk * 16, lane));
-        mma_m16n8k16<T>(sc[2 * nt], kf, bf[0], bf[1]);
-        mma_m16n8k16<T>(sc[2 * nt + 1], kf, bf[2], bf[3]);
-        ldmatrix_x4(bf, frag_b_nk_ptr(do_s, LD, nt * 16, kk * 16, lane));
-        mma_m16n8k16<T>(dp[2 * nt], vf, bf[0], bf[1]);
-        mma_m16n8k16<T>(dp[2 * nt + 1], vf, bf[2], bf[3]);
-      }
+      mma_nk_tile<T, BM>(sc, kf, q_s, LD, kk, lane);
+      mma_nk_tile<T, BM>(dp, vf, do_s, LD, kk, lane);
     }
     const bool full = n0 + BN - 1 <= i0 && i0 + BM <= s.T && st.x > i0 + BM - 1;
 #pragma unroll
@@ -272,24 +248,11 @@ __global__ void __launch_bounds__(DkvTC<T, D>::kThreads)
     // dV += P^T dO and dK += dS^T Q; the k dimension is the BM queries.
 #pragma unroll
     for (int kt = 0; kt < BM / 16; ++kt) {
-      const uint32_t pf[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
-                              pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
-                              pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
-                              pack2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3])};
-      const uint32_t sf[4] = {pack2<T>(dp[2 * kt][0], dp[2 * kt][1]),
-                              pack2<T>(dp[2 * kt][2], dp[2 * kt][3]),
-                              pack2<T>(dp[2 * kt + 1][0], dp[2 * kt + 1][1]),
-                              pack2<T>(dp[2 * kt + 1][2], dp[2 * kt + 1][3])};
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, frag_b_kn_ptr(do_s, LD, kt * 16, dn * 16, lane));
-        mma_m16n8k16<T>(dv_acc[2 * dn], pf, bf[0], bf[1]);
-        mma_m16n8k16<T>(dv_acc[2 * dn + 1], pf, bf[2], bf[3]);
-        ldmatrix_x4_trans(bf, frag_b_kn_ptr(q_s, LD, kt * 16, dn * 16, lane));
-        mma_m16n8k16<T>(dk_acc[2 * dn], sf, bf[0], bf[1]);
-        mma_m16n8k16<T>(dk_acc[2 * dn + 1], sf, bf[2], bf[3]);
-      }
+      uint32_t pf[4], sf[4];
+      acc_as_a<T, BM>(sc, kt, pf);
+      acc_as_a<T, BM>(dp, kt, sf);
+      mma_kn_tile<T, D>(dv_acc, pf, do_s, LD, kt, lane);
+      mma_kn_tile<T, D>(dk_acc, sf, q_s, LD, kt, lane);
     }
     __syncthreads();
   }

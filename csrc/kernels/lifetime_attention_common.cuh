@@ -90,6 +90,44 @@ __device__ __forceinline__ const T* frag_b_kn_ptr(const T* s, int ld, int r0, in
   return s + (r0 + (lane & 8) + (lane & 7)) * ld + c0 + ((lane >> 4) << 3);
 }
 
+// c[0 .. N/8) += A (one 16x16 fragment, k block kk) times the k block kk of a shared tile stored
+// [N][k]: one k step of S = Q K^T-like products.
+template <typename T, int N>
+__device__ __forceinline__ void mma_nk_tile(float (&c)[N / 8][4], const uint32_t (&a)[4],
+                                            const T* tile, int ld, int kk, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N / 16; ++nt) {
+    uint32_t bf[4];
+    ldmatrix_x4(bf, frag_b_nk_ptr(tile, ld, nt * 16, kk * 16, lane));
+    mma_m16n8k16<T>(c[2 * nt], a, bf[0], bf[1]);
+    mma_m16n8k16<T>(c[2 * nt + 1], a, bf[2], bf[3]);
+  }
+}
+
+// Accumulator tiles 2kt and 2kt + 1 (fp32, 16 x 16 together) packed to T: the A fragment of the
+// next product (P V-like), with no trip through shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void acc_as_a(const float (&c)[N / 8][4], int kt, uint32_t (&a)[4]) {
+  a[0] = pack2<T>(c[2 * kt][0], c[2 * kt][1]);
+  a[1] = pack2<T>(c[2 * kt][2], c[2 * kt][3]);
+  a[2] = pack2<T>(c[2 * kt + 1][0], c[2 * kt + 1][1]);
+  a[3] = pack2<T>(c[2 * kt + 1][2], c[2 * kt + 1][3]);
+}
+
+// acc[0 .. D/8) += A (k block kt) times the rows [16 kt, 16 kt + 16) of a shared tile stored
+// [k][D]: one k step of O += P V-like products.
+template <typename T, int D>
+__device__ __forceinline__ void mma_kn_tile(float (&acc)[D / 8][4], const uint32_t (&a)[4],
+                                            const T* tile, int ld, int kt, int lane) {
+#pragma unroll
+  for (int dn = 0; dn < D / 16; ++dn) {
+    uint32_t bf[4];
+    ldmatrix_x4_trans(bf, frag_b_kn_ptr(tile, ld, kt * 16, dn * 16, lane));
+    mma_m16n8k16<T>(acc[2 * dn], a, bf[0], bf[1]);
+    mma_m16n8k16<T>(acc[2 * dn + 1], a, bf[2], bf[3]);
+  }
+}
+
 // Rows [r0, r0 + R) of a row-major [n_rows, D] matrix into a shared tile with row stride LD;
 // rows past n_rows read as 0 (so masked probabilities never meet garbage).
 template <typename T, int R, int D, int LD, int kThreads>

@@ -217,6 +217,39 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// A SIMT query block (forward and dQ): R query rows of one query head, the last rows in the
+// first blocks; a quad of threads (lane t4 of it) takes row i.
+template <int D>
+struct SimtQueryBlock {
+  int tid, t4, m0, i, m_last;
+  int64_t bh, row;  // (b, KV head) and (b, query head, i)
+  const int2* stats_bh;
+
+  __device__ __forceinline__ SimtQueryBlock(const int2* stats, const Shape& s) {
+    using C = Simt<D>;
+    tid = threadIdx.x;
+    t4 = tid % 4;
+    m0 = (gridDim.x - 1 - blockIdx.x) * C::R;
+    i = m0 + tid / 4;
+    const int bhq = blockIdx.y, b = bhq / s.Hq, h = (bhq % s.Hq) / (s.Hq / s.Hkv);
+    bh = static_cast<int64_t>(b) * s.Hkv + h;
+    row = static_cast<int64_t>(bhq) * s.T + i;
+    stats_bh = stats + bh * cdiv(s.T, C::BN);
+    m_last = min(m0 + C::R, s.T) - 1;
+  }
+
+  // Key tile n of K, V (as floats) and its deaths into shared memory; keys past T read as 0.
+  template <typename T>
+  __device__ __forceinline__ void load_key_tile(float* sK, float* sV, int32_t* sDeath, const T* k,
+                                                const T* v, const int32_t* death, int n,
+                                                const Shape& s) const {
+    using C = Simt<D>;
+    load_rows_f32<T, D, C::BN>(sK, k + bh * s.T * D, n * C::BN, s.T, tid, C::kThreads);
+    load_rows_f32<T, D, C::BN>(sV, v + bh * s.T * D, n * C::BN, s.T, tid, C::kThreads);
+    if (tid < C::BN) sDeath[tid] = n * C::BN + tid < s.T ? death[bh * s.T + n * C::BN + tid] : 0;
+  }
+};
+
 // One block per (query tile of R rows, b * Hq + query head).
 // q/out [B,Hq,T,D], k/v [B,Hkv,T,D], death [B,Hkv,T], stats [B*Hkv, T/BN] -> lse [B,Hq,T]
 template <typename T, int D>
@@ -228,14 +261,9 @@ __global__ void __launch_bounds__(Simt<D>::kThreads)
   constexpr int BN = C::BN, E = C::E;
   __shared__ float sK[BN * D], sV[BN * D];
   __shared__ int32_t sDeath[BN];
-  const int tid = threadIdx.x, t4 = tid % 4;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * C::R;
-  const int i = m0 + tid / 4;
-  const int bhq = blockIdx.y, b = bhq / s.Hq, h = (bhq % s.Hq) / (s.Hq / s.Hkv);
-  const int64_t bh = static_cast<int64_t>(b) * s.Hkv + h;
-  const int64_t row = static_cast<int64_t>(bhq) * s.T + i;
-  const int2* stats_bh = stats + bh * cdiv(s.T, BN);
-  const int m_last = min(m0 + C::R, s.T) - 1;
+  const SimtQueryBlock<D> blk(stats, s);
+  const int t4 = blk.t4, m0 = blk.m0, i = blk.i;
+  const int64_t row = blk.row;
 
   float qr[E], acc[E];
 #pragma unroll
@@ -244,12 +272,10 @@ __global__ void __launch_bounds__(Simt<D>::kThreads)
     acc[e] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  for (int n = 0; n <= m_last / BN; ++n) {
-    if (stats_bh[n].y <= m0) continue;  // every key of the tile is gone before m0
+  for (int n = 0; n <= blk.m_last / BN; ++n) {
+    if (blk.stats_bh[n].y <= m0) continue;  // every key of the tile is gone before m0
     __syncthreads();
-    load_rows_f32<T, D, BN>(sK, k + bh * s.T * D, n * BN, s.T, tid, C::kThreads);
-    load_rows_f32<T, D, BN>(sV, v + bh * s.T * D, n * BN, s.T, tid, C::kThreads);
-    if (tid < BN) sDeath[tid] = n * BN + tid < s.T ? death[bh * s.T + n * BN + tid] : 0;
+    blk.load_key_tile(sK, sV, sDeath, k, v, death, n, s);
     __syncthreads();
     float sc[BN];
     float mx = m;

@@ -287,14 +287,9 @@ __global__ void __launch_bounds__(Simt<D>::kThreads)
   constexpr int BN = C::BN, E = C::E;
   __shared__ float sK[BN * D], sV[BN * D];
   __shared__ int32_t sDeath[BN];
-  const int tid = threadIdx.x, t4 = tid % 4;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * C::R;
-  const int i = m0 + tid / 4;
-  const int bhq = blockIdx.y, b = bhq / s.Hq, h = (bhq % s.Hq) / (s.Hq / s.Hkv);
-  const int64_t bh = static_cast<int64_t>(b) * s.Hkv + h;
-  const int64_t row = static_cast<int64_t>(bhq) * s.T + i;
-  const int2* stats_bh = stats + bh * cdiv(s.T, BN);
-  const int m_last = min(m0 + C::R, s.T) - 1;
+  const SimtQueryBlock<D> blk(stats, s);
+  const int t4 = blk.t4, m0 = blk.m0, i = blk.i;
+  const int64_t row = blk.row;
   const float scale_log2 = scale * kLog2e;
 
   float qr[E], dor[E], acc[E];
@@ -305,12 +300,10 @@ __global__ void __launch_bounds__(Simt<D>::kThreads)
     acc[e] = 0.f;
   }
   const float lse2 = i < s.T ? lse[row] * kLog2e : 0.f, dl = i < s.T ? delta[row] : 0.f;
-  for (int n = 0; n <= m_last / BN; ++n) {
-    if (stats_bh[n].y <= m0) continue;
+  for (int n = 0; n <= blk.m_last / BN; ++n) {
+    if (blk.stats_bh[n].y <= m0) continue;
     __syncthreads();
-    load_rows_f32<T, D, BN>(sK, k + bh * s.T * D, n * BN, s.T, tid, C::kThreads);
-    load_rows_f32<T, D, BN>(sV, v + bh * s.T * D, n * BN, s.T, tid, C::kThreads);
-    if (tid < BN) sDeath[tid] = n * BN + tid < s.T ? death[bh * s.T + n * BN + tid] : 0;
+    blk.load_key_tile(sK, sV, sDeath, k, v, death, n, s);
     __syncthreads();
 #pragma unroll 4
     for (int jj = 0; jj < BN; ++jj) {

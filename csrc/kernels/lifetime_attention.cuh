@@ -53,6 +53,48 @@ struct FwdTC {
   static constexpr size_t kSmem = (BM + 4 * BN) * LD * sizeof(T) + 2 * BN * sizeof(int32_t);
 };
 
+// A tensor-core query block (forward and dQ; C: its FwdTC or DqTC): BM query rows [m0, m0 + BM)
+// of one query head, the last rows in the first blocks, and the key tiles it walks: those up to
+// the diagonal that a query of the block still sees, double-buffered through cp.async.
+template <typename T, int D, typename C>
+struct TcQueryBlock {
+  static constexpr int BM = C::BM, BN = C::BN, LD = C::LD;
+  int m0, m_last, n_end;
+  int64_t bhq, bh;  // (b, query head) and (b, KV head)
+  const T* k_bh;
+  const T* v_bh;
+  const int32_t* death_bh;
+  const int2* stats_bh;
+
+  __device__ __forceinline__ TcQueryBlock(const T* k, const T* v, const int32_t* death,
+                                          const int2* stats, const Shape& s) {
+    m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // the longest rows first
+    const int flat = blockIdx.y, b = flat / s.Hq, h = (flat % s.Hq) / (s.Hq / s.Hkv);
+    bhq = flat;
+    bh = static_cast<int64_t>(b) * s.Hkv + h;
+    k_bh = k + bh * s.T * D;
+    v_bh = v + bh * s.T * D;
+    death_bh = death + bh * s.T;
+    stats_bh = stats + bh * cdiv(s.T, BN);
+    m_last = min(m0 + BM, s.T) - 1;
+    n_end = m_last / BN + 1;  // causal: tiles past the diagonal are invisible
+  }
+
+  // The first key tile from n on that some query of the block sees (n_end if none).
+  __device__ __forceinline__ int next_tile(int n) const {
+    while (n < n_end && stats_bh[n].y <= m0) ++n;
+    return n;
+  }
+
+  // Key tile n of K, V and the deaths into buffer `stage` (asynchronous; the caller commits).
+  __device__ __forceinline__ void load_kv(T* sK, T* sV, int32_t* sDeath, int n, int stage,
+                                          int T_len, int tid) const {
+    load_rows_async<T, BN, D, LD, C::kThreads>(sK + stage * BN * LD, k_bh, n * BN, T_len, tid);
+    load_rows_async<T, BN, D, LD, C::kThreads>(sV + stage * BN * LD, v_bh, n * BN, T_len, tid);
+    load_vec_async<int32_t, BN, C::kThreads>(sDeath + stage * BN, death_bh, n * BN, T_len, tid);
+  }
+};
+
 // One block per (query tile of BM rows, b * Hq + query head).
 // q/out [B,Hq,T,D], k/v [B,Hkv,T,D], death [B,Hkv,T], stats [B*Hkv, T/BN] -> lse [B,Hq,T]
 template <typename T, int D>
@@ -70,30 +112,14 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t4 = lane % 4;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // the longest rows first
-  const int bhq = blockIdx.y, b = bhq / s.Hq, h = (bhq % s.Hq) / (s.Hq / s.Hkv);
-  const int64_t bh = static_cast<int64_t>(b) * s.Hkv + h;
-  const T* q_bh = q + static_cast<int64_t>(bhq) * s.T * D;
-  const T* k_bh = k + bh * s.T * D;
-  const T* v_bh = v + bh * s.T * D;
-  const int32_t* death_bh = death + bh * s.T;
-  const int2* stats_bh = stats + bh * cdiv(s.T, BN);
-  const int m_last = min(m0 + BM, s.T) - 1;
-  const int n_end = m_last / BN + 1;  // causal: tiles past the diagonal are invisible
-  auto next_tile = [&](int n) {
-    while (n < n_end && stats_bh[n].y <= m0) ++n;
-    return n;
-  };
-  auto load_kv = [&](int n, int stage) {
-    load_rows_async<T, BN, D, LD, C::kThreads>(sK + stage * BN * LD, k_bh, n * BN, s.T, tid);
-    load_rows_async<T, BN, D, LD, C::kThreads>(sV + stage * BN * LD, v_bh, n * BN, s.T, tid);
-    load_vec_async<int32_t, BN, C::kThreads>(sDeath + stage * BN, death_bh, n * BN, s.T, tid);
-  };
+  const TcQueryBlock<T, D, C> blk(k, v, death, stats, s);
+  const int m0 = blk.m0, m_last = blk.m_last, n_end = blk.n_end;
+  const int64_t bhq = blk.bhq;
 
-  load_rows_async<T, BM, D, LD, C::kThreads>(sQ, q_bh, m0, s.T, tid);
+  load_rows_async<T, BM, D, LD, C::kThreads>(sQ, q + bhq * s.T * D, m0, s.T, tid);
   cp_async_commit();
-  int n = next_tile(0);
-  if (n < n_end) load_kv(n, 0);
+  int n = blk.next_tile(0);
+  if (n < n_end) blk.load_kv(sK, sV, sDeath, n, 0, s.T, tid);
   cp_async_commit();
 
   float acc[D / 8][4] = {};
@@ -108,8 +134,8 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
   }
 
   for (int stage = 0; n < n_end; stage ^= 1) {
-    const int nn = next_tile(n + 1);
-    if (nn < n_end) load_kv(nn, stage ^ 1);
+    const int nn = blk.next_tile(n + 1);
+    if (nn < n_end) blk.load_kv(sK, sV, sDeath, nn, stage ^ 1, s.T, tid);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -120,7 +146,7 @@ __global__ void __launch_bounds__(FwdTC<T, D>::kThreads)
     float sc[BN / 8][4] = {};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) mma_nk_tile<T, BN>(sc, qf[kk], k_s, LD, kk, lane);
-    const int2 st = stats_bh[n];
+    const int2 st = blk.stats_bh[n];
     const bool full = (n + 1) * BN - 1 <= m0 && st.x > m_last;
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {

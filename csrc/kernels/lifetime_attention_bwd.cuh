@@ -42,31 +42,15 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t4 = lane % 4;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
-  const int bhq = blockIdx.y, b = bhq / s.Hq, h = (bhq % s.Hq) / (s.Hq / s.Hkv);
-  const int64_t bh = static_cast<int64_t>(b) * s.Hkv + h;
-  const int64_t row0 = static_cast<int64_t>(bhq) * s.T;
-  const T* k_bh = k + bh * s.T * D;
-  const T* v_bh = v + bh * s.T * D;
-  const int32_t* death_bh = death + bh * s.T;
-  const int2* stats_bh = stats + bh * cdiv(s.T, BN);
-  const int m_last = min(m0 + BM, s.T) - 1;
-  const int n_end = m_last / BN + 1;
+  const TcQueryBlock<T, D, C> blk(k, v, death, stats, s);
+  const int m0 = blk.m0, m_last = blk.m_last, n_end = blk.n_end;
+  const int64_t row0 = blk.bhq * s.T;
   const float scale_log2 = scale * kLog2e;
-  auto next_tile = [&](int n) {
-    while (n < n_end && stats_bh[n].y <= m0) ++n;
-    return n;
-  };
-  auto load_kv = [&](int n, int stage) {
-    load_rows_async<T, BN, D, LD, C::kThreads>(sK + stage * BN * LD, k_bh, n * BN, s.T, tid);
-    load_rows_async<T, BN, D, LD, C::kThreads>(sV + stage * BN * LD, v_bh, n * BN, s.T, tid);
-    load_vec_async<int32_t, BN, C::kThreads>(sDeath + stage * BN, death_bh, n * BN, s.T, tid);
-  };
 
   load_rows_async<T, BM, D, LD, C::kThreads>(sQ, q + row0 * D, m0, s.T, tid);
   load_rows_async<T, BM, D, LD, C::kThreads>(sdO, dout + row0 * D, m0, s.T, tid);
-  int n = next_tile(0);
-  if (n < n_end) load_kv(n, 0);
+  int n = blk.next_tile(0);
+  if (n < n_end) blk.load_kv(sK, sV, sDeath, n, 0, s.T, tid);
   cp_async_commit();
 
   const int r0 = m0 + warp * 16 + g;  // rows r0, r0 + 8
@@ -80,8 +64,8 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
   float acc[D / 8][4] = {};
 
   for (int stage = 0; n < n_end; stage ^= 1) {
-    const int nn = next_tile(n + 1);
-    if (nn < n_end) load_kv(nn, stage ^ 1);
+    const int nn = blk.next_tile(n + 1);
+    if (nn < n_end) blk.load_kv(sK, sV, sDeath, nn, stage ^ 1, s.T, tid);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -98,7 +82,7 @@ __global__ void __launch_bounds__(DqTC<T, D>::kThreads)
       mma_nk_tile<T, BN>(sc, qf, k_s, LD, kk, lane);
       mma_nk_tile<T, BN>(dp, of, v_s, LD, kk, lane);
     }
-    const int2 st = stats_bh[n];
+    const int2 st = blk.stats_bh[n];
     const bool full = (n + 1) * BN - 1 <= m0 && st.x > m_last;
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {

@@ -9,6 +9,8 @@
 #include <limits>
 #include <optional>
 
+#include <unistd.h>
+
 #include "ops.h"
 
 namespace gkv::cache {
@@ -66,6 +68,30 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return std::get<0>(gkv::lifetime_attention(q, k, v, death, scale));
 }
 
+// Refuses a CPU cache larger than the machine's physical memory, naming what made it so. Under
+// memory overcommit (vm.overcommit_memory = 1) such an allocation does not fail, and filling it
+// gets the process killed instead of raising an error.
+void check_fits_host_memory(const CacheShape& s, int64_t cap, int64_t observed_queries,
+                            int64_t max_tokens, bool eviction_log) {
+  if (!s.device.is_cpu()) return;  // the CUDA allocator refuses what it cannot hold
+  const double elem = static_cast<double>(c10::elementSize(s.dtype));
+  const double slots = static_cast<double>(s.layers) * s.batch * s.kv_heads * cap;
+  double bytes = slots * (2 * s.head_dim * elem + 2 * 4);  // K, V, pos (int32), score (fp32)
+  bytes += static_cast<double>(s.layers) * s.batch * s.q_heads * observed_queries * s.head_dim *
+           elem;  // the query ring
+  if (eviction_log) {
+    bytes += static_cast<double>(s.batch) * s.layers * s.kv_heads * (max_tokens + 1.0) * 4;
+  }
+  const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  constexpr double kGiB = 1 << 30;
+  TORCH_CHECK(host <= 0 || bytes <= host, "CompressedKVCache: the cache needs ",
+              static_cast<int64_t>(std::ceil(bytes / kGiB)), " GiB (batch ", s.batch, ", ",
+              s.layers, " layers, ", cap, " slots for max_tokens = ", max_tokens,
+              eviction_log ? ", with the eviction log" : "",
+              "), more than this machine's ", static_cast<int64_t>(host / kGiB),
+              " GiB of memory");
+}
+
 }  // namespace
 
 CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t max_tokens,
@@ -84,6 +110,7 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   const auto kv_opts = at::TensorOptions().dtype(s.dtype).device(s.device);
   const auto f32 = kv_opts.dtype(at::kFloat);
   const int64_t W = policy_.observed_queries();
+  check_fits_host_memory(s, cap_, W, max_tokens, eviction_log);
   layers_.resize(s.layers);
   // Slots past the live length are masked (pos -1) where read: NaN there makes any leak show.
   for (auto& l : layers_) {

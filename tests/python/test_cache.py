@@ -375,6 +375,23 @@ def test_bad_policy_fields_raise():
         p.observation = "future"
 
 
+def test_a_cpu_cache_past_the_machines_memory_is_refused_by_name():
+    """Refused before allocating: under memory overcommit the allocation would succeed and
+    filling it would get the process killed (the GPU machine has vm.overcommit_memory = 1)."""
+    import os
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    slots = 2 * host // 1024  # FullKV, 2 layers x d = 64 fp32: over 1 KiB of K and V per slot
+    with pytest.raises(RuntimeError, match=rf"max_tokens = {slots}\), more than this machine's"):
+        CompressedKVCache(policies.FullKV(), 2, 1, 1, 1, 64, max_tokens=slots, eviction_log=False)
+    # G-KV holds budget + divide_length slots whatever max_tokens is; its eviction log does not.
+    tokens = 2 * host // 8  # 4 bytes per token and layer, 2 layers
+    with pytest.raises(RuntimeError, match="with the eviction log\\), more than this machine's"):
+        CompressedKVCache(policies.GKV(64), 2, 1, 1, 1, 64, max_tokens=tokens)
+    cache = CompressedKVCache(policies.GKV(64), 2, 1, 1, 1, 64, max_tokens=tokens,
+                              eviction_log=False)
+    assert cache.capacity == 64 + 128
+
+
 def test_slots_past_the_live_length_stay_empty_after_compressions():
     """A one-token forward attends over decode_span slots, not the live length: every slot past
     the live length must read pos -1 (masked), after compactions too."""

@@ -39,6 +39,16 @@ at::Tensor redundancy_scores(const at::Tensor& k, const at::Tensor& pos, double 
   return handle.call(k, pos, threshold);
 }
 
+std::tuple<at::Tensor, at::Tensor> redundancy_scores_carry(const at::Tensor& k,
+                                                           const at::Tensor& pos,
+                                                           const at::Tensor& carried,
+                                                           double threshold) {
+  static auto handle = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+      "gkv::redundancy_scores_carry");
+  return handle.call(k, pos, carried, threshold);
+}
+
 at::Tensor select_keep(const at::Tensor& score, int64_t keep, int64_t window) {
   static auto handle = op<at::Tensor(const at::Tensor&, int64_t, int64_t)>("gkv::select_keep");
   return handle.call(score, keep, window);

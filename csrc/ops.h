@@ -24,6 +24,13 @@ at::Tensor window_scores(const at::Tensor& q_win, const at::Tensor& k, const at:
 // k [B,Hkv,N,d], pos [B,Hkv,N] int32 -> R [B,Hkv,N] fp32
 at::Tensor redundancy_scores(const at::Tensor& k, const at::Tensor& pos, double threshold = 0.5);
 
+// The same with exemptions carried between calls: carried [B,Hkv,M] int32 ->
+// (R [B,Hkv,N] fp32, m* [B,Hkv,N] int32)
+std::tuple<at::Tensor, at::Tensor> redundancy_scores_carry(const at::Tensor& k,
+                                                           const at::Tensor& pos,
+                                                           const at::Tensor& carried,
+                                                           double threshold = 0.5);
+
 // score [B,Hkv,M] fp32 -> idx [B,Hkv,keep+window] int64
 at::Tensor select_keep(const at::Tensor& score, int64_t keep, int64_t window);
 

@@ -30,6 +30,15 @@ TORCH_LIBRARY(gkv, m) {
   // valid slots with temperature = number of valid slots. Empty slots get 0.
   // k [B,Hkv,N,d], pos [B,Hkv,N] int32 -> R [B,Hkv,N] fp32.
   m.def("redundancy_scores(Tensor k, Tensor pos, float threshold=0.5) -> Tensor");
+  // The same with each slot's exemption carried between calls: also returns m* [B,Hkv,N] int32,
+  // the slot of each key's most recent near-copy (-1: none, and at empty slots). carried
+  // [B,Hkv,M] int32 (M <= N): for the slots [0, M), their exemptions among those slots alone, as
+  // an earlier call returned them with the slots kept in order and renumbered, -2 where the slot
+  // named was dropped. c_ij never changes, so only the rows past M and the slots marked -2 are
+  // scanned again (on CUDA); the result equals redundancy_scores' when carried is such a state.
+  m.def(
+      "redundancy_scores_carry(Tensor k, Tensor pos, Tensor carried, float threshold=0.5) -> "
+      "(Tensor, Tensor)");
 
   // Per-head selection (section 2.3 step 7): the `keep` best candidates in ascending slot order
   // (ties: the later slot wins; -inf or NaN candidates only when nothing else is left), followed

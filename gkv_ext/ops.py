@@ -71,6 +71,27 @@ def redundancy_scores(k: Tensor, pos: Tensor, threshold: float = 0.5) -> Tensor:
     return _ops.redundancy_scores(k, pos, threshold)
 
 
+def redundancy_scores_carry(k: Tensor, pos: Tensor, carried: Tensor,
+                            threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """``redundancy_scores`` with each key's exemption carried from one compression to the next.
+
+    The similarity of two keys never changes, so a compressed cache can keep each slot's
+    exemption m*(j) (the slot of its most recent near-copy) and have the next call scan only the
+    slots added since, plus the slots whose m*(j) was evicted (on CUDA; the CPU oracle scans
+    every row). The result equals ``redundancy_scores`` when ``carried`` is such a state.
+
+    Args:
+        k: ``[B, Hkv, N, d]``; pos: ``[B, Hkv, N]`` int32.
+        carried: ``[B, Hkv, M]`` int32, M <= N: the exemptions of slots ``[0, M)`` among those
+            slots alone, as an earlier call returned them for the slots kept (in order,
+            renumbered), -2 where the slot named was evicted; ``M = 0`` for none.
+
+    Returns:
+        (R ``[B, Hkv, N]`` float32, m* ``[B, Hkv, N]`` int32: -1 for none and at empty slots).
+    """
+    return _ops.redundancy_scores_carry(k, pos, carried, threshold)
+
+
 def select_keep(score: Tensor, keep: int, window: int) -> Tensor:
     """Per-head selection: the ``keep`` best of M candidates, in ascending slot order, then the
     window slots ``M .. M + window - 1``.

@@ -72,11 +72,12 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // memory overcommit (vm.overcommit_memory = 1) such an allocation does not fail, and filling it
 // gets the process killed instead of raising an error.
 void check_fits_host_memory(const CacheShape& s, int64_t cap, int64_t observed_queries,
-                            int64_t max_tokens, bool eviction_log) {
+                            int64_t max_tokens, bool eviction_log, bool carries_exemptions) {
   if (!s.device.is_cpu()) return;  // the CUDA allocator refuses what it cannot hold
   const double elem = static_cast<double>(c10::elementSize(s.dtype));
   const double slots = static_cast<double>(s.layers) * s.batch * s.kv_heads * cap;
   double bytes = slots * (2 * s.head_dim * elem + 2 * 4);  // K, V, pos (int32), score (fp32)
+  if (carries_exemptions) bytes += slots * 4;               // exempt (int32)
   bytes += static_cast<double>(s.layers) * s.batch * s.q_heads * observed_queries * s.head_dim *
            elem;  // the query ring
   if (eviction_log) {
@@ -110,7 +111,9 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
   const auto kv_opts = at::TensorOptions().dtype(s.dtype).device(s.device);
   const auto f32 = kv_opts.dtype(at::kFloat);
   const int64_t W = policy_.observed_queries();
-  check_fits_host_memory(s, cap_, W, max_tokens, eviction_log);
+  // The redundancy term's exemptions are carried between compressions (Layer::exempt).
+  const bool carries_exemptions = policy_.budget && policy_.lambda < 1;
+  check_fits_host_memory(s, cap_, W, max_tokens, eviction_log, carries_exemptions);
   layers_.resize(s.layers);
   // Slots past the live length are masked (pos -1) where read: NaN there makes any leak show.
   for (auto& l : layers_) {
@@ -119,6 +122,9 @@ CompressedKVCache::CompressedKVCache(Policy policy, CacheShape shape, int64_t ma
     l.pos = at::full({s.batch, s.kv_heads, cap_}, -1, kv_opts.dtype(at::kInt));
     l.score = at::zeros({s.batch, s.kv_heads, cap_}, f32);
     if (W > 0) l.q_ring = at::full({s.batch, s.q_heads, W, s.head_dim}, NAN, kv_opts);
+    if (carries_exemptions) {
+      l.exempt = at::full({s.batch, s.kv_heads, cap_}, -2, kv_opts.dtype(at::kInt));
+    }
   }
   if (eviction_log) {
     death_ = at::full({s.batch, s.layers, s.kv_heads, max_tokens + 1}, kNever,
@@ -164,6 +170,11 @@ at::Tensor CompressedKVCache::begin_prefill(const at::Tensor& attention_mask) {
       {shape_.batch, shape_.kv_heads, P}).contiguous();
   tokens_ = P;
   compress_ = true;
+  // Compressions see the query n = P - W + k * divide_length oldest: when W divides
+  // divide_length, this shift puts it at slot 0 of the ring, so the window needs no roll.
+  const int64_t W = policy_.observed_queries();
+  ring_shift_ = W > 0 ? (W - P % W) % W : 0;
+  ring_slot_.fill_(ring_shift_);  // query 0's slot (a one-token prefill advances it in place)
   done_.assign(shape_.layers, false);
   return positions.clamp_min(0);
 }
@@ -287,6 +298,7 @@ at::Tensor CompressedKVCache::prefill(Layer& s, int64_t layer, const at::Tensor&
                                         : at::Tensor();
   const auto sel = select(policy_, k, new_pos_, q_win, acc.value_or(at::Tensor()), at::Tensor());
   log_evictions(layer, new_pos_, sel.idx);
+  if (s.exempt.defined()) s.exempt.narrow(2, 0, budget).copy_(carry_exemptions(sel));
   s.k.narrow(2, 0, budget).copy_(gkv::gather_tokens(k, sel.idx));
   s.v.narrow(2, 0, budget).copy_(gkv::gather_tokens(v, sel.idx));
   s.pos.narrow(2, 0, budget).copy_(new_pos_.gather(2, sel.idx));
@@ -336,12 +348,14 @@ void CompressedKVCache::compress(Layer& s, int64_t layer) {
   const auto kN = s.k.narrow(2, 0, N), posN = s.pos.narrow(2, 0, N);
   const auto history = policy_.history != History::none
                            ? s.score.narrow(2, 0, history_len_) : at::Tensor();
+  const auto carried = s.exempt.defined() ? s.exempt.narrow(2, 0, carried_len_) : at::Tensor();
   const auto sel = select(policy_, kN, posN, s.q_ring.defined() ? window_queries(s) : at::Tensor(),
-                          accumulate ? s.score.narrow(2, 0, N) : at::Tensor(), history);
+                          accumulate ? s.score.narrow(2, 0, N) : at::Tensor(), history, carried);
   log_evictions(layer, posN, sel.idx);
+  const int64_t budget = *policy_.budget;
+  if (s.exempt.defined()) s.exempt.narrow(2, 0, budget).copy_(carry_exemptions(sel));
   if (!accumulate) s.score.narrow(2, 0, C).copy_(sel.F);
   gkv::compact_sorted_(s.k, s.v, s.pos, s.score, sel.idx);
-  const int64_t budget = *policy_.budget;
   s.pos.narrow(2, budget, cap_ - budget).fill_(-1);  // decode_span reads past the live slots
 }
 
@@ -352,7 +366,7 @@ void CompressedKVCache::push_queries(Layer& s, const at::Tensor& q) const {
   int64_t n = q_count_ + T - m;      // index of the first query written
   int64_t t = T - m;
   while (t < T) {  // at most two contiguous runs of the ring
-    const int64_t at_slot = n % W, run = std::min(T - t, W - at_slot);
+    const int64_t at_slot = (n + ring_shift_) % W, run = std::min(T - t, W - at_slot);
     s.q_ring.narrow(2, at_slot, run).copy_(q.narrow(2, t, run));
     t += run;
     n += run;
@@ -361,13 +375,14 @@ void CompressedKVCache::push_queries(Layer& s, const at::Tensor& q) const {
 
 int64_t CompressedKVCache::oldest_query_slot() const {
   const int64_t W = policy_.observed_queries();
-  return W > 0 ? (q_count_ + tokens_) % W : 0;
+  return W > 0 ? (q_count_ + tokens_ + ring_shift_) % W : 0;
 }
 
 at::Tensor CompressedKVCache::window_queries(const Layer& s) const {
   const int64_t W = s.q_ring.size(2), seen = q_count_ + tokens_;
   TORCH_CHECK(seen >= W, "CompressedKVCache: ", seen, " queries seen, the window needs ", W);
-  return at::roll(s.q_ring, {-oldest_query_slot()}, {2});
+  const int64_t oldest = oldest_query_slot();
+  return oldest == 0 ? s.q_ring : at::roll(s.q_ring, {-oldest}, {2});
 }
 
 void CompressedKVCache::log_evictions(int64_t layer, const at::Tensor& pos, const at::Tensor& idx) {
@@ -399,13 +414,16 @@ void CompressedKVCache::finish_forward(const CompressionRunner& run_compression)
     };
     if (run_compression) {
       // compress() reads no other host state than these.
-      run_compression({N, history_len_, oldest_query_slot()}, compress_layers);
+      run_compression({N, history_len_, carried_len_, oldest_query_slot()}, compress_layers);
     } else {
       compress_layers();
     }
   }
   length_ = compressed ? *policy_.budget : N;
-  if (compressed) history_len_ = *policy_.budget - policy_.window;
+  if (compressed) {
+    history_len_ = *policy_.budget - policy_.window;
+    if (layers_[0].exempt.defined()) carried_len_ = *policy_.budget;
+  }
   q_count_ += tokens_;
   forwards_ += forwards_ == 0 ? 1 : tokens_;
   const int64_t W = policy_.observed_queries();
@@ -415,7 +433,7 @@ void CompressedKVCache::finish_forward(const CompressionRunner& run_compression)
   } else {
     live_slot_.fill_(length_);
     attend_end_.fill_(length_ + 1);
-    if (W > 0) ring_slot_.fill_(q_count_ % W);
+    if (W > 0) ring_slot_.fill_((q_count_ + ring_shift_) % W);
   }
   tokens_ = 0;
 }

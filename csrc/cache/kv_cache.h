@@ -68,9 +68,9 @@ class CompressedKVCache {
   int64_t decode_span() const;
   static constexpr int64_t kSpanQuantum = 512;
   // What the device work of a one-token forward's compression depends on besides the cache's
-  // own buffers: the slots scored, the slots holding history, the query ring's oldest slot. Equal
-  // keys, equal kernels with equal arguments.
-  using CompressionKey = std::array<int64_t, 3>;
+  // own buffers: the slots scored, the slots holding history, the slots carrying redundancy
+  // exemptions, the query ring's oldest slot. Equal keys, equal kernels with equal arguments.
+  using CompressionKey = std::array<int64_t, 4>;
   // Runs `compress` (every layer's selection and compaction, device work only) or replays a CUDA
   // graph recorded from an earlier call with the same key.
   using CompressionRunner =
@@ -96,6 +96,11 @@ class CompressedKVCache {
   const at::Tensor& values(int64_t layer) const { return layer_at(layer).v; }
   const at::Tensor& positions(int64_t layer) const { return layer_at(layer).pos; }
   const at::Tensor& scores(int64_t layer) const { return layer_at(layer).score; }
+  // [B,Hkv,cap] int32, undefined without a redundancy term: slot j's exemption (the slot of its
+  // most recent near-copy among the slots [0, carried_length()), -1 none, -2 evicted), carried
+  // to the next compression.
+  const at::Tensor& exemptions(int64_t layer) const { return layer_at(layer).exempt; }
+  int64_t carried_length() const { return carried_len_; }
   // [B,L,Hkv,max_tokens] int32
   at::Tensor death() const;
   bool keeps_eviction_log() const { return death_.defined(); }
@@ -106,7 +111,9 @@ class CompressedKVCache {
     at::Tensor pos;     // [B,Hkv,cap] int32, -1 for padding and empty slots
     at::Tensor score;   // [B,Hkv,cap] fp32: F of slots [0, history_len_), or the accumulated
                         // attention (Observation::accumulate)
-    at::Tensor q_ring;  // [B,Hq,W,d]: the last W queries, query n at n % W
+    at::Tensor q_ring;  // [B,Hq,W,d]: the last W queries, query n at (n + ring_shift_) % W
+    at::Tensor exempt;  // [B,Hkv,cap] int32 with a redundancy term: the exemptions of slots
+                        // [0, carried_len_) carried to the next compression (carry_exemptions)
   };
   const Layer& layer_at(int64_t layer) const;
   void check_qkv(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const;
@@ -140,7 +147,7 @@ class CompressedKVCache {
   at::Tensor step_slots_;    // [2] int64: live_slot_ and attend_end_, advanced by one add
   at::Tensor live_slot_;     // [1] int64: = length_, where a one-token forward writes
   at::Tensor attend_end_;    // [1] int64: = length_ + 1, the slots its attention reads
-  at::Tensor ring_slot_;     // [1] int64: = q_count_ % W, where it writes its query
+  at::Tensor ring_slot_;     // [1] int64: (q_count_ + ring_shift_) % W, where it writes its query
   at::Tensor step_pos_;      // [B,1] int64: positions of a one-token forward
   at::Tensor step_new_pos_;  // [B,Hkv,1] int32: the same per KV head
 
@@ -148,7 +155,9 @@ class CompressedKVCache {
   int64_t length_ = 0;        // live slots before this forward
   int64_t forwards_ = 0;      // forwards done
   int64_t history_len_ = 0;   // slots [0, history_len_) hold F (after a compression: budget - w)
+  int64_t carried_len_ = 0;   // slots [0, carried_len_) hold exempt (after a compression: budget)
   int64_t q_count_ = 0;       // queries seen
+  int64_t ring_shift_ = 0;    // query n is at slot (n + ring_shift_) % W of the ring
   int64_t tokens_ = 0;        // T of the forward in progress; 0 when none is
   bool compress_ = false;     // this forward is a compression step
   at::Tensor new_pos_;        // [B,Hkv,T] int32 positions of this forward's tokens, -1 pads

@@ -125,7 +125,8 @@ at::Tensor normalized(const at::Tensor& x) {
 }  // namespace
 
 Selection select(const Policy& policy, const at::Tensor& k, const at::Tensor& pos,
-                 const at::Tensor& q_win, const at::Tensor& acc, const at::Tensor& history) {
+                 const at::Tensor& q_win, const at::Tensor& acc, const at::Tensor& history,
+                 const at::Tensor& carried) {
   TORCH_CHECK(policy.budget, "select: policy '", policy.name, "' keeps every token");
   const int64_t N = k.size(2), w = policy.window, C = N - w, keep = *policy.budget - w;
   TORCH_CHECK(N > *policy.budget, "select: ", N, " slots do not exceed the budget ",
@@ -173,8 +174,13 @@ Selection select(const Policy& policy, const at::Tensor& k, const at::Tensor& po
     score = at::max_pool1d(F.reshape({B * Hkv, 1, C}), {kernel}, {1}, {kernel / 2})
                 .view({B, Hkv, C});
   }
+  at::Tensor exempt;
   if (policy.lambda < 1) {
-    auto R = gkv::redundancy_scores(k, pos, policy.threshold).narrow(2, 0, C);
+    const auto carry = carried.defined() ? carried : at::empty({k.size(0), k.size(1), 0},
+                                                               pos.options());
+    auto [R_all, exempt_all] = gkv::redundancy_scores_carry(k, pos, carry, policy.threshold);
+    exempt = exempt_all;
+    auto R = R_all.narrow(2, 0, C);
     if (policy.normalize) R = normalized(R);
     score = score * policy.lambda - R * (1 - policy.lambda);
   }
@@ -183,7 +189,18 @@ Selection select(const Policy& policy, const at::Tensor& k, const at::Tensor& po
     score = at::where(cand_pos.ge(0).logical_and(cand_pos.lt(policy.sinks)), kInf, score);
   }
   score = at::where(cand_pos.lt(0), -kInf, score).contiguous();
-  return {gkv::select_keep(score, keep, w), F};
+  return {gkv::select_keep(score, keep, w), F, exempt};
+}
+
+at::Tensor carry_exemptions(const Selection& sel) {
+  const int64_t B = sel.exempt.size(0), H = sel.exempt.size(1), N = sel.exempt.size(2);
+  const int64_t K = sel.idx.size(2);
+  const auto opts = sel.exempt.options();
+  // Old slot -> its slot after compaction, -2 for an evicted one.
+  const auto renumber = at::full({B, H, N}, -2, opts).scatter_(
+      2, sel.idx, at::arange(K, opts).view({1, 1, K}).expand({B, H, K}));
+  const auto kept = sel.exempt.gather(2, sel.idx);
+  return at::where(kept.ge(0), renumber.gather(2, kept.clamp_min(0).to(at::kLong)), kept);
 }
 
 std::string to_string(Observation o) {

@@ -82,15 +82,26 @@ struct Policy {
 struct Selection {
   at::Tensor idx;  // [B,Hkv,budget] int64: the kept slots, ascending (candidates, then the window)
   at::Tensor F;    // [B,Hkv,C] fp32: the global score of every candidate (stored for kept ones)
+  // [B,Hkv,N] int32: each slot's redundancy exemption (gkv::redundancy_scores_carry), for the
+  // next compression to carry; undefined without a redundancy term.
+  at::Tensor exempt;
 };
 
 // Scores the N slots of one layer and selects per KV head (section 2.3). Requires N > budget.
 //   k [B,Hkv,N,d] post-RoPE keys, pos [B,Hkv,N] int32 (-1: pad),
 //   q_win [B,Hq,W,d] the queries of the last W slots, oldest first (Observation window / last),
 //   acc [B,Hkv,N] fp32 accumulated attention (Observation::accumulate), else undefined,
-//   history [B,Hkv,H] fp32 F_prev of slots [0, H) (H = 0 before the first compression).
+//   history [B,Hkv,H] fp32 F_prev of slots [0, H) (H = 0 before the first compression),
+//   carried [B,Hkv,M] int32 the exemptions of slots [0, M) carried from the last compression
+//   (carry_exemptions), or undefined.
 Selection select(const Policy& policy, const at::Tensor& k, const at::Tensor& pos,
-                 const at::Tensor& q_win, const at::Tensor& acc, const at::Tensor& history);
+                 const at::Tensor& q_win, const at::Tensor& acc, const at::Tensor& history,
+                 const at::Tensor& carried = at::Tensor());
+
+// The exemptions of the kept slots among the kept slots alone, renumbered to their slots after
+// compaction (-2 where the slot named was evicted): sel.exempt [B,Hkv,N] and sel.idx
+// [B,Hkv,K] -> [B,Hkv,K] int32, the next compression's `carried`.
+at::Tensor carry_exemptions(const Selection& sel);
 
 std::string to_string(Observation o);
 std::string to_string(History h);

@@ -47,7 +47,9 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+__host__ __device__ inline int ceil_div(int64_t a, int64_t b) {
+  return static_cast<int>((a + b - 1) / b);
+}
 
 // Chained launches (programmatic dependent launch, sm_90+). A decode step is a chain of short
 // kernels; launched plainly, each one's launch and ramp-up wait for the previous kernel to drain.

@@ -16,9 +16,16 @@
 //      (c_ji = c_ij), through an integer atomic max (independent of the blocks' order).
 //      Its column range is cut into chunks spread over blocks to fill the GPU. fp32 keys and
 //      d = 8 use FFMA over the whole matrix.
-//   3. finalize: per (b, h), merge the chunks and the handed-on column parts, scatter-subtract
-//      the exempted entries, then the masked softmax with temperature |V|; 0 at empty slots, all
-//      0 when no slot is valid.
+//      Carried exemptions (a cache between compressions): c_ij of two keys never changes, so the
+//      exemptions of the slots [0, M) that survived the last compression, among themselves, are
+//      still right unless the key they name was evicted. Then only the M..N-1 fresh rows walk
+//      all the columns (the fresh pass: about (N - M) / (N / 2) of the triangle's work), and the
+//      slots whose carried exemption was evicted and that no fresh row hit are listed and walk
+//      the columns [0, M) (the listed pass); a fresh row's hit beats any carried one, as it is
+//      later. The fresh pass also writes every slot's row sum.
+//   3. finalize: per (b, h), merge the chunks, the handed-on column parts and the carried
+//      exemptions, scatter-subtract the exempted entries, then the masked softmax with
+//      temperature |V|; 0 at empty slots, all 0 when no slot is valid.
 // No torch headers: raw pointers, sizes, a stream, a cudaError_t.
 #pragma once
 
@@ -292,12 +299,32 @@ constexpr int64_t kRedMaxSlots = int64_t(1) << 20;
 template <int D>
 constexpr int mma_pitch() { return D + 8; }  // 16-byte row padding: conflict-free ldmatrix
 
+// Which rows a block of the tensor-core pass takes, and which column tiles it walks.
+enum class GramRows {
+  // No carried exemptions: row block rb (rows [128 rb, 128 rb + 128)) walks the columns from its
+  // own first tile on and hands every tile right of its rows to those columns (c_ji = c_ij); the
+  // blocks of its first chunk write its rows' sums.
+  triangle,
+  // Exemptions carried for the slots [0, M): the rows [M, N) (the fresh ones) walk every column.
+  // A column j < M takes their hits: a fresh row is later than every slot of [0, M), so such a
+  // hit is j's exemption. Row block 0 also writes every slot's row sum, tile by tile.
+  fresh,
+  // The slots of [0, M) whose carried exemption is unknown and that no fresh row hit (listed per
+  // head, ascending) walk the columns [0, M) for theirs.
+  listed,
+};
+
+// Column tiles a fresh or listed block walks (in chunks of `per`).
+__host__ __device__ __forceinline__ int walked_tiles(GramRows mode, int Np, int M) {
+  return mode == GramRows::fresh ? Np / kRedTile : (M + kRedTile - 1) / kRedTile;
+}
+
 // Two 64-key buffers (the 128 A rows pass through them first), two 64-float inv tiles, the
-// column parts of one tile per warp (row, c) and S.
+// column parts of one tile per warp (row, c), S and the block's row slots.
 template <int D>
 constexpr size_t mma_smem_bytes() {
   return 2 * kRedTile * mma_pitch<D>() * 2 + 2 * kRedTile * sizeof(float) +
-         2 * kMmaWarps * kRedTile * sizeof(float) + D * sizeof(float);
+         2 * kMmaWarps * kRedTile * sizeof(float) + D * sizeof(float) + kMmaRows * sizeof(int);
 }
 
 // Chunks of `per` column tiles that row block rb walks: the tiles from its own first one on.
@@ -305,31 +332,54 @@ __host__ __device__ __forceinline__ int triangle_chunks(int rb, int tiles, int p
   return (tiles - rb * kRowBlockTiles + per - 1) / per;
 }
 
-// n_keys keys from row0 on into dst [n_keys][pitch] (zeros past N); with dst_inv, also the 64
-// inv values from row0 on (inside the padded [0, Np) range).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile_async(const T* kr, int row0, int n_keys, int N, T* dst,
-                                                const float* inv_r, float* dst_inv) {
+// Cuts threadIdx into (key, 16-byte chunk) pairs of n_keys keys; copy(key, chunk) issues one.
+template <int D, typename Copy>
+__device__ __forceinline__ void for_key_chunks(int n_keys, Copy copy) {
   constexpr int kChunks = D * 2 / 16;  // 16-byte chunks per key
-  constexpr int kPer = 16 / 2;         // elements per chunk
-  for (int e = threadIdx.x; e < n_keys * kChunks; e += kMmaThreads) {
-    const int key = e / kChunks, c = e - key * kChunks;
+  for (int e = threadIdx.x; e < n_keys * kChunks; e += kMmaThreads) copy(e / kChunks, e % kChunks);
+}
+
+// 64 keys from row0 on into dst [64][pitch] (zeros past N) and their 64 inv values from row0 on
+// (inside the padded [0, Np) range).
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_async(const T* kr, int row0, int N, T* dst,
+                                                const float* inv_r, float* dst_inv) {
+  for_key_chunks<D>(kRedTile, [&](int key, int c) {
     const int j = row0 + key;
     const bool in = j < N;
-    cp_async16(dst + key * mma_pitch<D>() + c * kPer, kr + int64_t(in ? j : 0) * D + c * kPer, in);
-  }
-  if (dst_inv != nullptr && threadIdx.x < kRedTile / 4) {
+    cp_async16(dst + key * mma_pitch<D>() + c * 8, kr + int64_t(in ? j : 0) * D + c * 8, in);
+  });
+  if (threadIdx.x < kRedTile / 4) {
     cp_async16(dst_inv + threadIdx.x * 4, inv_r + row0 + threadIdx.x * 4, true);
   }
 }
 
+// The block's 128 row slots (slots[x], -1: none, zeros) into dst [128][pitch].
+template <typename T, int D>
+__device__ __forceinline__ void load_rows_async(const T* kr, const int* slots, T* dst) {
+  for_key_chunks<D>(kMmaRows, [&](int key, int c) {
+    const int j = slots[key];
+    cp_async16(dst + key * mma_pitch<D>() + c * 8, kr + int64_t(j >= 0 ? j : 0) * D + c * 8,
+               j >= 0);
+  });
+}
+
 // The four rows a lane owns in the mma path (rows g and g + 8 of the warp's two m16 tiles), in
-// ascending order, with their constants and row states. Row a = 2m + h is wrow0 + 16m + 8h + g.
+// ascending order, with their constants and row states. Row a = 2m + h is the block's row
+// warp * 32 + 16m + 8h + g.
 struct LaneRows {
-  int row[4];
-  float inv[4];  // 1 / ||k_i||: NaN for an empty slot or past N
+  int row[4];    // slot, -1 for none
+  float inv[4];  // 1 / ||k_i||: NaN for an empty slot or none
   float thr[4];  // threshold / inv_i: c_ij > threshold is tested as dot * inv_j > thr
   RowState state[4];
+
+  // Whether one of the lane's rows is a column of the tile [j0, j0 + 64).
+  __device__ __forceinline__ bool in_tile(int j0) const {
+    bool in = false;
+#pragma unroll
+    for (int x = 0; x < 4; ++x) in |= row[x] >= j0 && row[x] < j0 + kRedTile;
+    return in;
+  }
 };
 
 // Folds one accumulator (row a of the lane, column j). A row's hit stores dot * inv_j, unscaled
@@ -374,6 +424,26 @@ __device__ __forceinline__ void fold_tile(const float (&acc)[2][NC][4], const fl
       }
     }
   }
+}
+
+// Whether some c_ij of the warp's NC n8 chunks (iv: their columns' inv) passes a row's
+// threshold, c_ii included: when none does, which is most tiles of keys without near-copies,
+// the fold and the column exchange are skipped (a multiply and a compare per entry instead of
+// the bookkeeping). A NaN (empty slot, no row) never counts.
+template <int NC>
+__device__ __forceinline__ bool warp_may_hit(const float (&acc)[2][NC][4], const float* iv, int t,
+                                             const LaneRows& rows) {
+  bool hit = false;
+#pragma unroll
+  for (int nc = 0; nc < NC; ++nc) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const float inv_j = iv[nc * 8 + 2 * t + q];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) hit |= acc[a >> 1][nc][2 * (a & 1) + q] * inv_j > rows.thr[a];
+    }
+  }
+  return __any_sync(0xffffffffu, hit);
 }
 
 // Exchanges the upper or lower half of `col` with lane (lane ^ Xor) and merges the half kept.
@@ -450,48 +520,112 @@ __device__ __forceinline__ void lane_row_sums(const uint32_t (&a)[2][D / 16][4],
   }
 }
 
-// Block (head r = blockIdx.x, item blockIdx.y = (row block rb, chunk)): rows [128 rb, 128 rb +
-// 128), column tiles [2 rb + chunk * per, + per). Warp w owns rows 32w..32w+31 as two m16 tiles
-// and keeps their A fragments in registers (loaded once through the B buffers), then walks the
-// chunk's column tiles, double-buffered through cp.async, in two halves of 32 columns (fewer
-// accumulator registers, same B traffic). Accumulator layout of m16n8k16: lane (g = lane/4,
-// t = lane%4) holds rows g and g+8, columns 2t and 2t+1 of each n8 chunk; the 4 lanes of one g
-// reduce together. The partial row states go to chunk `chunk` of last / last_c [splits, rows,
-// N]; the column parts of tiles right of the rows to col_last [rows, N]; the block of chunk 0
-// writes its rows' sums, from S, to rowsum [rows, N].
+// Row sums of the 64 keys of a column tile (b [64][pitch] in shared memory, iv their inv) from S
+// into rowsum [j0, j0 + 64) below N: two threads per key, half the key each.
 template <typename T, int D>
+__device__ __forceinline__ void tile_row_sums(const T* b, const float* iv, const float* sS, int j0,
+                                              int N, float* rowsum) {
+  static_assert(kMmaThreads == 2 * kRedTile, "two threads per key");
+  constexpr int kHalf = D / 2, kVec = 8;  // 16-byte reads
+  const int key = threadIdx.x >> 1, part = threadIdx.x & 1;
+  const T* e = b + key * mma_pitch<D>() + part * kHalf;
+  const float* s = sS + part * kHalf;
+  float dot = 0.f, self = 0.f;
+#pragma unroll
+  for (int c = 0; c < kHalf / kVec; ++c) {
+    const uint4 chunk = reinterpret_cast<const uint4*>(e)[c];
+    const T* v = reinterpret_cast<const T*>(&chunk);
+#pragma unroll
+    for (int x = 0; x < kVec; ++x) {
+      const float f = to_float(v[x]);
+      dot = fmaf(f, s[c * kVec + x], dot);
+      self = fmaf(f, f, self);
+    }
+  }
+  dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+  self += __shfl_xor_sync(0xffffffffu, self, 1);
+  const int j = j0 + key;
+  if (part == 0 && j < N) rowsum[j] = row_sum_from_key_sum(iv[key], dot, self);
+}
+
+template <typename T>
+struct GramArgs {
+  const T* k;               // [rows, N, D]
+  const float* inv;         // [rows, Np]
+  const float* sum_parts;   // [rows, parts, D]
+  int parts, N, Np;
+  int M;                    // fresh, listed: slots with carried exemptions
+  float threshold;
+  int per;                  // column tiles per chunk
+  const int* listed;        // listed: [rows, M], the first listed_count[r] of head r
+  const int* listed_count;  // [rows]
+  float* rowsum;            // [rows, N]
+  int* last;                // [splits, rows, N]
+  float* last_c;            // [splits, rows, N]
+  unsigned long long* col_last;  // [rows, N]
+};
+
+// Block (head r = blockIdx.x, item blockIdx.y = (row block rb, chunk); GramRows says which rows
+// and columns). Warp w owns the block's rows 32w..32w+31 as two m16 tiles and keeps their A
+// fragments in registers (loaded once through the B buffers), then walks the chunk's column
+// tiles, double-buffered through cp.async, in two halves of 32 columns (fewer accumulator
+// registers, same B traffic). Accumulator layout of m16n8k16: lane (g = lane/4, t = lane%4)
+// holds rows g and g+8, columns 2t and 2t+1 of each n8 chunk; the 4 lanes of one g reduce
+// together. The partial row states go to chunk `chunk` of last / last_c [splits, rows, N]; the
+// column parts of tiles handed to their columns to col_last [rows, N].
+template <typename T, int D, GramRows Mode>
 __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
-    gram_mma_kernel(const T* __restrict__ k, const float* __restrict__ inv,
-                    const float* __restrict__ sum_parts, int parts, int N, int Np, float threshold,
-                    int per, float* __restrict__ rowsum, int* __restrict__ last,
-                    float* __restrict__ last_c, unsigned long long* __restrict__ col_last) {
+    gram_mma_kernel(const GramArgs<T> p) {
   constexpr int P = mma_pitch<D>();
   constexpr int kHalfChunks = kRedTile / 16;  // n8 chunks per 32-column half
+  static_assert(kMmaThreads == kMmaRows, "one thread per row slot");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sB = reinterpret_cast<T*>(smem_raw);                         // [2][64][P]
   float* sInv = reinterpret_cast<float*>(sB + 2 * kRedTile * P);  // [2][64]
   int* sColLast = reinterpret_cast<int*>(sInv + 2 * kRedTile);    // [warps][64]
   float* sColC = reinterpret_cast<float*>(sColLast + kMmaWarps * kRedTile);
   float* sS = sColC + kMmaWarps * kRedTile;                       // [D]
+  int* sRows = reinterpret_cast<int*>(sS + D);                    // [128]
   const int64_t r = blockIdx.x;
-  const int tiles = Np / kRedTile;
-  int chunk = blockIdx.y, rb = 0;
-  while (chunk >= triangle_chunks(rb, tiles, per)) chunk -= triangle_chunks(rb++, tiles, per);
-  const int i0 = rb * kMmaRows;
-  const int first_right = (rb + 1) * kRowBlockTiles;  // tiles from here on are all right of i0
-  const int tile_begin = rb * kRowBlockTiles + chunk * per;
-  const int tile_end = min(tile_begin + per, tiles);
-  const T* kr = k + r * N * D;
-  const float* inv_r = inv + r * Np;
+  const int N = p.N, Np = p.Np, M = p.M, tiles = Np / kRedTile;
+  int rb = 0, chunk = blockIdx.y, tile_begin, tile_end;
+  if constexpr (Mode == GramRows::triangle) {
+    while (chunk >= triangle_chunks(rb, tiles, p.per)) chunk -= triangle_chunks(rb++, tiles, p.per);
+    tile_begin = rb * kRowBlockTiles + chunk * p.per;
+    tile_end = min(tile_begin + p.per, tiles);
+  } else {
+    const int walk = walked_tiles(Mode, Np, M), chunks = (walk + p.per - 1) / p.per;
+    rb = blockIdx.y / chunks;
+    chunk = blockIdx.y % chunks;
+    tile_begin = chunk * p.per;
+    tile_end = min(tile_begin + p.per, walk);
+    // The grid covers every slot of [0, M) being listed: most listed blocks have none.
+    if (Mode == GramRows::listed && rb * kMmaRows >= p.listed_count[r]) return;
+  }
+  const T* kr = p.k + r * N * D;
+  const float* inv_r = p.inv + r * Np;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  load_tile_async<T, D>(kr, i0, kMmaRows, N, sB, nullptr, nullptr);
+  int slot;
+  if constexpr (Mode == GramRows::listed) {
+    const int at = rb * kMmaRows + threadIdx.x;
+    slot = at < p.listed_count[r] ? p.listed[r * M + at] : -1;
+  } else {
+    slot = (Mode == GramRows::fresh ? M : 0) + rb * kMmaRows + threadIdx.x;
+    if (slot >= N) slot = -1;
+  }
+  sRows[threadIdx.x] = slot;
+  __syncthreads();
+  load_rows_async<T, D>(kr, sRows, sB);
   cp_async_commit();
-  if (chunk == 0) load_key_sum<D>(sum_parts, r, parts, sS, kMmaThreads);
+  const bool sums_from_rows = Mode == GramRows::triangle && chunk == 0;
+  const bool sums_from_columns = Mode == GramRows::fresh && rb == 0;
+  if (sums_from_rows || sums_from_columns) {
+    load_key_sum<D>(p.sum_parts, r, p.parts, sS, kMmaThreads);
+  }
   cp_async_wait<0>();
   __syncthreads();
-  const int wrow0 = i0 + warp * kWarpRows;
   uint32_t a[2][D / 16][4];
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
@@ -502,30 +636,31 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     }
   }
   __syncthreads();  // the buffers now take column tiles
-  load_tile_async<T, D>(kr, tile_begin * kRedTile, kRedTile, N, sB, inv_r, sInv);
+  load_tile_async<T, D>(kr, tile_begin * kRedTile, N, sB, inv_r, sInv);
   cp_async_commit();
 
-  // inv_i > 0 for a valid row; an empty row or a row past N (NaN) never hits.
+  // inv_i > 0 for a valid row; an empty row or none (NaN) never hits.
   LaneRows rows;
 #pragma unroll
   for (int x = 0; x < 4; ++x) {
-    rows.row[x] = wrow0 + (x >> 1) * 16 + (x & 1) * 8 + g;
-    rows.inv[x] = rows.row[x] < Np ? inv_r[rows.row[x]] : __int_as_float(0x7fc00000);
-    rows.thr[x] = threshold / rows.inv[x];
+    rows.row[x] = sRows[warp * kWarpRows + (x >> 1) * 16 + (x & 1) * 8 + g];
+    rows.inv[x] = rows.row[x] >= 0 ? inv_r[rows.row[x]] : __int_as_float(0x7fc00000);
+    rows.thr[x] = p.threshold / rows.inv[x];
   }
-  if (chunk == 0) {
+  if (sums_from_rows) {
     float sums[4];
     lane_row_sums<T, D>(a, sS, t, rows, sums);
 #pragma unroll
     for (int x = 0; x < 4; ++x) {
-      if (t == 0 && rows.row[x] < N) rowsum[r * N + rows.row[x]] = sums[x];
+      if (t == 0 && rows.row[x] >= 0) p.rowsum[r * N + rows.row[x]] = sums[x];
     }
   }
+  const int first_right = (rb + 1) * kRowBlockTiles;  // triangle: tiles right of the rows
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buf = (tile - tile_begin) & 1;
     if (tile + 1 < tile_end) {
-      load_tile_async<T, D>(kr, (tile + 1) * kRedTile, kRedTile, N, sB + (buf ^ 1) * kRedTile * P,
-                            inv_r, sInv + (buf ^ 1) * kRedTile);
+      load_tile_async<T, D>(kr, (tile + 1) * kRedTile, N, sB + (buf ^ 1) * kRedTile * P, inv_r,
+                            sInv + (buf ^ 1) * kRedTile);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -534,9 +669,11 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     const T* b = sB + buf * kRedTile * P;
     const int j0 = tile * kRedTile;
     const float* iv = sInv + buf * kRedTile;
-    // Warp-uniform: the diagonal i == j crosses this warp's 32 x 64 tile.
-    const bool diag = j0 + kRedTile > wrow0 && j0 < wrow0 + kWarpRows;
-    const bool right = tile >= first_right;  // block-uniform
+    // Warp-uniform: one of the warp's rows is a column of this tile (c_ii = 0).
+    const bool diag = __any_sync(0xffffffffu, rows.in_tile(j0));
+    bool cols = false;  // block-uniform: the tile's columns take the rows' hits
+    if constexpr (Mode == GramRows::triangle) cols = tile >= first_right;
+    if constexpr (Mode == GramRows::fresh) cols = j0 < M;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float acc[2][kHalfChunks][4] = {};
@@ -554,24 +691,33 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
           }
         }
       }
-      RowState col[2 * kHalfChunks];
       const float* iv_half = iv + half * 32;
-      if (diag) {
-        fold_tile<true, false>(acc, iv_half, j0 + half * 32, t, rows, col);
-      } else if (right) {
-        fold_tile<false, true>(acc, iv_half, j0 + half * 32, t, rows, col);
+      const int jh = j0 + half * 32;
+      // The lane's entry of the warp's column parts: column (g >> 1) * 8 + 2t + (g & 1).
+      const int at = warp * kRedTile + half * 32 + (g >> 1) * 8 + 2 * t + (g & 1);
+      if (!warp_may_hit(acc, iv_half, t, rows)) {
+        if (cols) sColLast[at] = -1;
+        continue;
+      }
+      RowState col[2 * kHalfChunks];
+      if (diag && cols) {
+        fold_tile<true, true>(acc, iv_half, jh, t, rows, col);
+      } else if (diag) {
+        fold_tile<true, false>(acc, iv_half, jh, t, rows, col);
+      } else if (cols) {
+        fold_tile<false, true>(acc, iv_half, jh, t, rows, col);
+      } else {
+        fold_tile<false, false>(acc, iv_half, jh, t, rows, col);
+      }
+      if (cols) {
         const RowState part = reduce_scatter_columns(col, lane);
-        const int at = warp * kRedTile + half * 32 + (g >> 1) * 8 + 2 * t + (g & 1);
         sColLast[at] = part.last;
         sColC[at] = part.last_c;
-      } else {
-        fold_tile<false, false>(acc, iv_half, j0 + half * 32, t, rows, col);
       }
     }
+    if (sums_from_columns) tile_row_sums<T, D>(b, iv, sS, j0, N, p.rowsum + r * N);
     __syncthreads();  // buffer `buf` is refilled at the next iteration; the column parts are in
-    if (right) {
-      hand_on_columns(sColLast, sColC, inv_r, j0, N, col_last + r * N);
-    }
+    if (cols) hand_on_columns(sColLast, sColC, inv_r, j0, N, p.col_last + r * N);
   }
   const int64_t out0 = (chunk * int64_t(gridDim.x) + r) * N;
 #pragma unroll
@@ -579,7 +725,7 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     RowState& s = rows.state[x];
     reduce_lanes<4>(s);
     s.last_c *= rows.inv[x];
-    if (t == 0 && rows.row[x] < N) store_row(s, out0 + rows.row[x], last, last_c);
+    if (t == 0 && rows.row[x] >= 0) store_row(s, out0 + rows.row[x], p.last, p.last_c);
   }
 }
 
@@ -590,19 +736,43 @@ inline int64_t triangle_items(int row_blocks, int tiles, int per) {
   return items;
 }
 
+// Items (blocks per head) of a pass over N slots, M of them carried, in chunks of `per` tiles.
+inline int64_t gram_items(GramRows mode, int N, int M, int per) {
+  const int tiles = ceil_div(N, kRedTile);
+  const int chunks = ceil_div(walked_tiles(mode, tiles * kRedTile, M), per);
+  switch (mode) {
+    case GramRows::triangle: return triangle_items(ceil_div(N, kMmaRows), tiles, per);
+    case GramRows::fresh: return int64_t(ceil_div(N - M, kMmaRows)) * chunks;
+    case GramRows::listed: return int64_t(ceil_div(M, kMmaRows)) * chunks;
+  }
+  return 0;
+}
+
+// The carried slots a pass over N slots uses: none when none is fresh (every row then is
+// scanned anyway) or when the listed grid would pass the grid's y limit.
+inline int carried_slots_used(int N, int M) {
+  if (M <= 0 || M >= N) return 0;
+  return gram_items(GramRows::listed, N, M, 1) <= 65535 ? M : 0;
+}
+
 // Chunk count of row block 0 for the mma pass (each chunk ceil(tiles / splits) tiles): minimises
 // the tiles per SM slot (a block's A load and stores counted as one more tile) plus one chunk for
-// the tail, over split counts whose chunks are all non-empty.
-inline int redundancy_choose_splits(int64_t rows, int N, int64_t slots) {
-  const int tiles = ceil_div(N, kRedTile), row_blocks = ceil_div(N, kMmaRows);
-  int64_t triangle_tiles = 0;
-  for (int rb = 0; rb < row_blocks; ++rb) triangle_tiles += tiles - rb * kRowBlockTiles;
+// the tail, over split counts whose chunks are all non-empty. M: carried_slots_used.
+inline int redundancy_choose_splits(int64_t rows, int N, int M, int64_t slots) {
+  const int tiles = ceil_div(N, kRedTile);
+  int64_t row_tiles = 0;  // tiles walked per head, summed over its row blocks
+  if (M == 0) {
+    for (int rb = 0; rb < ceil_div(N, kMmaRows); ++rb) row_tiles += tiles - rb * kRowBlockTiles;
+  } else {
+    row_tiles = int64_t(ceil_div(N - M, kMmaRows)) * tiles;
+  }
   int best = 1;
   int64_t best_cost = -1;
   for (int s = 1; s <= kMaxSplits && s <= tiles; ++s) {
     const int per = ceil_div(tiles, s);
     if (ceil_div(tiles, per) != s) continue;  // some chunk would be empty
-    const int64_t work = rows * (triangle_tiles + triangle_items(row_blocks, tiles, per));
+    const int64_t items = gram_items(M == 0 ? GramRows::triangle : GramRows::fresh, N, M, per);
+    const int64_t work = rows * (row_tiles + items);
     const int64_t cost = (work + slots - 1) / slots + per;
     if (best_cost < 0 || cost < best_cost) {
       best = s;
@@ -629,42 +799,135 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
   return x;
 }
 
-// One block per head: takes each row's exemption from the highest chunk with a hit (chunks cover
-// ascending column ranges) or else, with column parts (col_last != nullptr: the triangle pass),
-// the hit handed on from the rows before the row's block, which all lie left of it; raw = rowsum
-// [rows, N] minus the exempted entries, R = softmax over valid slots of raw / |V|. last, last_c:
-// [splits, rows, N]; row j has triangle_chunks(j / 128, tiles, ceil(tiles / splits)) chunks with
-// column parts, else splits.
+// Whether a carried exemption of slot j < M is known: -1 (no later similar key), or a valid slot
+// of [0, M) other than j. Anything else (-2: its key was evicted) is unknown and scanned again.
+__device__ __forceinline__ bool carried_known(int carried, int j, int M, const float* inv_r) {
+  return carried == -1 || (carried >= 0 && carried < M && carried != j && inv_r[carried] >= 0.f);
+}
+
+// Whether the listed pass scans slot j < M: valid, unknown carried exemption, no fresh row's hit.
+__device__ __forceinline__ bool needs_listing(int j, int M, const float* inv_r,
+                                              const int* carried_r,
+                                              const unsigned long long* col_last_r) {
+  return inv_r[j] >= 0.f && col_last_r[j] == 0 && !carried_known(carried_r[j], j, M, inv_r);
+}
+
+// One block per head: the slots needs_listing picks, ascending, into listed [rows, M] and their
+// count into listed_count [rows].
 __global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(const float* __restrict__ inv, int N, int Np, int splits,
-                    float* __restrict__ rowsum, const int* __restrict__ last,
-                    const float* __restrict__ last_c,
-                    const unsigned long long* __restrict__ col_last, float* __restrict__ out) {
+    list_unknown_kernel(const float* __restrict__ inv, const int* __restrict__ carried,
+                        const unsigned long long* __restrict__ col_last, int N, int Np, int M,
+                        int* __restrict__ listed, int* __restrict__ listed_count) {
+  __shared__ int warp_counts[kFinalThreads / 32];
+  const int64_t r = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int written = 0;
+  for (int base = 0; base < M; base += kFinalThreads) {
+    const int j = base + threadIdx.x;
+    const bool pick = j < M && needs_listing(j, M, inv + r * Np, carried + r * M, col_last + r * N);
+    const unsigned ballot = __ballot_sync(0xffffffffu, pick);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = written + __popc(ballot & ((1u << lane) - 1u)), total = 0;
+    for (int w = 0; w < kFinalThreads / 32; ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      total += warp_counts[w];
+    }
+    if (pick) listed[r * M + before] = j;
+    written += total;
+    __syncthreads();  // warp_counts is rewritten
+  }
+  if (threadIdx.x == 0) listed_count[r] = written;
+}
+
+// c_ij of two valid slots, from their keys (16-byte reads) and inv, as the mma pass scales it.
+template <typename T, int D>
+__device__ __forceinline__ float slot_cosine(const T* kr, const float* inv_r, int i, int j) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  const uint4* ki = reinterpret_cast<const uint4*>(kr + int64_t(i) * D);
+  const uint4* kj = reinterpret_cast<const uint4*>(kr + int64_t(j) * D);
+  float dot = 0.f;
+#pragma unroll 4
+  for (int c = 0; c < D / kVec; ++c) {
+    const uint4 a = ki[c], b = kj[c];
+    const T* x = reinterpret_cast<const T*>(&a);
+    const T* y = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) dot = fmaf(to_float(x[e]), to_float(y[e]), dot);
+  }
+  return dot * inv_r[j] * inv_r[i];
+}
+
+template <typename T>
+struct FinalizeArgs {
+  const T* k;             // [rows, N, D]
+  const float* inv;       // [rows, Np]
+  int N, Np;
+  int M;                  // carried slots (carried_slots_used), 0 for none
+  const int* carried;     // [rows, M]
+  int splits;             // chunks per row block (triangle: of row block 0)
+  float* rowsum;          // [rows, N], becomes raw
+  const int* last;        // [splits, rows, N]
+  const float* last_c;    // [splits, rows, N]
+  const unsigned long long* col_last;  // [rows, N]; nullptr on the FFMA path
+  int* exempt;            // [rows, N] the exemption m*(j) of every slot (-1: none), or nullptr
+  float* out;             // [rows, N]
+};
+
+// One block per head. Slot j's exemption: without carried slots, from the highest chunk of row
+// j with a hit (chunks cover ascending column ranges) or else, with column parts (the triangle
+// pass), the hit handed on from the rows before j's row block, which all lie left of it. With
+// carried slots: a fresh j from its row's chunks; a carried j from a fresh row's hit, else its
+// carried exemption (c recomputed from the keys) when known, else its listed row's chunks.
+// raw = rowsum minus the exempted entries, R = softmax over valid slots of raw / |V|.
+template <typename T, int D>
+__global__ void __launch_bounds__(kFinalThreads) finalize_kernel(const FinalizeArgs<T> p) {
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
+  const int N = p.N, Np = p.Np, M = p.M;
   const int64_t split_stride = int64_t(gridDim.x) * N;
-  const int tiles = Np / kRedTile, per = (tiles + splits - 1) / splits;
-  const float* inv_r = inv + r * Np;
-  float* raw = rowsum + r * N;
-  float* out_r = out + r * N;
-  const auto chunks_of = [&](int j) {
-    return col_last != nullptr ? triangle_chunks(j / kMmaRows, tiles, per) : splits;
+  const int tiles = Np / kRedTile, per = (tiles + p.splits - 1) / p.splits;
+  const float* inv_r = p.inv + r * Np;
+  float* raw = p.rowsum + r * N;
+  float* out_r = p.out + r * N;
+  // The highest of row j's first `chunks` chunks with a hit.
+  const auto from_chunks = [&](int j, int chunks, int& m, float& c) {
+    for (int sp = chunks - 1; sp >= 0 && m < 0; --sp) {
+      const int64_t at = sp * split_stride + r * N + j;
+      m = p.last[at];
+      c = p.last_c[at];
+    }
+  };
+  const auto from_column = [&](int j, int& m, float& c) {
+    const unsigned long long packed = p.col_last[r * N + j];
+    if (packed == 0) return;
+    m = static_cast<int>(packed >> 32) - 1;
+    c = __uint_as_float(static_cast<unsigned>(packed));
   };
   for (int j = threadIdx.x; j < N; j += kFinalThreads) {
-    if (!(inv_r[j] >= 0.f)) continue;
     int m = -1;
     float c = 0.f;
-    for (int sp = chunks_of(j) - 1; sp >= 0 && m < 0; --sp) {
-      const int64_t at = sp * split_stride + r * N + j;
-      m = last[at];
-      c = last_c[at];
+    if (inv_r[j] >= 0.f) {
+      if (M == 0) {
+        const bool triangle = p.col_last != nullptr;
+        from_chunks(j, triangle ? triangle_chunks(j / kMmaRows, tiles, per) : p.splits, m, c);
+        if (m < 0 && triangle) from_column(j, m, c);
+      } else if (j >= M) {
+        from_chunks(j, ceil_div(walked_tiles(GramRows::fresh, Np, M), per), m, c);
+      } else {
+        from_column(j, m, c);
+        const int carried = p.carried[r * M + j];
+        if (m >= 0) {
+        } else if (carried_known(carried, j, M, inv_r)) {
+          m = carried;
+          if (m >= 0) c = slot_cosine<T, D>(p.k + r * N * D, inv_r, m, j);
+        } else {
+          from_chunks(j, ceil_div(walked_tiles(GramRows::listed, Np, M), per), m, c);
+        }
+      }
+      if (m >= 0) atomicAdd(raw + m, -c);
     }
-    if (m < 0 && col_last != nullptr && col_last[r * N + j] != 0) {
-      const unsigned long long packed = col_last[r * N + j];
-      m = static_cast<int>(packed >> 32) - 1;
-      c = __uint_as_float(static_cast<unsigned>(packed));
-    }
-    if (m >= 0) atomicAdd(raw + m, -c);
+    if (p.exempt != nullptr) p.exempt[r * N + j] = m;
   }
   __syncthreads();
   float count = 0.f, mx = -INFINITY;
@@ -699,10 +962,18 @@ constexpr bool redundancy_uses_mma() {
   return !std::is_same_v<T, float> && D % 16 == 0;
 }
 
-// Chunks per row block the launcher will run with for rows heads of N slots on the current
-// device (1 on the FFMA path); size the workspace with it.
+// The carried slots the launcher uses for rows heads of N slots, M carried (0 on the FFMA path,
+// which scans whole rows anyway); size the workspace with it.
 template <typename T, int D>
-cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
+int redundancy_carried_used(int N, int M) {
+  return redundancy_uses_mma<T, D>() ? carried_slots_used(N, M) : 0;
+}
+
+// Chunks per row block the launcher will run with for rows heads of N slots, M carried
+// (redundancy_carried_used), on the current device (1 on the FFMA path); size the workspace
+// with it.
+template <typename T, int D>
+cudaError_t redundancy_splits(int64_t rows, int N, int M, int* splits) {
   *splits = 1;
   if constexpr (redundancy_uses_mma<T, D>()) {
     if (rows == 0 || N == 0) return cudaSuccess;
@@ -716,39 +987,57 @@ cudaError_t redundancy_splits(int64_t rows, int N, int* splits) {
     static std::atomic<int> per_sm_cache{0};
     int per_sm = per_sm_cache.load(std::memory_order_relaxed);
     if (per_sm == 0) {
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gram_mma_kernel<T, D>,
-                                                          kMmaThreads, mma_smem_bytes<D>());
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, gram_mma_kernel<T, D, GramRows::triangle>, kMmaThreads, mma_smem_bytes<D>());
       if (err != cudaSuccess) return err;
       per_sm = per_sm > 0 ? per_sm : 1;
       per_sm_cache.store(per_sm, std::memory_order_relaxed);
     }
-    *splits = redundancy_choose_splits(rows, N, int64_t(sms) * per_sm);
+    *splits = redundancy_choose_splits(rows, N, M, int64_t(sms) * per_sm);
   }
   return cudaSuccess;
 }
 
-// Floats of workspace for rows heads of N slots and `splits` chunks: inv [rows, Np], the parts
-// of S [rows, key_sum_parts, D], on the mma path the column parts col_last (uint64) [rows, N],
-// rowsum [rows, N], then last_c (fp32) and last (int32), each [splits, rows, N].
+// Floats of workspace for rows heads of N slots, M carried (redundancy_carried_used) and
+// `splits` chunks: inv [rows, Np], the parts of S [rows, key_sum_parts, D], on the mma path the
+// column parts col_last (uint64) [rows, N], rowsum [rows, N], last_c (fp32) and last (int32),
+// each [splits, rows, N], then with carried slots listed [rows, M] and listed_count [rows].
 template <typename T, int D>
-int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int splits) {
+int64_t redundancy_workspace_floats(int64_t rows, int64_t N, int M, int splits) {
   const int64_t Np = redundancy_padded_len(N);
   const int64_t column_parts = redundancy_uses_mma<T, D>() ? 2 * rows * N : 0;
+  const int64_t lists = M > 0 ? rows * (M + 1) : 0;
   return rows * Np + rows * key_sum_parts<T, D>(static_cast<int>(Np)) * D + column_parts +
-         rows * N + 2 * int64_t(splits) * rows * N;
+         rows * N + 2 * int64_t(splits) * rows * N + lists;
+}
+
+template <typename T, int D, GramRows Mode>
+cudaError_t launch_gram(const GramArgs<T>& args, int64_t rows, cudaStream_t stream) {
+  const int64_t items = gram_items(Mode, args.N, args.M, args.per);
+  if (items == 0) return cudaSuccess;
+  constexpr size_t smem = mma_smem_bytes<D>();  // < 48 KB: no opt-in needed
+  gram_mma_kernel<T, D, Mode><<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(items)),
+                                kMmaThreads, smem, stream>>>(args);
+  return cudaGetLastError();
 }
 
 // k [rows, N, D] contiguous and 16-byte aligned, pos [rows, N] int32 contiguous -> out [rows, N]
-// fp32. splits from redundancy_splits<T, D>; workspace: redundancy_workspace_floats<T, D>(rows,
-// N, splits) floats, 8-byte aligned. rows <= 2^31 - 1, N <= kRedMaxSlots.
+// fp32 and, unless exempt is nullptr, exempt [rows, N] int32: each slot's exemption m*(j), -1
+// for none or an empty slot. carried [rows, M0] int32 (M0 <= N, nullptr when M0 = 0): the
+// exemptions of slots [0, M0) among the slots [0, M0) alone, as an earlier call returned them
+// with the slots compacted (-2 where it is no longer known); M = redundancy_carried_used(N, M0).
+// splits from redundancy_splits<T, D>(rows, N, M); workspace: redundancy_workspace_floats<T,
+// D>(rows, N, M, splits) floats, 8-byte aligned. rows <= 2^31 - 1, N <= kRedMaxSlots.
 template <typename T, int D>
-cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, float threshold,
-                              int splits, float* workspace, float* out, cudaStream_t stream) {
+cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, int M,
+                              const int* carried, int carried_stride, float threshold, int splits,
+                              float* workspace, float* out, int* exempt, cudaStream_t stream) {
   if (rows == 0 || N == 0) return cudaSuccess;
   const int Np = static_cast<int>(redundancy_padded_len(N));
   const int tiles = Np / kRedTile;
   if (N > kRedMaxSlots || splits < 1 || splits > kMaxSplits || splits > tiles ||
-      (!redundancy_uses_mma<T, D>() && splits != 1)) {
+      (!redundancy_uses_mma<T, D>() && splits != 1) || M != redundancy_carried_used<T, D>(N, M) ||
+      (M > 0 && (carried == nullptr || carried_stride != M))) {
     return cudaErrorInvalidValue;
   }
   const int parts = key_sum_parts<T, D>(Np);
@@ -763,6 +1052,8 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
   }
   float* last_c = rowsum + rows * N;
   int* last = reinterpret_cast<int*>(last_c + splits * rows * N);
+  int* listed = last + splits * rows * N;
+  int* listed_count = listed + rows * M;
   inv_norm_kernel<T, D><<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(parts)),
                           kInvNormThreads, 0, stream>>>(k, pos, N, Np, inv, sum_parts);
   cudaError_t err;
@@ -777,17 +1068,25 @@ cudaError_t redundancy_scores(const T* k, const int* pos, int64_t rows, int N, f
   } else {
     err = cudaMemsetAsync(col_last, 0, rows * N * sizeof(unsigned long long), stream);
     if (err != cudaSuccess) return err;
-    constexpr size_t smem = mma_smem_bytes<D>();  // < 48 KB: no opt-in needed
-    const int per = ceil_div(tiles, splits);
-    const int64_t items = triangle_items(ceil_div(N, kMmaRows), tiles, per);
-    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(items));
-    gram_mma_kernel<T, D><<<grid, kMmaThreads, smem, stream>>>(
-        k, inv, sum_parts, parts, N, Np, threshold, per, rowsum, last, last_c, col_last);
+    GramArgs<T> args{k,         inv,  sum_parts, parts,        N,      Np,     M,
+                     threshold, ceil_div(tiles, splits), listed, listed_count, rowsum, last,
+                     last_c,    col_last};
+    if (M == 0) {
+      err = launch_gram<T, D, GramRows::triangle>(args, rows, stream);
+    } else {
+      err = launch_gram<T, D, GramRows::fresh>(args, rows, stream);
+      if (err != cudaSuccess) return err;
+      list_unknown_kernel<<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(
+          inv, carried, col_last, N, Np, M, listed, listed_count);
+      err = launch_gram<T, D, GramRows::listed>(args, rows, stream);
+    }
+    if (err != cudaSuccess) return err;
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  finalize_kernel<<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(
-      inv, N, Np, splits, rowsum, last, last_c, col_last, out);
+  const FinalizeArgs<T> fin{k,   inv,  N,        Np,       M,        carried, splits,
+                            rowsum, last, last_c, col_last, exempt, out};
+  finalize_kernel<T, D><<<static_cast<unsigned>(rows), kFinalThreads, 0, stream>>>(fin);
   return cudaGetLastError();
 }
 

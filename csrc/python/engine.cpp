@@ -125,6 +125,10 @@ void bind_engine(py::module& m) {
       .def("values", &CompressedKVCache::values, py::arg("layer"))
       .def("positions", &CompressedKVCache::positions, py::arg("layer"))
       .def("scores", &CompressedKVCache::scores, py::arg("layer"))
+      .def("exemptions", &CompressedKVCache::exemptions, py::arg("layer"),
+           "[B,Hkv,cap] int32: the redundancy exemptions carried to the next compression (slots "
+           "[0, carried_length)); undefined (None) without a redundancy term")
+      .def_property_readonly("carried_length", &CompressedKVCache::carried_length)
       .def("death", &CompressedKVCache::death, "[B,L,Hkv,max_tokens] int32 eviction log")
       .def_property_readonly("keeps_eviction_log", &CompressedKVCache::keeps_eviction_log);
 

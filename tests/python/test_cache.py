@@ -463,3 +463,75 @@ def test_bad_cache_calls_raise():
 
 def test_package_exports():
     assert gkv_ext.Policy is Policy and gkv_ext.CompressedKVCache is CompressedKVCache
+
+
+def carried_exemptions_hold(cache, policy, layer=0):
+    """The exemptions the cache carries to its next compression (where not -2: evicted) are
+    those of its first carried_length slots among themselves."""
+    M = cache.carried_length
+    assert M == policy.budget
+    carried = cache.exemptions(layer)[:, :, :M].cpu()
+    keys, pos = cache.keys(layer)[:, :, :M].cpu(), cache.positions(layer)[:, :, :M].cpu()
+    none = torch.empty(*pos.shape[:2], 0, dtype=torch.int32)
+    _, alone = gkv_ext.ops.redundancy_scores_carry(keys, pos, none, policy.threshold)
+    known = carried != -2
+    assert torch.equal(carried[known], alone[known])
+    assert (carried >= 0).any()  # the near-copies were found
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("name", ["gkv-max", "rkv", "custom-accumulate"])
+def test_carried_exemptions_are_those_among_kept_slots(name, device):
+    cache, _ = run_cache(POLICIES[name], layers=1, device=device)
+    carried_exemptions_hold(cache, POLICIES[name])
+
+
+def test_no_exemptions_without_a_redundancy_term():
+    cache, _ = run_cache(POLICIES["snapkv"], layers=1)
+    assert cache.exemptions(0) is None and cache.carried_length == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gkv-max", "rkv"])
+def test_cuda_low_precision_carry_makes_the_cpu_decisions(name, dtype):
+    """bf16 / fp16 keys with d = 16 take the tensor-core redundancy pass, which carries the
+    exemptions between compressions: same eviction log and exemptions as the CPU cache (which
+    scans every row), over a prefill compression and many later ones."""
+    policy = POLICIES[name]
+    B, Hq, Hkv, d = 2, 4, 2, 16
+    prompt, steps = 40, 90
+    g = torch.Generator().manual_seed(11)
+    Q, K, V = (torch.randn(B, h, prompt + steps, d, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    K[:, :, 7::9] = (K[:, :, 3:4].float() + 0.1 * K[:, :, 7::9].float()).to(dtype)
+    caches = [CompressedKVCache(policy, 1, B, Hq, Hkv, d, max_tokens=prompt + steps, dtype=dtype,
+                                device=dev) for dev in ("cpu", "cuda")]
+    for cache in caches:
+        dev = cache.keys(0).device
+        mask = torch.ones(B, prompt, dtype=torch.long, device=dev)
+        mask[1, :5] = 0
+        cache.begin_prefill(mask)
+        cache.attend(0, *(x[:, :, :prompt].to(dev) for x in (Q, K, V)))
+        cache.end_forward()
+        for t in range(prompt, prompt + steps):
+            cache.begin_decode(1)
+            cache.attend(0, *(x[:, :, t:t + 1].to(dev) for x in (Q, K, V)))
+            cache.end_forward()
+    cpu, cuda = caches
+    assert torch.equal(cuda.death().cpu(), cpu.death())
+    M = cpu.carried_length
+    assert torch.equal(cuda.exemptions(0)[:, :, :M].cpu(), cpu.exemptions(0)[:, :, :M])
+    carried_exemptions_hold(cuda, policy)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("name", ["gkv-max", "tova"])
+@pytest.mark.parametrize("prompt", [1, 22, 23])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_query_ring_at_any_prompt_length(name, prompt, chunked, device):
+    """The query ring is shifted by the prompt length so that compressions find the window in
+    order (no roll); other prompt lengths than the rest of this file's, a one-token prompt too."""
+    pads = [0, 0] if prompt == 1 else PADS
+    cache, oracle = run_cache(POLICIES[name], layers=1, prompt=prompt, pads=pads, chunked=chunked,
+                              device=device)
+    assert torch.equal(cache.death().cpu(), oracle)

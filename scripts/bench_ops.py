@@ -8,8 +8,9 @@ Sections (issue 2):
      read / time), with and without score emission, against torch SDPA on the same tensors.
   2. lifetime_attention forward+backward, bf16, d=128: against SDPA causal (flash backend), with
      peak memory.
-  3. One layer's compression (redundancy_scores + select_keep + compact_) at N=2176, B*Hkv=32,
-     against the reference's eager PyTorch pipeline (similarity, topk, sort, gather).
+  3. One layer's compression (redundancy_scores_carry with the exemptions a cache carries +
+     select_keep + compact_) at N=2176, B*Hkv=32, against the reference's eager PyTorch pipeline
+     (similarity, topk, sort, gather); redundancy_scores alone with and without carried ones.
   4. The decoder's fused elementwise ops at a Qwen2.5-7B decode step (T=1, D=3584, Hq=28,
      Hkv=4, d=128), bf16: rms_norm of the hidden state and apply_rope of q (a transposed view, as
      the decoder passes it), each against its composite ATen formula (the decoder's former code).
@@ -242,10 +243,15 @@ def compression_row(device, dtype, n, batch, reps, hkv, hq, d, window, interval)
     pos = torch.arange(n, device=device, dtype=torch.int32).expand(batch, hkv, n).contiguous()
     score = torch.rand(batch, hkv, n, device=device)
     keep = budget - window
+    # What a compression carries: the exemptions of the kept slots among themselves (here the
+    # first `budget`), so that only the `interval` slots added since are scanned whole.
+    none = torch.empty(batch, hkv, 0, device=device, dtype=torch.int32)
+    carried = ops.redundancy_scores_carry(k[:, :, :budget].contiguous(),
+                                          pos[:, :, :budget].contiguous(), none)[1]
 
     def ours():
         kc, vc, pc, sc = k.clone(), v.clone(), pos.clone(), score.clone()
-        r = ops.redundancy_scores(kc, pc)
+        r = ops.redundancy_scores_carry(kc, pc, carried)[0]
         idx = ops.select_keep(sc[..., : n - window] - r[..., : n - window], keep, window)
         ops.compact_(kc, vc, pc, sc, idx)
 
@@ -256,6 +262,8 @@ def compression_row(device, dtype, n, batch, reps, hkv, hq, d, window, interval)
     return {"N": n, "B*Hkv": batch * hkv,
              "gkv_ms": timed(ours, reps) - clone_ms,
              "redundancy_ms": timed(lambda: ops.redundancy_scores(k, pos), reps),
+             "redundancy_carried_ms": timed(lambda: ops.redundancy_scores_carry(k, pos, carried),
+                                            reps),
              "select_ms": timed(lambda: ops.select_keep(score[..., : n - window], keep, window), reps),
              "reference_eager_ms": timed(
                  lambda: reference_compression(k, v, pos, score, keep, window), reps),
@@ -300,24 +308,40 @@ def table(title, rows):
     return "\n".join(lines)
 
 
-def plot_engine_sizes(rows, path):
+def bar_groups(rows, series, group_labels, ylabel, title, path, log=False):
+    """One group of bars per row, one bar per (key, label) of series."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    names = [("gkv", "gkv"), ("sdpa_gqa", "SDPA enable_gqa"),
-             ("cudnn_rows", "cuDNN, group as rows")]
-    width = 0.8 / len(names)
-    for i, (key, label) in enumerate(names):
-        ax.bar([x + i * width for x in range(len(rows))], [r[f"{key}_us"] for r in rows], width,
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width,
                label=label)
-    ax.set_xticks([x + width for x in range(len(rows))],
-                  [f"B={r['B']}\n{r['live']} live" for r in rows])
-    ax.set_ylabel("us per layer")
-    ax.set_title("decode_attention at the engine's sizes, bf16, Hq=28 Hkv=4 d=128")
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(rows))], group_labels)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_engine_sizes(rows, path):
+    bar_groups(rows, [("gkv_us", "gkv"), ("sdpa_gqa_us", "SDPA enable_gqa"),
+                      ("cudnn_rows_us", "cuDNN, group as rows")],
+               [f"B={r['B']}\n{r['live']} live" for r in rows], "us per layer",
+               "decode_attention at the engine's sizes, bf16, Hq=28 Hkv=4 d=128", path)
+
+
+def plot_compression(rows, path):
+    bar_groups(rows, [("gkv_ms", "gkv compression (carried)"),
+                      ("redundancy_ms", "redundancy_scores"),
+                      ("redundancy_carried_ms", "redundancy_scores_carry"),
+                      ("reference_eager_ms", "reference eager compression")],
+               [f"B*Hkv={r['B*Hkv']}, N={r['N']}" for r in rows], "ms per layer (log)",
+               "one layer's compression, bf16, d=128", path, log=True)
 
 
 def plot(decode_rows, path):
@@ -385,6 +409,9 @@ def main():
     if "engine_sizes" in results:
         pngs.append(out.with_name(out.name + "_engine_sizes.png"))
         plot_engine_sizes(results["engine_sizes"], pngs[-1])
+    if "compression" in results:
+        pngs.append(out.with_name(out.name + "_compression.png"))
+        plot_compression(results["compression"], pngs[-1])
     print(f"\ndevice: {name}; copy bandwidth {bw:.0f} GB/s; times in ms (median)")
     titles = {"decode_attention": "decode_attention (bf16, Hq=28, Hkv=4, d=128)",
               "lifetime_attention": "lifetime_attention fwd+bwd (bf16, Hq=28, Hkv=4, d=128)",

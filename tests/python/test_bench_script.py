@@ -30,6 +30,8 @@ def test_bench_ops_quick(tmp_path):
         assert all(v == v for row in results[section] for k, v in row.items()
                    if k.startswith("gkv") and k.endswith("_ms")), section  # no NaN timings
     assert out.with_suffix(".png").stat().st_size > 0
+    assert all(row["redundancy_carried_ms"] > 0 for row in results["compression"])
+    assert out.with_name(out.name + "_compression.png").stat().st_size > 0
 
 
 def test_bench_generate_quick(tmp_path):

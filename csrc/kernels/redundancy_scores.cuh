@@ -915,13 +915,12 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(const FinalizeA
       } else if (j >= M) {
         from_chunks(j, ceil_div(walked_tiles(GramRows::fresh, Np, M), per), m, c);
       } else {
-        from_column(j, m, c);
+        from_column(j, m, c);  // a fresh row's hit is later than any carried one
         const int carried = p.carried[r * M + j];
-        if (m >= 0) {
-        } else if (carried_known(carried, j, M, inv_r)) {
+        if (m < 0 && carried_known(carried, j, M, inv_r)) {
           m = carried;
           if (m >= 0) c = slot_cosine<T, D>(p.k + r * N * D, inv_r, m, j);
-        } else {
+        } else if (m < 0) {
           from_chunks(j, ceil_div(walked_tiles(GramRows::listed, Np, M), per), m, c);
         }
       }

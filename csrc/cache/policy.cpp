@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "ops.h"
 
@@ -178,9 +179,9 @@ Selection select(const Policy& policy, const at::Tensor& k, const at::Tensor& po
   if (policy.lambda < 1) {
     const auto carry = carried.defined() ? carried : at::empty({k.size(0), k.size(1), 0},
                                                                pos.options());
-    auto [R_all, exempt_all] = gkv::redundancy_scores_carry(k, pos, carry, policy.threshold);
-    exempt = exempt_all;
-    auto R = R_all.narrow(2, 0, C);
+    at::Tensor R;
+    std::tie(R, exempt) = gkv::redundancy_scores_carry(k, pos, carry, policy.threshold);
+    R = R.narrow(2, 0, C);
     if (policy.normalize) R = normalized(R);
     score = score * policy.lambda - R * (1 - policy.lambda);
   }

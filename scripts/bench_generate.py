@@ -229,7 +229,7 @@ def measure_point(run, steps, bw, slot_bytes, graph=True):
     live, batch = run.cache.length, run.logits.shape[0]
     floor = (step_weight_bytes(run.model, batch) + live * batch * slot_bytes) / bw / 1e6
     return dict(step_ms=step, tokens_per_s=run.logits.shape[0] / step * 1e3,
-                compress_share=excess / sum(times), live_slots=live,
+                plain_step_ms=median, compress_share=excess / sum(times), live_slots=live,
                 kv_mb=cache_bytes(run.cache, run.model.config.num_layers) / 2**20,
                 floor_ms=floor, vs_floor=step / floor, replayed=run.replayed,
                 allocated_mb=torch.cuda.memory_allocated() / 2**20 if run.device.type == "cuda" else None)
@@ -406,10 +406,10 @@ def bench_equal_memory(model, args, device, bw, out):
                 run = Run(model, policy, B, args.prompt,
                           args.max_new + steps_per_point + 2 + args.divide, device,
                           chunk=fill_chunk(args))
-                steps = []
+                measured = []
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=fill_chunk(args))
-                    steps.append(measure_point(run, steps_per_point, bw, slot_bytes)["step_ms"])
+                    measured.append(measure_point(run, steps_per_point, bw, slot_bytes))
                 break
             except RuntimeError as e:
                 if not is_oom(e) or B <= 1:
@@ -418,10 +418,18 @@ def bench_equal_memory(model, args, device, bw, out):
             finally:
                 run = None
                 torch.cuda.empty_cache()
+        steps = [m["step_ms"] for m in measured]
         mean = (mean_step_over_generation(points, steps, args.max_new) if policy.budget is None
                 else steps[0])
-        out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3))
-        print(f"equal memory: {name} at B={B}: {mean:.2f} ms per step, "
+        # Under a budget the one point's plain steps and compression share tell where the mean goes.
+        parts = ({} if policy.budget is None else
+                 dict(plain_step_ms=measured[0]["plain_step_ms"],
+                      compress_share=measured[0]["compress_share"]))
+        out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3,
+                        **parts))
+        detail = (f" (plain steps {parts['plain_step_ms']:.2f} ms, compression "
+                  f"{100 * parts['compress_share']:.1f}%)" if parts else "")
+        print(f"equal memory: {name} at B={B}: {mean:.2f} ms per step{detail}, "
               f"{out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row took "
               f"{time.perf_counter() - started:.0f} s)", flush=True)
     return out

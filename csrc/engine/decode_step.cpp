@@ -47,7 +47,7 @@ struct DecodeStepper::Graph {
   at::cuda::CUDAGraph graph;
   int64_t span = -1;   // the decode_span it attends over
   at::Tensor tokens;   // [B,1] int64: its input, written before each replay
-  at::Tensor logits;   // [B,V] fp32: its output
+  at::Tensor logits;   // [B,V] in the model's dtype: its output
 };
 // A compression recorded after a replayed decode step, for the cache's state `key`.
 struct DecodeStepper::CompressionGraph {
@@ -83,7 +83,7 @@ DecodeStepper::~DecodeStepper() = default;
 at::Tensor DecodeStepper::eager(const at::Tensor& tokens) {
   const auto positions = cache_.begin_decode(1);
   const auto hidden = cached_forward(model_, cache_, tokens, positions);
-  return model_.logits(hidden).select(1, 0).to(at::kFloat);
+  return model_.logits(hidden).select(1, 0);
 }
 
 at::Tensor DecodeStepper::step(const at::Tensor& tokens) {

@@ -64,10 +64,10 @@ void check_sampling(const SamplingOptions& o) {
   TORCH_CHECK(o.top_k >= 0, "top_k must be >= 0, got ", o.top_k);
 }
 
-// logits [B,V] fp32 -> next tokens [B] int64
+// logits [B,V] in the model's dtype -> next tokens [B] int64
 at::Tensor sample(const at::Tensor& logits, const SamplingOptions& o, at::Generator& gen) {
   if (o.temperature == 0) return logits.argmax(-1);
-  auto x = logits / o.temperature;
+  auto x = logits.to(at::kFloat) / o.temperature;
   if (o.top_k > 0 && o.top_k < x.size(-1)) {
     const auto kth = std::get<0>(x.topk(o.top_k, -1)).narrow(-1, o.top_k - 1, 1);  // [B,1]
     x = x.masked_fill(x < kth, -kInf);
@@ -82,11 +82,12 @@ at::Tensor sample(const at::Tensor& logits, const SamplingOptions& o, at::Genera
   return at::multinomial(x.softmax(-1), 1, /*replacement=*/false, gen).squeeze(1);
 }
 
-// Prefill; returns the logits [B,V] fp32 of the last prompt token.
+// Prefill; returns the logits [B,V] of the last prompt token in the model's dtype, as
+// DecodeStepper::step does.
 at::Tensor prefill(const model::Decoder& model, cache::CompressedKVCache& cache, const Batch& batch) {
   const auto positions = cache.begin_prefill(batch.mask);
   const auto hidden = cached_forward(model, cache, batch.tokens, positions);
-  return model.logits(hidden.narrow(1, hidden.size(1) - 1, 1)).select(1, 0).to(at::kFloat);
+  return model.logits(hidden.narrow(1, hidden.size(1) - 1, 1)).select(1, 0);
 }
 
 // Every id of a token list the caller gave (EOS or stop ids) inside the vocabulary: one outside
@@ -133,14 +134,15 @@ GenerateResult generate(const model::Decoder& model, const std::vector<std::vect
   DecodeStepper stepper(model, cache, options.cuda_graph);
   auto logits = prefill(model, cache, batch);  // [B,V]
   auto out_tokens = at::full({B, T}, pad, batch.tokens.options());
-  auto out_logprobs = at::zeros({B, T}, logits.options());
+  auto out_logprobs = at::zeros({B, T}, logits.options().dtype(at::kFloat));
   auto lengths = at::zeros({B}, batch.tokens.options());
   auto finished = at::zeros({B}, batch.tokens.options().dtype(at::kBool));
   int64_t steps = 0;
   while (true) {
     auto next = sample(logits, options.sampling, gen);  // [B]
     next = at::where(finished, pad, next);
-    const auto lp = logits.log_softmax(-1).gather(1, next.unsqueeze(1)).squeeze(1);
+    // In fp32 from the model's dtype: on CUDA without an fp32 copy of the logits.
+    const auto lp = logits.log_softmax(-1, at::kFloat).gather(1, next.unsqueeze(1)).squeeze(1);
     out_tokens.select(1, steps).copy_(next);
     out_logprobs.select(1, steps).copy_(at::where(finished, 0.0, lp));
     lengths.add_(finished.logical_not());
@@ -176,7 +178,7 @@ ForcedResult teacher_forced(const model::Decoder& model,
 
   cache::CompressedKVCache cache(policy, shape_of(model, B), P + T, eviction_log);
   auto logprobs = at::empty({B, T}, at::TensorOptions().dtype(at::kFloat).device(device));
-  const auto first = prefill(model, cache, batch).log_softmax(-1);  // [B,V]
+  const auto first = prefill(model, cache, batch).log_softmax(-1, at::kFloat);  // [B,V]
   logprobs.select(1, 0).copy_(first.gather(1, forced.narrow(1, 0, 1)).squeeze(1));
   // As in generate, the last token is scored but never fed: forwards 1 .. T-1.
   int64_t fed = 0;
@@ -187,7 +189,7 @@ ForcedResult teacher_forced(const model::Decoder& model,
     const auto chunk = forced.narrow(1, fed, n);         // [B,n]
     const auto positions = cache.begin_decode(n);
     const auto hidden = cached_forward(model, cache, chunk, positions);
-    const auto lp = model.logits(hidden).to(at::kFloat).log_softmax(-1);  // [B,n,V]
+    const auto lp = model.logits(hidden).log_softmax(-1, at::kFloat);  // [B,n,V]
     const auto next = forced.narrow(1, fed + 1, n).unsqueeze(2);  // [B,n,1]: what each predicts
     logprobs.narrow(1, fed + 1, n).copy_(lp.gather(2, next).squeeze(2));
     fed += n;

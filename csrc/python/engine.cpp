@@ -202,7 +202,7 @@ void bind_engine(py::module& m) {
             return s.step(tokens);
           },
           py::arg("tokens"),
-          "tokens [B] int64 -> logits [B,V] fp32 (overwritten by the next step)")
+          "tokens [B] int64 -> logits [B,V] in the model's dtype (overwritten by the next step)")
       .def_property_readonly("replays", &DecodeStepper::replays,
                              "steps that were CUDA graph replays")
       .def_property_readonly("compression_replays", &DecodeStepper::compression_replays,

@@ -5,6 +5,7 @@ extension is CPU-only. GKV_CUDA_ARCHS (e.g. "80;90a") overrides the default targ
 MAX_JOBS (default: all cores) sets ninja's parallelism.
 """
 import os
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -60,10 +61,16 @@ def extension():
     print(f"gkv_ext: building with CUDA {torch.version.cuda} for {gencode_flags()}")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"] + gencode_flags()
-    return CUDAExtension("gkv_ext._C", sources, include_dirs=include_dirs,
-                         define_macros=[("GKV_WITH_CUDA", "1")],
+    macros, objects = [("GKV_WITH_CUDA", "1")], [LIBSTDCXX_A]
+    cublaslt = runpy.run_path(str(ROOT / "csrc" / "cublaslt_library.py"))["cublaslt_library"]()
+    if cublaslt:  # linked by path: its soname is the one torch has already loaded
+        macros.append(("GKV_WITH_CUBLASLT", "1"))
+        objects.append(cublaslt)
+    else:
+        print("gkv_ext: no cuBLASLt library found; tuned_linear falls back to ATen's linear")
+    return CUDAExtension("gkv_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                         extra_link_args=LINK_ARGS, extra_objects=[LIBSTDCXX_A])
+                         extra_link_args=LINK_ARGS, extra_objects=objects)
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))

@@ -7,6 +7,9 @@
 //   decode_linear   GKV_DECODE_LINEAR=0 turns it off: the decoder's projections of at most 16
 //                   rows (a decode step's) through gkv::decode_linear instead of ATen's linear
 //                   (model/decoder.cpp).
+//   tuned_linear    GKV_TUNED_LINEAR=0 turns it off: the decoder's CUDA projections of 17 to 1024
+//                   rows through ATen's linear instead of the cuBLASLt algorithm timed fastest
+//                   for their shape (ops/tuned_linear.h).
 // No torch headers: the CUDA kernels' common header includes this.
 #pragma once
 
@@ -16,7 +19,7 @@
 
 namespace gkv {
 
-enum class Switch { chained_launch, decode_linear };
+enum class Switch { chained_launch, decode_linear, tuned_linear };
 
 namespace detail {
 inline bool env_equals(const char* name, const char* value) {
@@ -27,7 +30,13 @@ inline bool env_equals(const char* name, const char* value) {
 inline std::atomic<bool>& switch_state(Switch s) {
   static std::atomic<bool> chained_launch{!env_equals("GKV_CHAINED_LAUNCH", "0")};
   static std::atomic<bool> decode_linear{!env_equals("GKV_DECODE_LINEAR", "0")};
-  return s == Switch::chained_launch ? chained_launch : decode_linear;
+  static std::atomic<bool> tuned_linear{!env_equals("GKV_TUNED_LINEAR", "0")};
+  switch (s) {
+    case Switch::chained_launch: return chained_launch;
+    case Switch::decode_linear: return decode_linear;
+    case Switch::tuned_linear: return tuned_linear;
+  }
+  return tuned_linear;  // unreachable: every enumerator is a case
 }
 }  // namespace detail
 

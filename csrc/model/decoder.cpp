@@ -15,6 +15,7 @@
 
 #include "model/llama2ts.h"
 #include "ops.h"
+#include "ops/tuned_linear.h"
 #include "switches.h"
 
 namespace gkv::model {
@@ -113,12 +114,19 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
 // (docs/benchmarks.md, "Our own decode GEMM", "wgmma for 17-64 rows").
 constexpr int64_t kDecodeLinearRowsItWins = 16;
 
+// ATen's linear, or through the GEMM algorithm timed fastest for the shape where
+// gkv::tuned_linear applies (CUDA, 17-1024 rows, no gradient).
+at::Tensor fastest_linear(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& bias) {
+  return switch_on(Switch::tuned_linear) ? gkv::tuned_linear(x, w, bias) : at::linear(x, w, bias);
+}
+
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
   const std::optional<at::Tensor> bias = b.defined() ? std::optional<at::Tensor>(b) : std::nullopt;
   const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
   return switch_on(Switch::decode_linear) && rows <= kDecodeLinearRowsItWins
              ? gkv::decode_linear(x, w, bias)
-             : at::linear(x, w, bias);
+             : fastest_linear(x, w, bias);
 }
 
 // True when `parts` are, in order, the consecutive row blocks of `joint` (views of it, as
@@ -351,7 +359,7 @@ at::Tensor Decoder::hidden_states(const at::Tensor& tokens, const at::Tensor& po
 }
 
 at::Tensor Decoder::logits(const at::Tensor& hidden) const {
-  return at::linear(hidden, weights_.lm_head);
+  return fastest_linear(hidden, weights_.lm_head, std::nullopt);
 }
 
 at::Tensor Decoder::forward(const at::Tensor& tokens, const at::Tensor& positions,

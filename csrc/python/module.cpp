@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "ops/tuned_linear.h"
 #include "switches.h"
 
 void bind_model(pybind11::module& m);   // csrc/python/model.cpp
@@ -15,7 +16,9 @@ namespace {
 gkv::Switch switch_named(const std::string& name) {
   if (name == "chained_launch") return gkv::Switch::chained_launch;
   if (name == "decode_linear") return gkv::Switch::decode_linear;
-  throw pybind11::value_error("unknown switch '" + name + "' (chained_launch or decode_linear)");
+  if (name == "tuned_linear") return gkv::Switch::tuned_linear;
+  throw pybind11::value_error("unknown switch '" + name +
+                              "' (chained_launch, decode_linear or tuned_linear)");
 }
 }  // namespace
 
@@ -28,6 +31,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_switch",
         [](const std::string& name, bool on) { gkv::set_switch(switch_named(name), on); },
         pybind11::arg("name"), pybind11::arg("on"));
+  m.def("tuned_linear", &gkv::tuned_linear, pybind11::arg("x"), pybind11::arg("weight"),
+        pybind11::arg("bias") = pybind11::none(),
+        "linear(x, weight, bias) through the GEMM algorithm timed fastest for its shape on CUDA "
+        "(ops/tuned_linear.h); ATen's linear where that does not apply");
+  m.def(
+      "tuned_linear_choices",
+      [] {
+        pybind11::list out;
+        for (const auto& c : gkv::tuned_linear_choices()) {
+          pybind11::dict d;
+          d["rows"] = c.rows, d["n"] = c.n, d["k"] = c.k, d["bias"] = c.bias;
+          d["dtype"] = c.dtype, d["candidates"] = c.candidates, d["chosen"] = c.chosen;
+          d["aten_us"] = c.aten_us, d["chosen_us"] = c.chosen_us;
+          out.append(d);
+        }
+        return out;
+      },
+      "per shape tuned_linear has timed: the candidates, the one chosen (-1: ATen's linear) and "
+      "the median microseconds of ATen's linear and of the chosen one");
+#ifdef GKV_WITH_CUBLASLT
+  m.attr("built_with_cublaslt") = true;
+#else
+  m.attr("built_with_cublaslt") = false;
+#endif
 #ifdef GKV_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

@@ -732,14 +732,14 @@ def test_decode_linear_switch_routes_the_decode_steps_projections(tiny):
 
 
 def test_switches_start_from_the_environment_and_reject_unknown_names():
-    code = ("import gkv_ext; print(gkv_ext.switch_on('chained_launch'), "
-            "gkv_ext.switch_on('decode_linear'))")
-    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="0")
+    names = ["chained_launch", "decode_linear", "tuned_linear"]
+    code = f"import gkv_ext; print(*(gkv_ext.switch_on(n) for n in {names}))"
+    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="0", GKV_TUNED_LINEAR="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
-    assert out.split() == ["False", "False"]
-    assert gkv_ext.switch_on("chained_launch") and gkv_ext.switch_on("decode_linear")
-    unknown = r"unknown switch 'fast' \(chained_launch or decode_linear\)"
+    assert out.split() == ["False"] * 3
+    assert all(gkv_ext.switch_on(n) for n in names)
+    unknown = r"unknown switch 'fast' \(chained_launch, decode_linear or tuned_linear\)"
     with pytest.raises(ValueError, match=unknown):
         with gkv_ext.switches(decode_linear=False, fast=True):
             pass

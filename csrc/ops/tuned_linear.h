@@ -1,0 +1,48 @@
+// A decode step's projections at a large batch through the cuBLASLt algorithm that timed fastest
+// for their shape. cuBLAS picks one algorithm per shape by heuristic; at some row counts its pick
+// is well off the best it has (docs/benchmarks.md, "GEMM algorithms timed per shape"), and a
+// serving batch runs the same few shapes millions of times, so timing the candidates once pays.
+// Not an op of the gkv library: the result is ATen's linear's, only the GEMM algorithm differs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace gkv {
+
+// Rows (x's leading dimensions flattened) that tuned_linear times; fewer go to gkv::decode_linear
+// or ATen, more (a prefill) are too varied to time each shape and run well under cuBLAS's pick.
+inline constexpr int64_t kTunedLinearMinRows = 17;
+inline constexpr int64_t kTunedLinearMaxRows = 1024;
+
+// Whether tuned_linear takes these inputs: a CUDA build with cuBLASLt, CUDA tensors in bf16 or
+// fp16 with rows in [kTunedLinearMinRows, kTunedLinearMaxRows], x with unit column stride,
+// weight contiguous, no gradient wanted and no autocast region.
+bool tuned_linear_applies(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias);
+
+// linear(x, weight, bias) for x [..., K], weight [N, K], bias [N] (inputs for which
+// tuned_linear_applies holds; anything else goes to ATen's linear). The first call of a shape,
+// outside a CUDA graph capture, times ATen's linear and cuBLASLt's heuristic candidates a few
+// times each (milliseconds) and keeps the fastest whose result agrees with ATen's; a call inside a
+// capture for a shape not yet timed runs ATen's linear.
+at::Tensor tuned_linear(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias);
+
+// What the timing chose, per shape, for the benchmarks' tables.
+struct TunedLinearChoice {
+  int64_t rows, n, k;
+  bool bias;
+  std::string dtype;
+  int candidates;    // cuBLASLt algorithms timed (besides ATen's linear)
+  int chosen;        // index of the chosen one among them, -1 for ATen's linear
+  double aten_us;    // median time of ATen's linear
+  double chosen_us;  // median time of the chosen candidate
+};
+std::vector<TunedLinearChoice> tuned_linear_choices();
+
+}  // namespace gkv

@@ -1,4 +1,5 @@
-"""The decode step's weight GEMMs: per BLAS library torch can pick, and gkv::decode_linear.
+"""The decode step's weight GEMMs: per BLAS library torch can pick, gkv::decode_linear and the
+GEMM algorithm timed per shape (tuned_linear).
 
   python scripts/bench_gemms.py --batches 16,64 --out docs/benchmarks_gemms_h200
   python scripts/bench_gemms.py --quick            # tiny sizes, any device (CPU included)
@@ -7,13 +8,15 @@ Each projection of the Qwen2.5-7B-shaped decoder (q/k/v with its bias, o, gate/u
 28 F.linear calls on a batch of B rows, each layer with its own weight (so nothing stays in L2),
 replayed from one CUDA graph as the engine replays its step, once per BLAS library
 (torch.backends.cuda.preferred_blas_library) and once as gkv::decode_linear ("gkv": our
-weight-streaming kernel, its calls chained to each other as the engine's kernels are). Each also
+weight-streaming kernel, its calls chained to each other as the engine's kernels are) and as
+tuned_linear ("tuned": the cuBLASLt algorithm that timed fastest for the shape, as the decoder runs
+17-1024 rows; ATen's linear elsewhere). Each also
 runs with an RMSNorm of the hidden state between the GEMMs ("us_norm_between": the time per GEMM
 and norm, less the norm's own time in a chain of norms), as in the engine's step, where our
 GEMM's blocks can start fetching their weights while the small kernel before them runs. Prints
 microseconds per call and the weight bandwidth (weight bytes / time) against the device's copy
 bandwidth, and writes OUT.json and OUT.png. On CPU there is one library, "default", besides
-"gkv" (ATen's linear there too), and no graph.
+"gkv" and "tuned" (ATen's linear there too), and no graph.
 """
 import argparse
 import json
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import gkv_ext  # noqa: F401  (registers torch.ops.gkv)
-from gkv_ext import ops
+from gkv_ext import _C, ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ops import copy_bandwidth, graph_replay, table, timed  # noqa: E402
@@ -69,6 +72,8 @@ def bench(device, dtype, projections, batches, libraries, layers, reps):
             linear = F.linear
             if library == "gkv":
                 linear = ops.decode_linear
+            elif library == "tuned":
+                linear = _C.tuned_linear
             elif device.type == "cuda":
                 torch.backends.cuda.preferred_blas_library(library)
             ms = per_layer_ms(lambda: chain(linear=linear))
@@ -115,8 +120,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, any device")
     ap.add_argument("--batches", type=ints, default=None, help="rows per GEMM (decode batch sizes)")
-    ap.add_argument("--libraries", default="cublas,cublaslt,gkv",
-                    help="BLAS libraries to compare (CUDA), and gkv: gkv::decode_linear")
+    ap.add_argument("--libraries", default="cublas,cublaslt,gkv,tuned",
+                    help="BLAS libraries to compare (CUDA), gkv: gkv::decode_linear, tuned: "
+                         "tuned_linear")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default="bench_gemms", help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
@@ -125,7 +131,7 @@ def main(argv=None):
     batches = args.batches or ([1, 4] if quick else [1, 16, 64])
     if min(batches) < 1:
         ap.error(f"batches must be >= 1, got {batches}")
-    libraries = args.libraries.split(",") if device.type == "cuda" else ["default", "gkv"]
+    libraries = args.libraries.split(",") if device.type == "cuda" else ["default", "gkv", "tuned"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
     rows = bench(device, dtype, QUICK_PROJECTIONS if quick else PROJECTIONS, batches, libraries,

@@ -155,11 +155,11 @@ std::map<Key, Choice>& table() {
 }
 
 constexpr int kCandidates = 24;
-constexpr int kRounds = 3;       // each round times every candidate once, in turn
+constexpr int kRounds = 5;       // each round times every candidate once, in turn
 constexpr int kRunsPerTime = 8;  // GEMMs per timing
 // A cuBLASLt algorithm replaces ATen's linear only this much faster, so that timing noise does
 // not flip the choice.
-constexpr double kMargin = 0.98;
+constexpr double kMargin = 0.97;
 
 double median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
@@ -246,9 +246,8 @@ at::Tensor tuned_linear(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t N = weight.size(0), K = weight.size(1);
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
-  auto sizes = x_in.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
+  // 2-D like x here (the timing compares it with ATen's result on x); x_in's shape at the end.
+  at::Tensor y = at::empty({M, N}, x.options());
   const auto type = x.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   const uint32_t ax = alignment(x.const_data_ptr()), aw = alignment(weight.const_data_ptr()),
                  ay = alignment(y.const_data_ptr());
@@ -276,7 +275,9 @@ at::Tensor tuned_linear(const at::Tensor& x_in, const at::Tensor& weight,
   check_lt(problem.run(algo->algo, algo->workspaceSize, x.const_data_ptr(),
                        weight.const_data_ptr(), y.data_ptr()),
            "cublasLtMatmul");
-  return y;
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = N;
+  return y.view(sizes);
 }
 
 std::vector<TunedLinearChoice> tuned_linear_choices() {

@@ -260,7 +260,8 @@ def test_bench_gemms_quick(tmp_path):
     assert run.returncode == 0, run.stderr
     result = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
-    libraries = ["cublas", "cublaslt", "gkv"] if torch.cuda.is_available() else ["default", "gkv"]
+    libraries = (["cublas", "cublaslt", "gkv", "tuned"] if torch.cuda.is_available()
+                 else ["default", "gkv", "tuned"])
     assert [(r["proj"], r["B"], r["library"]) for r in result["rows"]] == [
         ("tiny", b, library) for b in (1, 4) for library in libraries]
     assert all(r["us"] > 0 and r["TBps"] > 0 for r in result["rows"])

@@ -7,9 +7,9 @@
 //   decode_linear   GKV_DECODE_LINEAR=0 turns it off: the decoder's projections of at most 16
 //                   rows (a decode step's) through gkv::decode_linear instead of ATen's linear
 //                   (model/decoder.cpp).
-//   tuned_linear    GKV_TUNED_LINEAR=0 turns it off: the decoder's CUDA projections of 17 to 1024
-//                   rows through ATen's linear instead of the cuBLASLt algorithm timed fastest
-//                   for their shape (ops/tuned_linear.h).
+//   tuned_linear    GKV_TUNED_LINEAR=0 turns it off: the decoder's CUDA projections of one token
+//                   in each of 17 to 1024 rows through ATen's linear instead of the cuBLASLt
+//                   algorithm timed fastest for their shape (ops/tuned_linear.h).
 // No torch headers: the CUDA kernels' common header includes this.
 #pragma once
 

@@ -114,11 +114,14 @@ void for_each_slot(const ModelConfig& c, W& w, Fn&& fn) {
 // (docs/benchmarks.md, "Our own decode GEMM", "wgmma for 17-64 rows").
 constexpr int64_t kDecodeLinearRowsItWins = 16;
 
-// ATen's linear, or through the GEMM algorithm timed fastest for the shape where
-// gkv::tuned_linear applies (CUDA, 17-1024 rows, no gradient).
+// ATen's linear, or for one token per row (a decode step's shapes, which a generation repeats
+// every step) the GEMM algorithm timed fastest for the shape, where gkv::tuned_linear applies
+// (CUDA, 17-1024 rows, no gradient). A prefill's many shapes are not worth timing each.
 at::Tensor fastest_linear(const at::Tensor& x, const at::Tensor& w,
                           const std::optional<at::Tensor>& bias) {
-  return switch_on(Switch::tuned_linear) ? gkv::tuned_linear(x, w, bias) : at::linear(x, w, bias);
+  const bool one_token_per_row = x.dim() >= 2 && x.size(-2) == 1;
+  return switch_on(Switch::tuned_linear) && one_token_per_row ? gkv::tuned_linear(x, w, bias)
+                                                              : at::linear(x, w, bias);
 }
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {

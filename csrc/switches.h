@@ -7,9 +7,10 @@
 //   decode_linear   GKV_DECODE_LINEAR=0 turns it off: the decoder's projections of at most 16
 //                   rows (a decode step's) through gkv::decode_linear instead of ATen's linear
 //                   (model/decoder.cpp).
-//   tuned_linear    GKV_TUNED_LINEAR=0 turns it off: the decoder's CUDA projections of one token
-//                   in each of 17 to 1024 rows through ATen's linear instead of the cuBLASLt
-//                   algorithm timed fastest for their shape (ops/tuned_linear.h).
+//   tuned_linear    GKV_TUNED_LINEAR=1 turns it on (off by default until it is timed in the
+//                   engine): the decoder's CUDA projections of one token in each of 17 to 1024
+//                   rows through the cuBLASLt algorithm timed fastest for their shape
+//                   (ops/tuned_linear.h) instead of ATen's linear.
 // No torch headers: the CUDA kernels' common header includes this.
 #pragma once
 
@@ -30,7 +31,7 @@ inline bool env_equals(const char* name, const char* value) {
 inline std::atomic<bool>& switch_state(Switch s) {
   static std::atomic<bool> chained_launch{!env_equals("GKV_CHAINED_LAUNCH", "0")};
   static std::atomic<bool> decode_linear{!env_equals("GKV_DECODE_LINEAR", "0")};
-  static std::atomic<bool> tuned_linear{!env_equals("GKV_TUNED_LINEAR", "0")};
+  static std::atomic<bool> tuned_linear{env_equals("GKV_TUNED_LINEAR", "1")};
   switch (s) {
     case Switch::chained_launch: return chained_launch;
     case Switch::decode_linear: return decode_linear;

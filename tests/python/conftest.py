@@ -37,6 +37,17 @@ def tolerance(dtype):
     return {"atol": atol, "rtol": rtol}
 
 
+def linear_inputs(rows, n, k, dtype, device="cpu", bias=True, seed=0, leading=()):
+    """x [*leading, rows, k] (scaled so that x @ w.T stays O(1)), w [n, k] and b [n] (or None),
+    from a seeded CPU generator, then moved to device and dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*leading, rows, k, generator=gen) / k**0.5
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return move(x), move(w), move(b)
+
+
 def left_padded_pos(batch, heads, n, pads, device="cpu"):
     """pos [B, Hkv, N] int32: row b has pads[b] empty slots (-1) on the left, then 0, 1, ..."""
     pos = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n).clone()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CUDA, requires_cuda, tolerance
+from conftest import CUDA, linear_inputs as inputs, requires_cuda, tolerance
 from gkv_ext import ops
 
 # (out_features, in_features): one K chunk with a partial one; several splits of K with a partial
@@ -17,15 +17,6 @@ from gkv_ext import ops
 WIDTHS = [(8, 8), (72, 136), (200, 1000), (4608, 512), (9000, 264), (64, 6400)]
 ROWS = [1, 5, 16, 17, 40, 64]  # one to four m16 tiles, partial ones
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-
-
-def inputs(rows, n, k, dtype, device="cpu", bias=True, seed=0, leading=()):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*leading, rows, k, generator=gen) / k**0.5
-    w = torch.randn(n, k, generator=gen)
-    b = torch.randn(n, generator=gen) if bias else None
-    move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-    return move(x), move(w), move(b)
 
 
 def formula(x, w, b):

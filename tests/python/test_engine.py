@@ -734,11 +734,11 @@ def test_decode_linear_switch_routes_the_decode_steps_projections(tiny):
 def test_switches_start_from_the_environment_and_reject_unknown_names():
     names = ["chained_launch", "decode_linear", "tuned_linear"]
     code = f"import gkv_ext; print(*(gkv_ext.switch_on(n) for n in {names}))"
-    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="0", GKV_TUNED_LINEAR="0")
+    env = dict(os.environ, GKV_CHAINED_LAUNCH="0", GKV_DECODE_LINEAR="0", GKV_TUNED_LINEAR="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
-    assert out.split() == ["False"] * 3
-    assert all(gkv_ext.switch_on(n) for n in names)
+    assert out.split() == ["False", "False", "True"]  # tuned_linear is the one off by default
+    assert [gkv_ext.switch_on(n) for n in names] == [True, True, False]
     unknown = r"unknown switch 'fast' \(chained_launch, decode_linear or tuned_linear\)"
     with pytest.raises(ValueError, match=unknown):
         with gkv_ext.switches(decode_linear=False, fast=True):

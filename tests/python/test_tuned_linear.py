@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gkv_ext
-from conftest import CUDA, requires_cuda
+from conftest import CUDA, linear_inputs as inputs, requires_cuda
 from gkv_ext import _C
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -29,15 +29,6 @@ def tiny_cuda_model(tmp_path_factory):
                                      {k: v.to("cuda") for k, v in model.state_dict().items()})
     out.to(dtype=torch.bfloat16)
     return out
-
-
-def inputs(rows, n, k, dtype, device, bias=True, seed=0, leading=()):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*leading, rows, k, generator=gen) / k**0.5
-    w = torch.randn(n, k, generator=gen)
-    b = torch.randn(n, generator=gen) if bias else None
-    move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-    return move(x), move(w), move(b)
 
 
 def choice(rows, n, k, bias, dtype):
@@ -150,10 +141,10 @@ def test_decoder_logits_with_the_switch_on_and_off(tiny_cuda_model):
     assert (on.float() - off.float()).abs().max().item() <= 2e-2 * off.float().abs().max().item()
 
 
-def test_switch_is_known():
-    with gkv_ext.switches(tuned_linear=False):
-        assert not gkv_ext.switch_on("tuned_linear")
-    assert gkv_ext.switch_on("tuned_linear")
+def test_switch_is_known_and_off_by_default():
+    with gkv_ext.switches(tuned_linear=True):
+        assert gkv_ext.switch_on("tuned_linear")
+    assert not gkv_ext.switch_on("tuned_linear")
     assert isinstance(_C.built_with_cublaslt, bool)
     if CUDA:
         assert _C.built_with_cublaslt, "a CUDA build should find the cuBLASLt that torch loads"

@@ -1,10 +1,10 @@
 #include "ops/tuned_linear.h"
 
 #include <ATen/ATen.h>
-#include <ATen/autocast_mode.h>
-#include <ATen/core/grad_mode.h>
 
 #ifdef GKV_WITH_CUBLASLT
+#include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,10 +20,6 @@
 namespace gkv {
 
 #ifndef GKV_WITH_CUBLASLT
-
-bool tuned_linear_applies(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
-  return false;
-}
 
 at::Tensor tuned_linear(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias) {
@@ -82,8 +78,7 @@ class Problem {
 
   // Up to `wanted` algorithms by cuBLASLt's heuristic, best guess first.
   std::vector<cublasLtMatmulHeuristicResult_t> candidates(int wanted, uint32_t align_x,
-                                                          uint32_t align_w, uint32_t align_y,
-                                                          uint32_t align_bias) const {
+                                                          uint32_t align_w) const {
     cublasLtMatmulPreference_t pref;
     check_lt(cublasLtMatmulPreferenceCreate(&pref), "MatmulPreferenceCreate");
     const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
@@ -96,13 +91,12 @@ class Problem {
     const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_w},
         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_x},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_y},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_y}};
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, kFreshAlignment},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, kFreshAlignment}};
     for (const auto& [attr, value] : aligns) {
       check_lt(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)),
                "MatmulPreferenceSetAttribute");
     }
-    (void)align_bias;  // the bias vector is read as a whole; its alignment is not a preference
     std::vector<cublasLtMatmulHeuristicResult_t> found(wanted);
     int count = 0;
     const auto status = cublasLtMatmulAlgoGetHeuristic(at::cuda::getCurrentCUDABlasLtHandle(), op_,
@@ -125,6 +119,8 @@ class Problem {
   }
 
   static constexpr uint64_t kMaxWorkspace = 32ull << 20;
+  // y is always a fresh allocation, which the caching allocator aligns to 512 bytes.
+  static constexpr uint32_t kFreshAlignment = 256;
 
  private:
   template <typename V>
@@ -137,8 +133,8 @@ class Problem {
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, c_ = nullptr;
 };
 
-// Shape, dtype, bias and alignments: what the heuristic saw.
-using Key = std::tuple<int, int64_t, int64_t, int64_t, int, bool, uint32_t, uint32_t, uint32_t>;
+// Device, shape, dtype, bias and the alignments of x and weight: what the heuristic saw.
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int, bool, uint32_t, uint32_t>;
 
 struct Choice {
   std::optional<cublasLtMatmulHeuristicResult_t> algo;  // none: ATen's linear
@@ -178,13 +174,13 @@ double time_us(const Fn& fn) {
   return start.elapsed_time(stop) * 1e3 / kRunsPerTime;
 }
 
+// x [M,K] contiguous; y [M,N] scratch for the candidates' results.
 Choice tune(const Problem& problem, const at::Tensor& x, const at::Tensor& w,
             const std::optional<at::Tensor>& bias, const at::Tensor& y, uint32_t align_x,
-            uint32_t align_w, uint32_t align_y) {
+            uint32_t align_w) {
   const auto reference = at::linear(x, w, bias).to(at::kFloat);
   const double scale = reference.abs().max().item<double>();
-  auto found = problem.candidates(kCandidates, align_x, align_w, align_y,
-                                  bias ? alignment(bias->const_data_ptr()) : 256u);
+  auto found = problem.candidates(kCandidates, align_x, align_w);
   // Keep the algorithms that run and agree with ATen's result (bf16 rounding apart).
   std::vector<cublasLtMatmulHeuristicResult_t> usable;
   for (const auto& c : found) {
@@ -207,6 +203,8 @@ Choice tune(const Problem& problem, const at::Tensor& x, const at::Tensor& w,
   }
   Choice choice;
   auto& r = choice.report;
+  r.rows = x.size(0), r.n = w.size(0), r.k = w.size(1), r.bias = bias.has_value();
+  r.dtype = c10::toString(x.scalar_type());
   r.candidates = static_cast<int>(usable.size());
   r.chosen = -1;
   r.aten_us = r.chosen_us = median(times[0]);
@@ -221,10 +219,7 @@ Choice tune(const Problem& problem, const at::Tensor& x, const at::Tensor& w,
   return choice;
 }
 
-}  // namespace
-
-bool tuned_linear_applies(const at::Tensor& x, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias) {
+bool applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const auto dtype = x.scalar_type();
   const int64_t rows = rows_of(x);
   const bool wants_grad = at::GradMode::is_enabled() &&
@@ -239,21 +234,20 @@ bool tuned_linear_applies(const at::Tensor& x, const at::Tensor& weight,
          !wants_grad && !at::autocast::is_autocast_enabled(at::kCUDA);
 }
 
+}  // namespace
+
 at::Tensor tuned_linear(const at::Tensor& x_in, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias) {
-  if (!tuned_linear_applies(x_in, weight, bias)) return at::linear(x_in, weight, bias);
+  if (!applies(x_in, weight, bias)) return at::linear(x_in, weight, bias);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
-  // 2-D like x here (the timing compares it with ATen's result on x); x_in's shape at the end.
-  at::Tensor y = at::empty({M, N}, x.options());
   const auto type = x.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
-  const uint32_t ax = alignment(x.const_data_ptr()), aw = alignment(weight.const_data_ptr()),
-                 ay = alignment(y.const_data_ptr());
+  const void* bias_ptr = bias ? bias->const_data_ptr() : nullptr;
+  const uint32_t ax = alignment(x.const_data_ptr()), aw = alignment(weight.const_data_ptr());
   const Key key{x.get_device(), M, N, K, static_cast<int>(x.scalar_type()), bias.has_value(),
-                ax, aw, ay};
-  const Problem problem(M, N, K, type, bias ? bias->const_data_ptr() : nullptr);
+                ax, aw};
 
   std::optional<cublasLtMatmulHeuristicResult_t> algo;
   {
@@ -264,14 +258,15 @@ at::Tensor tuned_linear(const at::Tensor& x_in, const at::Tensor& weight,
       AT_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
       // Timing syncs the device, which a capture forbids: ATen's linear until an eager call.
       if (capture != cudaStreamCaptureStatusNone) return at::linear(x_in, weight, bias);
-      Choice c = tune(problem, x, weight, bias, y, ax, aw, ay);
-      c.report = {M, N, K, bias.has_value(), std::string(c10::toString(x.scalar_type())),
-                  c.report.candidates, c.report.chosen, c.report.aten_us, c.report.chosen_us};
-      it = table().emplace(key, std::move(c)).first;
+      const Problem problem(M, N, K, type, bias_ptr);
+      it = table().emplace(key, tune(problem, x, weight, bias, at::empty({M, N}, x.options()),
+                                     ax, aw)).first;
     }
     algo = it->second.algo;
   }
   if (!algo) return at::linear(x_in, weight, bias);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Problem problem(M, N, K, type, bias_ptr);
   check_lt(problem.run(algo->algo, algo->workspaceSize, x.const_data_ptr(),
                        weight.const_data_ptr(), y.data_ptr()),
            "cublasLtMatmul");

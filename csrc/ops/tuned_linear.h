@@ -19,14 +19,10 @@ namespace gkv {
 inline constexpr int64_t kTunedLinearMinRows = 17;
 inline constexpr int64_t kTunedLinearMaxRows = 1024;
 
-// Whether tuned_linear takes these inputs: a CUDA build with cuBLASLt, CUDA tensors in bf16 or
-// fp16 with rows in [kTunedLinearMinRows, kTunedLinearMaxRows], x with unit column stride,
-// weight contiguous, no gradient wanted and no autocast region.
-bool tuned_linear_applies(const at::Tensor& x, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias);
-
-// linear(x, weight, bias) for x [..., K], weight [N, K], bias [N] (inputs for which
-// tuned_linear_applies holds; anything else goes to ATen's linear). The first call of a shape,
+// linear(x, weight, bias) for x [..., K], weight [N, K], bias [N]. It takes a CUDA build with
+// cuBLASLt, CUDA tensors in bf16 or fp16 with rows in [kTunedLinearMinRows, kTunedLinearMaxRows],
+// x with unit column stride, weight and bias contiguous, no gradient wanted and no autocast
+// region; anything else goes to ATen's linear. The first call of a shape,
 // outside a CUDA graph capture, times ATen's linear and cuBLASLt's heuristic candidates a few
 // times each (milliseconds) and keeps the fastest whose result agrees with ATen's; a call inside a
 // capture for a shape not yet timed runs ATen's linear.

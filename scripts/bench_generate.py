@@ -32,10 +32,11 @@ G-KV's rows are measured at the first two points only: its cache is allocated on
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
 --ab SWITCH compares two implementations of the same step (gkv_ext.switches: decode_linear,
-chained_launch) in one process: the engine section builds two runs of each batch and policy, one
-with the switch off and one with it on, and times them in turn (--ab-rounds times), so that machine
-state that drifts during a session (clocks, L2, other tenants) weighs on both alike; it prints the
-median step of each and their ratio.
+chained_launch, tuned_linear) in one process: the engine and equal-memory sections time each
+point with the switch off and on in turn (--ab-rounds times, one cache stepped through a graph
+captured under each setting), so that machine state that drifts during a session (clocks, L2,
+other tenants) weighs on both alike; they print the median step of each (and the engine section
+their ratio).
 Tables go to stdout; --out PREFIX writes PREFIX.json and PREFIX.png (step time vs generated
 length per batch size and policy).
 """
@@ -181,16 +182,18 @@ class Run:
                                      last_only=True)[:, -1]
             self.generated += n
 
-    def decode(self, steps, graph=True, warmup=2):
+    def decode(self, steps, graph=True, warmup=2, variant=None):
         """Times `steps` greedy decode steps after `warmup` untimed ones (a CUDA graph's capture)
         and, under a budget, after the stepper's first compression (eager; the later ones replay
         a graph of it), so that the timed steps are the steady state of a long generation, at
         most divide_length steps later; returns their milliseconds and whether each one
-        compressed the cache."""
-        if graph not in self.steppers:
-            self.steppers[graph] = gkv_ext.DecodeStepper(self.model, self.cache, cuda_graph=graph)
-            self.warm_compression[graph] = self.policy.budget is None
-        stepper = self.steppers[graph]
+        compressed the cache. Each (graph, variant) has its own stepper: an A/B's two settings
+        of a switch step the same cache through two graphs, each captured under its setting."""
+        key = (graph, variant)
+        if key not in self.steppers:
+            self.steppers[key] = gkv_ext.DecodeStepper(self.model, self.cache, cuda_graph=graph)
+            self.warm_compression[key] = self.policy.budget is None
+        stepper = self.steppers[key]
         replays, done = stepper.replays, 0
 
         def step():
@@ -201,9 +204,9 @@ class Run:
             return compresses
 
         for _ in range(warmup):
-            self.warm_compression[graph] |= step()
-        while not self.warm_compression[graph]:
-            self.warm_compression[graph] = step()
+            self.warm_compression[key] |= step()
+        while not self.warm_compression[key]:
+            self.warm_compression[key] = step()
         timer = Timer(self.device)
         timer.mark()
         compressed = []
@@ -220,8 +223,8 @@ def cache_bytes(cache, layers):
                for t in (cache.keys(l), cache.values(l), cache.positions(l), cache.scores(l)))
 
 
-def measure_point(run, steps, bw, slot_bytes, graph=True):
-    times, compressed = run.decode(steps, graph)
+def measure_point(run, steps, bw, slot_bytes, graph=True, variant=None):
+    times, compressed = run.decode(steps, graph, variant=variant)
     plain = [t for t, c in zip(times, compressed) if not c]
     median = statistics.median(plain)
     excess = sum(t - median for t, c in zip(times, compressed) if c)
@@ -239,40 +242,41 @@ def is_oom(e):
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def ab_turns(args):
+    """The switch settings each measurement is taken under, and how many turns of them."""
+    return ([False, True], args.ab_rounds) if args.ab else ([None], 1)
+
+
 def switched(name, on):
     """The A/B switch `name` set to `on` for a block; nothing when no switch is compared."""
     return gkv_ext.switches(**{name: on}) if name else contextlib.nullcontext()
 
 
 def bench_engine(model, args, device, bw):
-    """One row per (batch, policy, point, mode). With --ab SWITCH, two runs of each batch and
-    policy, one with the switch off and one with it on, each built, filled and stepped with its
-    own setting and timed in turn --ab-rounds times, so that both see the same machine state."""
+    """One row per (batch, policy, point, mode). With --ab SWITCH, each point is timed with the
+    switch off and on in turn, --ab-rounds times, so that both see the same machine state; both
+    step the same cache (one fill, half the memory of two runs: an A/B fits at the largest
+    batch), each through a stepper captured under its setting."""
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
     rows = []
     configs = [("FullKV", policies.FullKV())] + [(f"G-KV@{b}", policies.GKV(b)) for b in args.budgets]
     jobs = [(B, name, policy) for B in args.batches for name, policy in configs]
-    variants = [False, True] if args.ab else [None]
-    rounds = args.ab_rounds if args.ab else 1
+    variants, rounds = ab_turns(args)
     for B, name, policy in tqdm(jobs, desc="engine", unit="run"):
         # G-KV's cache is flat once it holds the budget: the first two points show it.
         points = args.points if policy.budget is None else args.points[:2]
-        runs = {}
+        run = None
         try:
-            for on in variants:
-                with switched(args.ab, on):
-                    runs[on] = Run(model, policy, B, args.prompt, max(points) + len(args.modes) *
-                                   (rounds * (args.steps + 2) + args.divide), device)
+            run = Run(model, policy, B, args.prompt, max(points) + len(args.modes) * len(variants)
+                      * (rounds * (args.steps + 2) + args.divide), device)
             for g in points:
-                for on, run in runs.items():
-                    with switched(args.ab, on):
-                        run.fill_to(g)
+                run.fill_to(g)
                 for mode in args.modes:
                     for r in range(rounds):
-                        for on, run in runs.items():
+                        for on in variants:
                             with switched(args.ab, on):
                                 timed = measure_point(run, args.steps, bw, slot_bytes,
-                                                      graph=mode == "graph")
+                                                      graph=mode == "graph", variant=on)
                             ab = dict(switch_on=on, round=r) if args.ab else {}
                             rows.append(dict(batch=B, policy=name, mode=mode, generated=g, **ab,
                                              **timed))
@@ -280,7 +284,7 @@ def bench_engine(model, args, device, bw):
             if not is_oom(e):
                 raise
             rows.append(dict(batch=B, policy=name, mode=None, generated=None, oom=True))
-        runs = None
+        run = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -388,7 +392,9 @@ def mean_step_over_generation(points, steps_ms, total):
 
 def bench_equal_memory(model, args, device, bw, out):
     """Appends each policy's row to `out` as soon as it is measured (and prints it): a run cut
-    short keeps FullKV's row, whose teacher-forced fill to 16K tokens takes minutes."""
+    short keeps FullKV's row, whose teacher-forced fill to 16K tokens takes minutes. With --ab
+    SWITCH each point is timed with the switch off and on in turn (one cache, --ab-rounds turns),
+    and each policy has a row per setting, of its medians over the rounds."""
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
     budget = max(args.budgets)
     configs = [("fullkv", "FullKV", policies.FullKV()),
@@ -401,15 +407,22 @@ def bench_equal_memory(model, args, device, bw, out):
              else largest_batch(model, policy, args, device))
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
         steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
+        variants, rounds = ab_turns(args)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt,
-                          args.max_new + steps_per_point + 2 + args.divide, device,
+                run = Run(model, policy, B, args.prompt, args.max_new + len(variants) *
+                          (rounds * (steps_per_point + 2) + args.divide), device,
                           chunk=fill_chunk(args))
-                measured = []
+                measured = {on: [] for on in variants}  # per setting, per point, per round
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=fill_chunk(args))
-                    measured.append(measure_point(run, steps_per_point, bw, slot_bytes))
+                    for on in variants:
+                        measured[on].append([])
+                    for _ in range(rounds):
+                        for on in variants:
+                            with switched(args.ab, on):
+                                measured[on][-1].append(measure_point(
+                                    run, steps_per_point, bw, slot_bytes, variant=on))
                 break
             except RuntimeError as e:
                 if not is_oom(e) or B <= 1:
@@ -418,20 +431,26 @@ def bench_equal_memory(model, args, device, bw, out):
             finally:
                 run = None
                 torch.cuda.empty_cache()
-        steps = [m["step_ms"] for m in measured]
-        mean = (mean_step_over_generation(points, steps, args.max_new) if policy.budget is None
-                else steps[0])
-        # Under a budget the one point's plain steps and compression share tell where the mean goes.
-        parts = ({} if policy.budget is None else
-                 dict(plain_step_ms=measured[0]["plain_step_ms"],
-                      compress_share=measured[0]["compress_share"]))
-        out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3,
-                        **parts))
-        detail = (f" (plain steps {parts['plain_step_ms']:.2f} ms, compression "
-                  f"{100 * parts['compress_share']:.1f}%)" if parts else "")
-        print(f"equal memory: {name} at B={B}: {mean:.2f} ms per step{detail}, "
-              f"{out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row took "
-              f"{time.perf_counter() - started:.0f} s)", flush=True)
+        for on, per_point in measured.items():
+            def median(key):
+                return [statistics.median(m[key] for m in turns) for turns in per_point]
+            steps = median("step_ms")
+            mean = (mean_step_over_generation(points, steps, args.max_new)
+                    if policy.budget is None else steps[0])
+            # Under a budget the one point's plain steps and compression share tell where the
+            # mean goes.
+            parts = ({} if policy.budget is None else
+                     dict(plain_step_ms=median("plain_step_ms")[0],
+                          compress_share=median("compress_share")[0]))
+            setting = {} if on is None else dict(switch_on=on)
+            out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3,
+                            **setting, **parts))
+            detail = (f" (plain steps {parts['plain_step_ms']:.2f} ms, compression "
+                      f"{100 * parts['compress_share']:.1f}%)" if parts else "")
+            label = "" if on is None else f", {args.ab} {'on' if on else 'off'}"
+            print(f"equal memory: {name} at B={B}{label}: {mean:.2f} ms per step{detail}, "
+                  f"{out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row "
+                  f"took {time.perf_counter() - started:.0f} s)", flush=True)
     return out
 
 
@@ -474,9 +493,12 @@ def print_tables(result):
                   f"{mine / r['tokens_per_s']:>6.1f}")
     if result.get("equal_memory"):
         print(f"\nEqual GPU memory: the largest batch for {result['max_new']} generated tokens")
-        print(f"{'policy':>11} {'batch':>6} {'mean step ms':>12} {'tok/s':>9}")
+        print(f"{'policy':>11} {'batch':>6} {'mean step ms':>12} {'tok/s':>9}"
+              + (f" {ab:>14}" if ab else ""))
         for r in result["equal_memory"]:
-            print(f"{r['policy']:>11} {r['batch']:>6} {r['mean_step_ms']:>12.2f} {r['tokens_per_s']:>9.0f}")
+            setting = f" {'on' if r['switch_on'] else 'off':>14}" if ab else ""
+            print(f"{r['policy']:>11} {r['batch']:>6} {r['mean_step_ms']:>12.2f} "
+                  f"{r['tokens_per_s']:>9.0f}{setting}")
 
 
 def plot(result, path):
@@ -549,9 +571,10 @@ def main(argv=None):
     ap.add_argument("--only", default="engine,transformers,memory")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
                     help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
-    ap.add_argument("--ab", choices=["chained_launch", "decode_linear"], default=None,
-                    help="the engine section times each batch and policy with this switch "
-                         "(gkv_ext.switches) off and on, in turn, and prints their ratio")
+    ap.add_argument("--ab", choices=["chained_launch", "decode_linear", "tuned_linear"],
+                    default=None,
+                    help="the engine and equal-memory sections time each batch and policy with "
+                         "this switch (gkv_ext.switches) off and on, in turn, and print both")
     ap.add_argument("--ab-rounds", type=int, default=3, help="turns of off and on with --ab")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)

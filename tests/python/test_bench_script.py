@@ -119,6 +119,25 @@ def test_bench_generate_equal_memory_at_given_batches(tmp_path):
         assert bad.returncode != 0 and message in bad.stderr, args
 
 
+def test_bench_generate_equal_memory_ab_has_a_row_per_setting(tmp_path):
+    """--ab in the equal-memory section: one cache, timed with the switch off and on in turn,
+    and a row per setting, each printed with its setting."""
+    out = tmp_path / "memory_ab"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
+                          "--only", "memory", "--memory-batches", "2,3", "--memory-policies",
+                          "gkv", "--steps", "4", "--ab", "tuned_linear", "--ab-rounds", "2",
+                          "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["equal_memory"]
+    assert [(r["policy"], r["batch"], r["switch_on"]) for r in rows] == [
+        ("G-KV@64", 3, False), ("G-KV@64", 3, True)]
+    for r in rows:
+        assert r["mean_step_ms"] > 0 and 0 <= r["compress_share"] < 1
+        setting = "on" if r["switch_on"] else "off"
+        assert f"equal memory: G-KV@64 at B=3, tuned_linear {setting}:" in run.stdout
+
+
 def load_script(name, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the scripts import each other
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

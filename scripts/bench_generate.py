@@ -252,6 +252,16 @@ def switched(name, on):
     return gkv_ext.switches(**{name: on}) if name else contextlib.nullcontext()
 
 
+def timed_turns(run, args, steps, bw, slot_bytes, graph=True):
+    """Measures the run's current point --ab-rounds times with the switch off, then on (once,
+    with no switch); yields (round, setting, measure_point's row) as each is taken."""
+    variants, rounds = ab_turns(args)
+    for r in range(rounds):
+        for on in variants:
+            with switched(args.ab, on):
+                yield r, on, measure_point(run, steps, bw, slot_bytes, graph=graph, variant=on)
+
+
 def bench_engine(model, args, device, bw):
     """One row per (batch, policy, point, mode). With --ab SWITCH, each point is timed with the
     switch off and on in turn, --ab-rounds times, so that both see the same machine state; both
@@ -272,14 +282,11 @@ def bench_engine(model, args, device, bw):
             for g in points:
                 run.fill_to(g)
                 for mode in args.modes:
-                    for r in range(rounds):
-                        for on in variants:
-                            with switched(args.ab, on):
-                                timed = measure_point(run, args.steps, bw, slot_bytes,
-                                                      graph=mode == "graph", variant=on)
-                            ab = dict(switch_on=on, round=r) if args.ab else {}
-                            rows.append(dict(batch=B, policy=name, mode=mode, generated=g, **ab,
-                                             **timed))
+                    for r, on, timed in timed_turns(run, args, args.steps, bw, slot_bytes,
+                                                    graph=mode == "graph"):
+                        ab = dict(switch_on=on, round=r) if args.ab else {}
+                        rows.append(dict(batch=B, policy=name, mode=mode, generated=g, **ab,
+                                         **timed))
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -418,11 +425,8 @@ def bench_equal_memory(model, args, device, bw, out):
                     run.fill_to(g, chunk=fill_chunk(args))
                     for on in variants:
                         measured[on].append([])
-                    for _ in range(rounds):
-                        for on in variants:
-                            with switched(args.ab, on):
-                                measured[on][-1].append(measure_point(
-                                    run, steps_per_point, bw, slot_bytes, variant=on))
+                    for _, on, timed in timed_turns(run, args, steps_per_point, bw, slot_bytes):
+                        measured[on][-1].append(timed)
                 break
             except RuntimeError as e:
                 if not is_oom(e) or B <= 1:

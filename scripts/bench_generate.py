@@ -27,7 +27,8 @@ the weights are random and the text is meaningless):
      not by the scratch of the fill (a T-token forward over N cached slots masks [B,Hq,T,N]:
      2 GB at B=128, T=32, N=16.9K, which made FullKV's probed batch fail late in its fill).
      --memory-batches FULLKV,GKV skips the search (it also lets the section run on a CPU);
-     --memory-policies fullkv or gkv measures one row alone.
+     --memory-policies fullkv or gkv measures one row alone; --only search runs the search alone.
+     The search is exact: FullKV's tokens/s grows almost in proportion to its batch.
 G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
@@ -346,15 +347,16 @@ def fill_chunk(args):
 
 
 def largest_fitting(fits, upper):
-    """The largest batch below `upper` (a batch known not to fit) for which fits(B) holds, to
-    within 1/16, with fits true up to some batch and false above it: steps down by 1/8 until a
-    batch fits, then bisects. 0 when not even B=1 fits."""
+    """The largest batch below `upper` (a batch known not to fit) for which fits(B) holds, with
+    fits true up to some batch and false above it: steps down by 1/8 until a batch fits, then
+    bisects to the exact batch (FullKV's tokens/s grows almost in proportion to its batch, so a
+    batch found short of the largest would flatter G-KV's ratio). 0 when not even B=1 fits."""
     hi, lo = upper, upper * 7 // 8
     while lo >= 1 and not fits(lo):
         hi, lo = lo, lo * 7 // 8
     if lo < 1:
         return 0
-    while hi - lo > max(1, lo // 16):
+    while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
@@ -397,18 +399,35 @@ def mean_step_over_generation(points, steps_ms, total):
     return area / xs[-1] if xs[-1] == total else None
 
 
+def equal_memory_configs(args):
+    """(index in --memory-batches, name, policy) of each policy in --memory-policies."""
+    budget = max(args.budgets)
+    configs = [("fullkv", "FullKV", policies.FullKV()),
+               ("gkv", f"G-KV@{budget}", policies.GKV(budget))]
+    return [(i, name, policy) for i, (key, name, policy) in enumerate(configs)
+            if key in args.memory_policies]
+
+
+def search_equal_memory(model, args, device):
+    """The equal-memory batch search alone (--only search): each policy's largest batch, without
+    the fill and the timed steps (FullKV's fill to 16K tokens takes minutes)."""
+    out = []
+    for _, name, policy in equal_memory_configs(args):
+        started = time.perf_counter()
+        out.append(dict(policy=name, batch=largest_batch(model, policy, args, device),
+                        search_s=time.perf_counter() - started))
+        print(f"largest batch for {args.max_new} generated tokens: {name} at B={out[-1]['batch']} "
+              f"(search took {out[-1]['search_s']:.0f} s)", flush=True)
+    return out
+
+
 def bench_equal_memory(model, args, device, bw, out):
     """Appends each policy's row to `out` as soon as it is measured (and prints it): a run cut
     short keeps FullKV's row, whose teacher-forced fill to 16K tokens takes minutes. With --ab
     SWITCH each point is timed with the switch off and on in turn (one cache, --ab-rounds turns),
     and each policy has a row per setting, of its medians over the rounds."""
     slot_bytes = kv_bytes_per_slot(model.config, model.config.dtype)
-    budget = max(args.budgets)
-    configs = [("fullkv", "FullKV", policies.FullKV()),
-               ("gkv", f"G-KV@{budget}", policies.GKV(budget))]
-    for i, (key, name, policy) in enumerate(configs):
-        if key not in args.memory_policies:
-            continue
+    for i, name, policy in equal_memory_configs(args):
         started = time.perf_counter()
         B = (args.memory_batches[i] if args.memory_batches
              else largest_batch(model, policy, args, device))
@@ -572,7 +591,9 @@ def main(argv=None):
     ap.add_argument("--memory-policies", default="fullkv,gkv",
                     help="which rows the equal-memory section measures (one row can take most of "
                          "a 10-minute call: FullKV's fill to 16K tokens)")
-    ap.add_argument("--only", default="engine,transformers,memory")
+    ap.add_argument("--only", default="engine,transformers,memory",
+                    help="sections to run, of engine, transformers, memory and search (the "
+                         "equal-memory batch search alone, CUDA only)")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
                     help="torch's preferred BLAS library for the GEMMs (default: torch's choice)")
     ap.add_argument("--ab", choices=["chained_launch", "decode_linear", "tuned_linear"],
@@ -625,6 +646,8 @@ def main(argv=None):
         result["equal_memory"] = []
         sections.append(("equal_memory", lambda: bench_equal_memory(
             model, args, device, bw, result["equal_memory"])))
+    if device.type == "cuda":
+        sections.append(("batch_search", lambda: search_equal_memory(model, args, device)))
 
     def save():  # after every section, so a long run that stops keeps what it measured
         if args.out:

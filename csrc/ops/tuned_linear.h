@@ -24,7 +24,8 @@ inline constexpr int64_t kTunedLinearMaxRows = 1024;
 // x with unit column stride, weight and bias contiguous, no gradient wanted and no autocast
 // region; anything else goes to ATen's linear. The first call of a shape,
 // outside a CUDA graph capture, times ATen's linear and cuBLASLt's heuristic candidates a few
-// times each (milliseconds) and keeps the fastest whose result agrees with ATen's; a call inside a
+// times each (milliseconds; over copies of the weight that exceed the L2 cache, since a step
+// reads its weights from HBM) and keeps the fastest whose result agrees with ATen's; a call inside a
 // capture for a shape not yet timed runs ATen's linear.
 at::Tensor tuned_linear(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias);

@@ -196,11 +196,15 @@ Choice tune(const Problem& problem, const at::Tensor& x, const at::Tensor& w,
   // The timed calls therefore take turns over copies of the weight that together exceed L2 twice.
   const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
   const int64_t w_bytes = static_cast<int64_t>(w.nbytes());
-  const int64_t copies = std::clamp<int64_t>((2 * l2_bytes + w_bytes - 1) / w_bytes, 1,
-                                             kRunsPerTime);
+  const int64_t wanted = std::clamp<int64_t>((2 * l2_bytes + w_bytes - 1) / w_bytes, 1,
+                                              kRunsPerTime);
   std::vector<at::Tensor> weights{w};
-  for (int64_t c = 1; c < copies; ++c) weights.push_back(w.clone());
-  const auto weight_of = [&](int r) -> const at::Tensor& { return weights[r % copies]; };
+  // A batch that fills the device may leave no room for the copies: time on fewer, not fail.
+  try {
+    while (static_cast<int64_t>(weights.size()) < wanted) weights.push_back(w.clone());
+  } catch (const c10::OutOfMemoryError&) {
+  }
+  const auto weight_of = [&](int r) -> const at::Tensor& { return weights[r % weights.size()]; };
   std::vector<std::vector<double>> times(usable.size() + 1);  // [0]: ATen's linear
   for (int round = 0; round < kRounds; ++round) {
     times[0].push_back(time_us([&](int r) { at::linear(x, weight_of(r), bias); }));

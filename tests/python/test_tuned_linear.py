@@ -2,7 +2,8 @@
 its shape. On a CPU, and wherever it does not apply, it is ATen's linear bit for bit. On CUDA,
 against ATen's linear over a grid of rows, widths, dtypes and biases; what the timing records; a
 capture before the shape was timed (ATen's linear, no timing inside it) and one after (the chosen
-algorithm replays); unaligned rows; and the decoder's logits with the switch on and off.
+algorithm replays); unaligned rows; a timing with no room for its weight copies; and the decoder's
+logits with the switch on and off.
 """
 import pytest
 import torch
@@ -102,6 +103,32 @@ def test_cuda_gradients_and_autocast_go_to_aten():
     x32, w32, b32 = inputs(48, 40, 24, torch.float32, "cuda", seed=1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(_C.tuned_linear(x32, w32, b32), F.linear(x32, w32, b32))
+
+
+@requires_cuda
+def test_cuda_timing_without_room_for_the_weight_copies():
+    """The timing takes turns over copies of a weight that fits in L2. With no room left for a
+    copy (a batch that fills the device), it times on the weight alone instead of failing."""
+    rows, n, k = 64, 4352, 4608  # a 40 MB weight: 3 copies exceed a 50 MB L2 twice
+    x, w, b = inputs(rows, n, k, torch.bfloat16, "cuda", seed=11)
+    if 2 * torch.cuda.get_device_properties(x.device).L2_cache_size <= w.nbytes:
+        pytest.skip("this L2 is too small for the weight to be copied")
+    F.linear(x, w, b)  # cuBLAS's workspace for this stream, allocated once, before the cap
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(x.device).total_memory
+    # Room for the timing's own scratch (a candidate's workspace of up to 32 MB beside the
+    # results, about 36 MB at most), not for a 40 MB copy beside the results.
+    cap = torch.cuda.memory_reserved() + (40 << 20)
+    ooms = torch.cuda.memory_stats().get("num_ooms", 0)
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        out = _C.tuned_linear(x, w, b)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert torch.cuda.memory_stats().get("num_ooms", 0) > ooms  # the copy was refused
+    assert_close_to_aten(out, x, w, b)
+    assert choice(rows, n, k, True, torch.bfloat16) is not None
 
 
 @requires_cuda

@@ -263,6 +263,13 @@ def timed_turns(run, args, steps, bw, slot_bytes, graph=True):
                 yield r, on, measure_point(run, steps, bw, slot_bytes, graph=graph, variant=on)
 
 
+def turn_tokens(args, steps):
+    """Tokens that timed_turns decodes at one point (each turn's steps and two untimed ones) plus
+    a compression's worth of room: what a Run needs beyond the points it is filled to."""
+    variants, rounds = ab_turns(args)
+    return len(variants) * (rounds * (steps + 2) + args.divide)
+
+
 def bench_engine(model, args, device, bw):
     """One row per (batch, policy, point, mode). With --ab SWITCH, each point is timed with the
     switch off and on in turn, --ab-rounds times, so that both see the same machine state; both
@@ -272,14 +279,13 @@ def bench_engine(model, args, device, bw):
     rows = []
     configs = [("FullKV", policies.FullKV())] + [(f"G-KV@{b}", policies.GKV(b)) for b in args.budgets]
     jobs = [(B, name, policy) for B in args.batches for name, policy in configs]
-    variants, rounds = ab_turns(args)
     for B, name, policy in tqdm(jobs, desc="engine", unit="run"):
         # G-KV's cache is flat once it holds the budget: the first two points show it.
         points = args.points if policy.budget is None else args.points[:2]
         run = None
         try:
-            run = Run(model, policy, B, args.prompt, max(points) + len(args.modes) * len(variants)
-                      * (rounds * (args.steps + 2) + args.divide), device)
+            run = Run(model, policy, B, args.prompt,
+                      max(points) + len(args.modes) * turn_tokens(args, args.steps), device)
             for g in points:
                 run.fill_to(g)
                 for mode in args.modes:
@@ -433,11 +439,11 @@ def bench_equal_memory(model, args, device, bw, out):
              else largest_batch(model, policy, args, device))
         points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
         steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
-        variants, rounds = ab_turns(args)
+        variants, _ = ab_turns(args)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
-                run = Run(model, policy, B, args.prompt, args.max_new + len(variants) *
-                          (rounds * (steps_per_point + 2) + args.divide), device,
+                run = Run(model, policy, B, args.prompt,
+                          args.max_new + turn_tokens(args, steps_per_point), device,
                           chunk=fill_chunk(args))
                 measured = {on: [] for on in variants}  # per setting, per point, per round
                 for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):

@@ -7,10 +7,10 @@
 //   decode_linear   GKV_DECODE_LINEAR=0 turns it off: the decoder's projections of at most 16
 //                   rows (a decode step's) through gkv::decode_linear instead of ATen's linear
 //                   (model/decoder.cpp).
-//   tuned_linear    GKV_TUNED_LINEAR=1 turns it on (off by default until it is timed in the
-//                   engine): the decoder's CUDA projections of one token in each of 17 to 1024
-//                   rows through the cuBLASLt algorithm timed fastest for their shape
-//                   (ops/tuned_linear.h) instead of ATen's linear.
+//   tuned_linear    GKV_TUNED_LINEAR=1 turns it on: the decoder's CUDA projections of one token
+//                   in each of 17 to 1024 rows through the cuBLASLt algorithm timed fastest for
+//                   their shape (ops/tuned_linear.h) instead of ATen's linear. Off by default: a
+//                   pick by timing may differ between processes, and so may the last bits.
 // No torch headers: the CUDA kernels' common header includes this.
 #pragma once
 

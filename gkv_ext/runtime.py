@@ -7,7 +7,8 @@ debugging in one process:
   rows (a decode step's) through ``gkv::decode_linear`` rather than ATen's linear (cuBLAS).
 - ``tuned_linear`` (off unless ``GKV_TUNED_LINEAR=1``): the decoder's CUDA projections of one
   token in each of 17-1024 rows through the cuBLASLt algorithm timed fastest for their shape
-  (``gkv_ext._C.tuned_linear``) rather than ATen's linear.
+  (``gkv_ext._C.tuned_linear``) rather than ATen's linear. Off by default because the pick is
+  timed: two processes may pick differently and round differently.
 
 A switch acts where it is read (a kernel launch, a projection); a CUDA graph keeps what was on when
 it was captured::

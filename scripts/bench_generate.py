@@ -39,7 +39,7 @@ captured under each setting), so that machine state that drifts during a session
 other tenants) weighs on both alike; they print the median step of each (and the engine section
 their ratio).
 Tables go to stdout; --out PREFIX writes PREFIX.json and PREFIX.png (step time vs generated
-length per batch size and policy).
+length per batch size and policy, and the equal-memory rows' tokens/s).
 """
 import argparse
 import contextlib
@@ -531,11 +531,15 @@ def print_tables(result):
 
 
 def plot(result, path):
+    """One panel per batch of the engine section (step time against generated length), and one of
+    the equal-memory rows' tokens/s when there are any."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     batches = sorted({r["batch"] for r in result["engine"]})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
+    memory = result.get("equal_memory") or []
+    panels = len(batches) + (1 if memory else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
     colors = {name: f"C{i}" for i, name in enumerate(names)}  # one color per policy in every panel
     modes = {"graph": "o-", "eager": "s:"}
@@ -565,10 +569,28 @@ def plot(result, path):
         ax.set_ylabel("decode step (ms)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if batches:
+        axes[0][0].legend(fontsize=7)
+    if memory:
+        plot_equal_memory(axes[0][-1], memory, result.get("ab_switch"), result["max_new"])
     fig.suptitle(f"{result['shape']} (random {result['dtype']} weights), {result['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_equal_memory(ax, rows, ab, max_new):
+    """Tokens/s of each equal-memory row as a bar, labelled with its batch (and switch setting)."""
+    labels = [f"{r['policy']}\nB={r['batch']}" + (f", {ab} {'on' if r['switch_on'] else 'off'}"
+                                                 if ab else "") for r in rows]
+    speeds = [r["tokens_per_s"] for r in rows]
+    bars = ax.barh(range(len(rows)), speeds, color=[f"C{i}" for i in range(len(rows))])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in speeds], fontsize=7, padding=2)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(speeds) * 1.25)
+    ax.set_xlabel("tokens/s")
+    ax.set_title(f"equal GPU memory ({max_new} generated tokens)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def ints(text):
@@ -659,7 +681,7 @@ def main(argv=None):
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-            if result["engine"]:
+            if result["engine"] or result.get("equal_memory"):
                 plot(result, args.out + ".png")
 
     for key, section in sections:

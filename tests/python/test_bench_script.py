@@ -103,6 +103,7 @@ def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     for r in rows:
         assert r["mean_step_ms"] > 0 and r["tokens_per_s"] > 0
         assert f"equal memory: {r['policy']} at B={r['batch']}" in run.stdout
+    assert out.with_suffix(".png").stat().st_size > 0  # the equal-memory panel alone
     one = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
                           "--only", "memory", "--memory-batches", "2,3", "--steps", "4",
                           "--memory-policies", "gkv", "--out", str(out)],
@@ -136,6 +137,7 @@ def test_bench_generate_equal_memory_ab_has_a_row_per_setting(tmp_path):
         assert r["mean_step_ms"] > 0 and 0 <= r["compress_share"] < 1
         setting = "on" if r["switch_on"] else "off"
         assert f"equal memory: G-KV@64 at B=3, tuned_linear {setting}:" in run.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def load_script(name, monkeypatch):

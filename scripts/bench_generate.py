@@ -572,7 +572,7 @@ def plot(result, path):
     if batches:
         axes[0][0].legend(fontsize=7)
     if memory:
-        plot_equal_memory(axes[0][-1], memory, result.get("ab_switch"), result["max_new"])
+        plot_equal_memory(axes[0][-1], memory, ab, result["max_new"])
     fig.suptitle(f"{result['shape']} (random {result['dtype']} weights), {result['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -19,17 +19,20 @@ the weights are random and the text is meaningless):
      timed over its first --hf-steps generated tokens: its cheapest steps (its cache is smallest
      there and grows by torch.cat), so the ratio against it is conservative.
   3. Equal GPU memory: the largest batch that FullKV and G-KV at the largest budget each fit for
-     --max-new generated tokens, and the tokens/s each sustains over that generation (FullKV's
-     step time integrated over the measured points; G-KV's is flat, so it is measured once, at
-     the second point, after several compressions, over at least divide_length steps so that
-     its compression step is counted). Both prefill and fill their caches in forwards of
+     --max-new generated tokens, and the tokens/s each sustains over that whole generation: the
+     step time integrated over generated lengths 0..--max-new, linear between measured points.
+     FullKV is measured at 0 and at --points. G-KV's cache grows as FullKV's until its first
+     compression, so it is measured at 0 and over the last steps before that compression; from
+     the compression on its step is flat, measured once, at the second point, after several
+     compressions, over at least divide_length steps so that its compression step is counted.
+     Both prefill and fill their caches in forwards of
      divide_length / 16 tokens, so that the batch is bounded by the cache and the decode step,
      not by the scratch of the fill (a T-token forward over N cached slots masks [B,Hq,T,N]:
      2 GB at B=128, T=32, N=16.9K, which made FullKV's probed batch fail late in its fill).
      --memory-batches FULLKV,GKV skips the search (it also lets the section run on a CPU);
      --memory-policies fullkv or gkv measures one row alone; --only search runs the search alone.
      The search is exact: FullKV's tokens/s grows almost in proportion to its batch.
-G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
+In the engine section, G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
 most budget + divide_length slots from then on, so later points cost the same (the flat KV column
 shows it) while bringing a large batch there by teacher forcing would dominate the run time.
 --ab SWITCH compares two implementations of the same step (gkv_ext.switches: decode_linear,
@@ -183,12 +186,12 @@ class Run:
                                      last_only=True)[:, -1]
             self.generated += n
 
-    def decode(self, steps, graph=True, warmup=2, variant=None):
+    def decode(self, steps, graph=True, warmup=2, variant=None, steady=True):
         """Times `steps` greedy decode steps after `warmup` untimed ones (a CUDA graph's capture)
-        and, under a budget, after the stepper's first compression (eager; the later ones replay
-        a graph of it), so that the timed steps are the steady state of a long generation, at
-        most divide_length steps later; returns their milliseconds and whether each one
-        compressed the cache. Each (graph, variant) has its own stepper: an A/B's two settings
+        and, under a budget and `steady`, after the stepper's first compression (eager; the later
+        ones replay a graph of it), so that the timed steps are the steady state of a long
+        generation, at most divide_length steps later; returns their milliseconds and whether
+        each one compressed the cache. Each (graph, variant) has its own stepper: an A/B's two settings
         of a switch step the same cache through two graphs, each captured under its setting."""
         key = (graph, variant)
         if key not in self.steppers:
@@ -206,7 +209,7 @@ class Run:
 
         for _ in range(warmup):
             self.warm_compression[key] |= step()
-        while not self.warm_compression[key]:
+        while steady and not self.warm_compression[key]:
             self.warm_compression[key] = step()
         timer = Timer(self.device)
         timer.mark()
@@ -224,8 +227,8 @@ def cache_bytes(cache, layers):
                for t in (cache.keys(l), cache.values(l), cache.positions(l), cache.scores(l)))
 
 
-def measure_point(run, steps, bw, slot_bytes, graph=True, variant=None):
-    times, compressed = run.decode(steps, graph, variant=variant)
+def measure_point(run, steps, bw, slot_bytes, graph=True, variant=None, steady=True):
+    times, compressed = run.decode(steps, graph, variant=variant, steady=steady)
     plain = [t for t, c in zip(times, compressed) if not c]
     median = statistics.median(plain)
     excess = sum(t - median for t, c in zip(times, compressed) if c)
@@ -253,21 +256,28 @@ def switched(name, on):
     return gkv_ext.switches(**{name: on}) if name else contextlib.nullcontext()
 
 
-def timed_turns(run, args, steps, bw, slot_bytes, graph=True):
+def timed_turns(run, args, steps, bw, slot_bytes, graph=True, steady=True):
     """Measures the run's current point --ab-rounds times with the switch off, then on (once,
     with no switch); yields (round, setting, measure_point's row) as each is taken."""
     variants, rounds = ab_turns(args)
     for r in range(rounds):
         for on in variants:
             with switched(args.ab, on):
-                yield r, on, measure_point(run, steps, bw, slot_bytes, graph=graph, variant=on)
+                yield r, on, measure_point(run, steps, bw, slot_bytes, graph=graph, variant=on,
+                                           steady=steady)
+
+
+def timed_tokens(args, steps):
+    """Tokens that timed_turns decodes at one point short of a compression: each turn's steps
+    and two untimed ones."""
+    variants, rounds = ab_turns(args)
+    return len(variants) * rounds * (steps + 2)
 
 
 def turn_tokens(args, steps):
-    """Tokens that timed_turns decodes at one point (each turn's steps and two untimed ones) plus
-    a compression's worth of room: what a Run needs beyond the points it is filled to."""
-    variants, rounds = ab_turns(args)
-    return len(variants) * (rounds * (steps + 2) + args.divide)
+    """timed_tokens plus a compression's worth of room per setting: what a Run needs beyond the
+    points it is filled to."""
+    return timed_tokens(args, steps) + len(ab_turns(args)[0]) * args.divide
 
 
 def bench_engine(model, args, device, bw):
@@ -405,6 +415,41 @@ def mean_step_over_generation(points, steps_ms, total):
     return area / xs[-1] if xs[-1] == total else None
 
 
+def steps_to_first_compression(cache):
+    """Decode steps from the cache's state up to and including its first compressing one."""
+    k = 1
+    while not cache.decode_compresses(k):
+        k += 1
+    return k
+
+
+def equal_memory_points(run, args):
+    """(generated lengths to time, whether each is timed in the steady state, the generated length
+    of the first compression or None). FullKV: 0 and --points. Under a budget: 0 and the last
+    point whose --steps timed steps end before the first compression, where the step grows with
+    the cache as FullKV's does, then one steady point, timed over at least divide_length steps
+    so that its compression is counted (see bench_equal_memory)."""
+    if run.policy.budget is None:
+        points = sorted({0, *args.points})
+        return points, [True] * len(points), None
+    first = run.generated + steps_to_first_compression(run.cache) - 1
+    last_before = first - timed_tokens(args, args.steps)
+    growing = [0, last_before] if last_before > 0 else [0] if last_before == 0 else []
+    return growing + [args.points[min(1, len(args.points) - 1)]], \
+        [False] * len(growing) + [True], first
+
+
+def equal_memory_mean_step(points, steps_ms, first, total):
+    """Mean step over generated lengths 0..total (mean_step_over_generation). Under a budget
+    (`first` given) the last point is the steady one: its step holds from the first compression
+    on, as the cache's live length cycles between budget and budget + divide_length."""
+    if first is None:
+        return mean_step_over_generation(points, steps_ms, total)
+    *growing, steady = steps_ms
+    return mean_step_over_generation(points[:-1] + [first, total], growing + [steady, steady],
+                                     total)
+
+
 def equal_memory_configs(args):
     """(index in --memory-batches, name, policy) of each policy in --memory-policies."""
     budget = max(args.budgets)
@@ -437,20 +482,23 @@ def bench_equal_memory(model, args, device, bw, out):
         started = time.perf_counter()
         B = (args.memory_batches[i] if args.memory_batches
              else largest_batch(model, policy, args, device))
-        points = args.points if policy.budget is None else [args.points[min(1, len(args.points) - 1)]]
-        steps_per_point = args.steps if policy.budget is None else max(args.steps, args.divide)
+        steady_steps = args.steps if policy.budget is None else max(args.steps, args.divide)
         variants, _ = ab_turns(args)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
             try:
                 run = Run(model, policy, B, args.prompt,
-                          args.max_new + turn_tokens(args, steps_per_point), device,
+                          args.max_new + turn_tokens(args, steady_steps), device,
                           chunk=fill_chunk(args))
+                points, steady, first = equal_memory_points(run, args)
                 measured = {on: [] for on in variants}  # per setting, per point, per round
-                for g in tqdm(points, desc=f"{name} at B={B}", unit="point"):
+                for g, at_steady in tqdm(list(zip(points, steady)), desc=f"{name} at B={B}",
+                                         unit="point"):
                     run.fill_to(g, chunk=fill_chunk(args))
                     for on in variants:
                         measured[on].append([])
-                    for _, on, timed in timed_turns(run, args, steps_per_point, bw, slot_bytes):
+                    steps = steady_steps if at_steady else args.steps
+                    for _, on, timed in timed_turns(run, args, steps, bw, slot_bytes,
+                                                    steady=at_steady):
                         measured[on][-1].append(timed)
                 break
             except RuntimeError as e:
@@ -464,20 +512,22 @@ def bench_equal_memory(model, args, device, bw, out):
             def median(key):
                 return [statistics.median(m[key] for m in turns) for turns in per_point]
             steps = median("step_ms")
-            mean = (mean_step_over_generation(points, steps, args.max_new)
-                    if policy.budget is None else steps[0])
-            # Under a budget the one point's plain steps and compression share tell where the
+            mean = equal_memory_mean_step(points, steps, first, args.max_new)
+            # Under a budget the steady point's plain steps and compression share tell where the
             # mean goes.
             parts = ({} if policy.budget is None else
-                     dict(plain_step_ms=median("plain_step_ms")[0],
-                          compress_share=median("compress_share")[0]))
+                     dict(steady_step_ms=steps[-1], plain_step_ms=median("plain_step_ms")[-1],
+                          compress_share=median("compress_share")[-1],
+                          first_compression=first))
             setting = {} if on is None else dict(switch_on=on)
             out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3,
-                            **setting, **parts))
-            detail = (f" (plain steps {parts['plain_step_ms']:.2f} ms, compression "
-                      f"{100 * parts['compress_share']:.1f}%)" if parts else "")
+                            points=points, step_ms=steps, **setting, **parts))
+            detail = (f" (steady {steps[-1]:.2f} ms: plain steps {parts['plain_step_ms']:.2f} ms, "
+                      f"compression {100 * parts['compress_share']:.1f}%; first compression at "
+                      f"{first} generated)" if parts else "")
             label = "" if on is None else f", {args.ab} {'on' if on else 'off'}"
-            print(f"equal memory: {name} at B={B}{label}: {mean:.2f} ms per step{detail}, "
+            print(f"equal memory: {name} at B={B}{label}: {mean:.2f} ms per step over the "
+                  f"generation{detail}, "
                   f"{out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row "
                   f"took {time.perf_counter() - started:.0f} s)", flush=True)
     return out

@@ -103,6 +103,10 @@ def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     for r in rows:
         assert r["mean_step_ms"] > 0 and r["tokens_per_s"] > 0
         assert f"equal memory: {r['policy']} at B={r['batch']}" in run.stdout
+    # Both from generated length 0: FullKV at 0 and --points, G-KV at 0, just before its first
+    # compression and in its steady state.
+    assert rows[0]["points"] == [0, 64, 256] and len(rows[0]["step_ms"]) == 3
+    assert rows[1]["points"][0] == 0 < rows[1]["points"][1] < rows[1]["first_compression"]
     assert out.with_suffix(".png").stat().st_size > 0  # the equal-memory panel alone
     one = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
                           "--only", "memory", "--memory-batches", "2,3", "--steps", "4",
@@ -170,6 +174,35 @@ def test_bench_generate_prefills_in_chunks_to_the_same_cache(monkeypatch):
         live = slice(0, 40)  # the slots past the live ones are never written
         torch.testing.assert_close(chunked.cache.keys(layer)[:, :, live],
                                    whole.cache.keys(layer)[:, :, live])
+
+
+def test_bench_generate_times_g_kv_before_its_first_compression(monkeypatch):
+    """The equal-memory rows integrate the step over the whole generation. G-KV's cache grows
+    until its first compression: its growing points' timed steps (and their two untimed ones)
+    end just before that compression, and its steady step holds from the compression on."""
+    from types import SimpleNamespace
+    from gkv_ext import policies
+    bench = load_script("bench_generate", monkeypatch)
+    bench.transformers = pytest.importorskip("transformers")
+    cpu = torch.device("cpu")
+    _, model = bench.build_models("tiny", cpu, torch.float32)
+    args = SimpleNamespace(points=[64, 256], steps=4, ab=None, ab_rounds=1, divide=128)
+    run = bench.Run(model, policies.GKV(64), 2, 48, 400, cpu, chunk=8)
+    points, steady, first = bench.equal_memory_points(run, args)
+    assert points[:2] == [0, first - 6] and points[2] == 256 and steady == [False, False, True]
+    for g in points[:2]:
+        run.fill_to(g, chunk=8)
+        _, compressed = run.decode(args.steps, graph=False, steady=False)
+        assert not any(compressed)
+    assert run.generated == first and run.cache.decode_compresses(1)
+    full = bench.Run(model, policies.FullKV(), 2, 48, 400, cpu, chunk=8)
+    assert bench.equal_memory_points(full, args) == ([0, 64, 256], [True] * 3, None)
+    # FullKV: linear between the points. Under a budget: the growing points, then the steady
+    # (last) step from the first compression (120) to the end.
+    assert bench.equal_memory_mean_step([0, 100, 400], [1.0, 2.0, 5.0], None, 400) == \
+        pytest.approx((100 * 1.5 + 300 * 3.5) / 400)
+    assert bench.equal_memory_mean_step([0, 100, 400], [1.0, 2.0, 5.0], 120, 1000) == \
+        pytest.approx((100 * 1.5 + 20 * 3.5 + 880 * 5) / 1000)
 
 
 def test_bench_generate_batch_search_finds_the_largest_fitting_batch(monkeypatch):

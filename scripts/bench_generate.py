@@ -378,7 +378,7 @@ def largest_fitting(fits, upper):
     return lo
 
 
-def largest_batch(model, policy, args, device):
+def largest_batch(model, name, policy, args, device):
     """The largest batch whose cache, fill and decode step fit for --max-new generated tokens (the
     allocations are real). A batch whose K and V alone exceed the free memory cannot fit, which
     bounds the search: a few probes, not a doubling from B=1."""
@@ -391,18 +391,22 @@ def largest_batch(model, policy, args, device):
             else max(args.divide, policy.budget + policy.divide_length - args.prompt))
 
     def fits(B):
+        started, ok = time.perf_counter(), False
         try:
             run = Run(model, policy, B, args.prompt, args.max_new, device, chunk=fill_chunk(args))
             run.fill_to(fill, fill_chunk(args))
             run.decode(2)
-            return True
+            ok = True
         except RuntimeError as e:
             if not is_oom(e):
                 raise
-            return False
         finally:
             run = None
             torch.cuda.empty_cache()
+        # A probe of a large batch takes tens of seconds: each one is a progress line.
+        print(f"  probe: {name} at B={B}: {'fits' if ok else 'out of memory'} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        return ok
 
     return largest_fitting(fits, free // (slots * kv_bytes_per_slot(model.config, model.config.dtype)) + 1)
 
@@ -439,15 +443,20 @@ def equal_memory_points(run, args):
         [False] * len(growing) + [True], first
 
 
-def equal_memory_mean_step(points, steps_ms, first, total):
-    """Mean step over generated lengths 0..total (mean_step_over_generation). Under a budget
-    (`first` given) the last point is the steady one: its step holds from the first compression
-    on, as the cache's live length cycles between budget and budget + divide_length."""
+def equal_memory_curve(points, steps_ms, first, total):
+    """The step time over generated lengths up to `total` that an equal-memory row integrates, as
+    (lengths, step ms), linear in between. Under a budget (`first` given) the last point is the
+    steady one: its step holds from the first compression on, as the cache's live length cycles
+    between budget and budget + divide_length."""
     if first is None:
-        return mean_step_over_generation(points, steps_ms, total)
+        return list(points), list(steps_ms)
     *growing, steady = steps_ms
-    return mean_step_over_generation(points[:-1] + [first, total], growing + [steady, steady],
-                                     total)
+    return list(points[:-1]) + [first, total], growing + [steady, steady]
+
+
+def equal_memory_mean_step(points, steps_ms, first, total):
+    """Mean step over generated lengths 0..total of equal_memory_curve."""
+    return mean_step_over_generation(*equal_memory_curve(points, steps_ms, first, total), total)
 
 
 def equal_memory_configs(args):
@@ -465,7 +474,7 @@ def search_equal_memory(model, args, device):
     out = []
     for _, name, policy in equal_memory_configs(args):
         started = time.perf_counter()
-        out.append(dict(policy=name, batch=largest_batch(model, policy, args, device),
+        out.append(dict(policy=name, batch=largest_batch(model, name, policy, args, device),
                         search_s=time.perf_counter() - started))
         print(f"largest batch for {args.max_new} generated tokens: {name} at B={out[-1]['batch']} "
               f"(search took {out[-1]['search_s']:.0f} s)", flush=True)
@@ -481,7 +490,7 @@ def bench_equal_memory(model, args, device, bw, out):
     for i, name, policy in equal_memory_configs(args):
         started = time.perf_counter()
         B = (args.memory_batches[i] if args.memory_batches
-             else largest_batch(model, policy, args, device))
+             else largest_batch(model, name, policy, args, device))
         steady_steps = args.steps if policy.budget is None else max(args.steps, args.divide)
         variants, _ = ab_turns(args)
         while True:  # the probe fills one chunk; the long fill may still need a smaller batch
@@ -581,14 +590,16 @@ def print_tables(result):
 
 
 def plot(result, path):
-    """One panel per batch of the engine section (step time against generated length), and one of
-    the equal-memory rows' tokens/s when there are any."""
+    """One panel per batch of the engine section (step time against generated length), and, when
+    there are equal-memory rows, one of their step over the generation and one of their
+    tokens/s."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     batches = sorted({r["batch"] for r in result["engine"]})
     memory = result.get("equal_memory") or []
-    panels = len(batches) + (1 if memory else 0)
+    curves = [r for r in memory if "points" in r]  # rows of earlier runs have no points
+    panels = len(batches) + (1 if memory else 0) + (1 if curves else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
     colors = {name: f"C{i}" for i, name in enumerate(names)}  # one color per policy in every panel
@@ -621,6 +632,8 @@ def plot(result, path):
         ax.grid(alpha=0.3)
     if batches:
         axes[0][0].legend(fontsize=7)
+    if curves:
+        plot_equal_memory_curves(axes[0][len(batches)], curves, ab, result["max_new"])
     if memory:
         plot_equal_memory(axes[0][-1], memory, ab, result["max_new"])
     fig.suptitle(f"{result['shape']} (random {result['dtype']} weights), {result['device']}", fontsize=9)
@@ -628,16 +641,39 @@ def plot(result, path):
     fig.savefig(path, dpi=120)
 
 
+def equal_memory_label(row, ab, sep="\n"):
+    return f"{row['policy']}{sep}B={row['batch']}" + (
+        f", {ab} {'on' if row['switch_on'] else 'off'}" if ab else "")
+
+
+def plot_equal_memory_curves(ax, rows, ab, max_new):
+    """Each equal-memory row's step time over the generation (its measured points marked) and
+    the mean it is rated by (dashed)."""
+    for i, r in enumerate(rows):
+        xs, ys = equal_memory_curve(r["points"], r["step_ms"], r.get("first_compression"), max_new)
+        ax.plot(xs, ys, "-", color=f"C{i}", label=equal_memory_label(r, ab, sep=", "))
+        ax.plot(r["points"], r["step_ms"], "o", color=f"C{i}", ms=4)
+        ax.axhline(r["mean_step_ms"], color=f"C{i}", ls="--", lw=0.8)
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("decode step (ms); dashed: mean")
+    ax.set_title("equal GPU memory: step over the generation", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_equal_memory(ax, rows, ab, max_new):
     """Tokens/s of each equal-memory row as a bar, labelled with its batch (and switch setting)."""
-    labels = [f"{r['policy']}\nB={r['batch']}" + (f", {ab} {'on' if r['switch_on'] else 'off'}"
-                                                 if ab else "") for r in rows]
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+    labels = [equal_memory_label(r, ab) for r in rows]
     speeds = [r["tokens_per_s"] for r in rows]
     bars = ax.barh(range(len(rows)), speeds, color=[f"C{i}" for i in range(len(rows))])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in speeds], fontsize=7, padding=2)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, max(speeds) * 1.25)
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     ax.set_xlabel("tokens/s")
     ax.set_title(f"equal GPU memory ({max_new} generated tokens)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)

@@ -11,10 +11,12 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #endif
 
 namespace gkv {
@@ -174,6 +176,18 @@ double time_us(const Fn& fn) {
   return start.elapsed_time(stop) * 1e3 / kRunsPerTime;
 }
 
+// ATen's linear for the shape, nothing timed: no candidates, NaN times.
+Choice untimed(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  Choice choice;
+  auto& r = choice.report;
+  r.rows = x.size(0), r.n = w.size(0), r.k = w.size(1), r.bias = bias.has_value();
+  r.dtype = c10::toString(x.scalar_type());
+  r.candidates = 0;
+  r.chosen = -1;
+  r.aten_us = r.chosen_us = std::numeric_limits<double>::quiet_NaN();
+  return choice;
+}
+
 // x [M,K] contiguous; y [M,N] scratch for the candidates' results.
 Choice tune(const Problem& problem, const at::Tensor& x, const at::Tensor& w,
             const std::optional<at::Tensor>& bias, const at::Tensor& y, uint32_t align_x,
@@ -215,12 +229,9 @@ Choice tune(const Problem& problem, const at::Tensor& x, const at::Tensor& w,
       }));
     }
   }
-  Choice choice;
+  Choice choice = untimed(x, w, bias);
   auto& r = choice.report;
-  r.rows = x.size(0), r.n = w.size(0), r.k = w.size(1), r.bias = bias.has_value();
-  r.dtype = c10::toString(x.scalar_type());
   r.candidates = static_cast<int>(usable.size());
-  r.chosen = -1;
   r.aten_us = r.chosen_us = median(times[0]);
   for (size_t i = 0; i < usable.size(); ++i) {
     const double t = median(times[i + 1]);
@@ -273,8 +284,15 @@ at::Tensor tuned_linear(const at::Tensor& x_in, const at::Tensor& weight,
       // Timing syncs the device, which a capture forbids: ATen's linear until an eager call.
       if (capture != cudaStreamCaptureStatusNone) return at::linear(x_in, weight, bias);
       const Problem problem(M, N, K, type, bias_ptr);
-      it = table().emplace(key, tune(problem, x, weight, bias, at::empty({M, N}, x.options()),
-                                     ax, aw)).first;
+      Choice choice;
+      try {
+        choice = tune(problem, x, weight, bias, at::empty({M, N}, x.options()), ax, aw);
+      } catch (const c10::OutOfMemoryError&) {
+        // No room for the timing's own scratch (results, workspaces): a device this full keeps
+        // ATen's linear for the shape rather than fail a call that ATen alone can serve.
+        choice = untimed(x, weight, bias);
+      }
+      it = table().emplace(key, std::move(choice)).first;
     }
     algo = it->second.algo;
   }

@@ -37,8 +37,10 @@ struct TunedLinearChoice {
   std::string dtype;
   int candidates;    // cuBLASLt algorithms timed (besides ATen's linear)
   int chosen;        // index of the chosen one among them, -1 for ATen's linear
-  double aten_us;    // median time of ATen's linear
-  double chosen_us;  // median time of the chosen candidate
+  // Median times of ATen's linear and of the chosen candidate; NaN when the device had no room
+  // for the timing's scratch and the shape kept ATen's linear untimed.
+  double aten_us;
+  double chosen_us;
 };
 std::vector<TunedLinearChoice> tuned_linear_choices();
 

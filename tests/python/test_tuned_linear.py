@@ -2,9 +2,11 @@
 its shape. On a CPU, and wherever it does not apply, it is ATen's linear bit for bit. On CUDA,
 against ATen's linear over a grid of rows, widths, dtypes and biases; what the timing records; a
 capture before the shape was timed (ATen's linear, no timing inside it) and one after (the chosen
-algorithm replays); unaligned rows; a timing with no room for its weight copies; and the decoder's
-logits with the switch on and off.
+algorithm replays); unaligned rows; a timing with no room for its weight copies, and a device
+too full for the timing's scratch; and the decoder's logits with the switch on and off.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,7 +111,7 @@ def test_cuda_gradients_and_autocast_go_to_aten():
 def test_cuda_timing_without_room_for_the_weight_copies():
     """The timing takes turns over copies of a weight that fits in L2. With no room left for a
     copy (a batch that fills the device), it times on the weight alone instead of failing."""
-    rows, n, k = 64, 4352, 4608  # a 40 MB weight: 3 copies exceed a 50 MB L2 twice
+    rows, n, k = 64, 10240, 4608  # a 90 MiB weight: 2 of them exceed a 50 MiB L2 twice
     x, w, b = inputs(rows, n, k, torch.bfloat16, "cuda", seed=11)
     if 2 * torch.cuda.get_device_properties(x.device).L2_cache_size <= w.nbytes:
         pytest.skip("this L2 is too small for the weight to be copied")
@@ -117,9 +119,10 @@ def test_cuda_timing_without_room_for_the_weight_copies():
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(x.device).total_memory
-    # Room for the timing's own scratch (a candidate's workspace of up to 32 MB beside the
-    # results, about 36 MB at most), not for a 40 MB copy beside the results.
-    cap = torch.cuda.memory_reserved() + (40 << 20)
+    # Room for the timing's own scratch, as the caching allocator rounds it: the results and
+    # their fp32 comparisons (1-10 MiB each, which it serves from 20 MiB segments) and a
+    # candidate's workspace of up to 32 MiB. Not for the 90 MiB copy, even once those are freed.
+    cap = torch.cuda.memory_reserved() + (64 << 20)
     ooms = torch.cuda.memory_stats().get("num_ooms", 0)
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
@@ -128,7 +131,29 @@ def test_cuda_timing_without_room_for_the_weight_copies():
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert torch.cuda.memory_stats().get("num_ooms", 0) > ooms  # the copy was refused
     assert_close_to_aten(out, x, w, b)
-    assert choice(rows, n, k, True, torch.bfloat16) is not None
+    assert math.isfinite(choice(rows, n, k, True, torch.bfloat16)["aten_us"])  # it was timed
+
+
+@requires_cuda
+def test_cuda_device_too_full_to_time_keeps_aten():
+    """With no room even for the timing's scratch, the shape keeps ATen's linear, untimed, and the
+    call still returns ATen's result."""
+    rows, n, k = 64, 4352, 4608  # results of 544 KiB: ATen's output fits the small pool's room
+    x, w, b = inputs(rows, n, k, torch.float16, "cuda", seed=12)
+    F.linear(x, w, b)  # cuBLAS's workspace for this stream, allocated once, before the cap
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(x.device).total_memory
+    ooms = torch.cuda.memory_stats().get("num_ooms", 0)
+    torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved() / total)
+    try:
+        out = _C.tuned_linear(x, w, b)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert torch.cuda.memory_stats().get("num_ooms", 0) > ooms  # the timing's scratch was refused
+    assert torch.equal(out, F.linear(x, w, b))
+    kept = choice(rows, n, k, True, torch.float16)
+    assert kept["chosen"] == -1 and kept["candidates"] == 0 and math.isnan(kept["aten_us"])
 
 
 @requires_cuda

@@ -25,16 +25,17 @@ the weights are random and the text is meaningless):
      compression, so it is measured at 0 and over the last steps before that compression; from
      the compression on its step is flat, measured once, at the second point, after several
      compressions, over at least divide_length steps so that its compression step is counted.
-     Both prefill and fill their caches in forwards of
-     divide_length / 16 tokens, so that the batch is bounded by the cache and the decode step,
-     not by the scratch of the fill (a T-token forward over N cached slots masks [B,Hq,T,N]:
-     2 GB at B=128, T=32, N=16.9K, which made FullKV's probed batch fail late in its fill).
+     Both prefill and fill their caches in forwards of divide_length / 16 tokens, so that the
+     batch is bounded by the cache and the decode step, not by the scratch of the fill (a
+     T-token forward over N cached slots masks [B,Hq,T,N]: 2 GB at B=128, T=32, N=16.9K, which
+     made FullKV's probed batch fail late in its fill).
      --memory-batches FULLKV,GKV skips the search (it also lets the section run on a CPU);
      --memory-policies fullkv or gkv measures one row alone; --only search runs the search alone.
      The search is exact: FullKV's tokens/s grows almost in proportion to its batch.
-In the engine section, G-KV's rows are measured at the first two points only: its cache is allocated once and holds at
-most budget + divide_length slots from then on, so later points cost the same (the flat KV column
-shows it) while bringing a large batch there by teacher forcing would dominate the run time.
+In the engine section, G-KV's rows are measured at the first two points only: its cache is
+allocated once and holds at most budget + divide_length slots from then on, so later points cost
+the same (the flat KV column shows it) while bringing a large batch there by teacher forcing
+would dominate the run time.
 --ab SWITCH compares two implementations of the same step (gkv_ext.switches: decode_linear,
 chained_launch, tuned_linear) in one process: the engine and equal-memory sections time each
 point with the switch off and on in turn (--ab-rounds times, one cache stepped through a graph
@@ -191,8 +192,9 @@ class Run:
         and, under a budget and `steady`, after the stepper's first compression (eager; the later
         ones replay a graph of it), so that the timed steps are the steady state of a long
         generation, at most divide_length steps later; returns their milliseconds and whether
-        each one compressed the cache. Each (graph, variant) has its own stepper: an A/B's two settings
-        of a switch step the same cache through two graphs, each captured under its setting."""
+        each one compressed the cache. Each (graph, variant) has its own stepper: an A/B's two
+        settings of a switch step the same cache through two graphs, each captured under its
+        setting."""
         key = (graph, variant)
         if key not in self.steppers:
             self.steppers[key] = gkv_ext.DecodeStepper(self.model, self.cache, cuda_graph=graph)
@@ -536,8 +538,7 @@ def bench_equal_memory(model, args, device, bw, out):
                       f"{first} generated)" if parts else "")
             label = "" if on is None else f", {args.ab} {'on' if on else 'off'}"
             print(f"equal memory: {name} at B={B}{label}: {mean:.2f} ms per step over the "
-                  f"generation{detail}, "
-                  f"{out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row "
+                  f"generation{detail}, {out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row "
                   f"took {time.perf_counter() - started:.0f} s)", flush=True)
     return out
 

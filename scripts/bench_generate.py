@@ -439,6 +439,9 @@ def equal_memory_points(run, args):
         points = sorted({0, *args.points})
         return points, [True] * len(points), None
     first = run.generated + steps_to_first_compression(run.cache) - 1
+    if first >= args.max_new:
+        raise ValueError(f"--max-new {args.max_new}: budget {run.policy.budget} first compresses "
+                         f"at {first} generated tokens, past the generation the rows compare")
     last_before = first - timed_tokens(args, args.steps)
     growing = [0, last_before] if last_before > 0 else [0] if last_before == 0 else []
     return growing + [args.points[min(1, len(args.points) - 1)]], \
@@ -738,6 +741,10 @@ def main(argv=None):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if ("memory" in args.only.split(",") and "fullkv" in args.memory_policies
+            and max(args.points) != args.max_new):
+        ap.error(f"the equal-memory section integrates FullKV's step up to --max-new "
+                 f"{args.max_new}: the last of --points must be it, got {max(args.points)}")
     args.divide = policies.GKV(max(args.budgets)).divide_length
     args.modes = args.modes.split(",")
     only = set(args.only.split(","))

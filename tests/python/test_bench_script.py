@@ -117,7 +117,10 @@ def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     assert [(r["policy"], r["batch"]) for r in rows] == [("G-KV@64", 3)]
     for args, message in [(["--memory-batches", "2"], "--memory-batches takes two batch sizes"),
                           (["--memory-policies", "gkv,snapkv"],
-                           "--memory-policies takes fullkv and/or gkv, got gkv,snapkv")]:
+                           "--memory-policies takes fullkv and/or gkv, got gkv,snapkv"),
+                          (["--points", "64,128"], "the last of --points must be it, got 128"),
+                          (["--memory-batches", "2,3", "--memory-policies", "gkv", "--max-new",
+                            "64", "--points", "32,64"], "past the generation the rows compare")]:
         bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"),
                               "--quick", "--only", "memory", *args],
                              capture_output=True, text=True, timeout=600, env=ENV)
@@ -186,7 +189,8 @@ def test_bench_generate_times_g_kv_before_its_first_compression(monkeypatch):
     bench.transformers = pytest.importorskip("transformers")
     cpu = torch.device("cpu")
     _, model = bench.build_models("tiny", cpu, torch.float32)
-    args = SimpleNamespace(points=[64, 256], steps=4, ab=None, ab_rounds=1, divide=128)
+    args = SimpleNamespace(points=[64, 256], max_new=256, steps=4, ab=None, ab_rounds=1,
+                           divide=128)
     run = bench.Run(model, policies.GKV(64), 2, 48, 400, cpu, chunk=8)
     points, steady, first = bench.equal_memory_points(run, args)
     assert points[:2] == [0, first - 6] and points[2] == 256 and steady == [False, False, True]

@@ -20,7 +20,8 @@ the weights are random and the text is meaningless):
      there and grows by torch.cat), so the ratio against it is conservative.
   3. Equal GPU memory: the largest batch that FullKV and G-KV at the largest budget each fit for
      --max-new generated tokens, and the tokens/s each sustains over that whole generation: the
-     step time integrated over generated lengths 0..--max-new, linear between measured points.
+     step time integrated over generated lengths 0..--max-new, linear between measured points,
+     each placed at the middle of the steps it times.
      FullKV is measured at 0 and at --points. G-KV's cache grows as FullKV's until its first
      compression, so it is measured at 0 and over the last steps before that compression; from
      the compression on its step is flat, measured once, at the second point, after several
@@ -413,14 +414,6 @@ def largest_batch(model, name, policy, args, device):
     return largest_fitting(fits, free // (slots * kv_bytes_per_slot(model.config, model.config.dtype)) + 1)
 
 
-def mean_step_over_generation(points, steps_ms, total):
-    """Mean step time over generated lengths 0..total from step times at the measured points
-    (linear in between, flat before the first point: FullKV's step time grows with its cache)."""
-    xs, ys = [0] + list(points), [steps_ms[0]] + list(steps_ms)
-    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
-    return area / xs[-1] if xs[-1] == total else None
-
-
 def steps_to_first_compression(cache):
     """Decode steps from the cache's state up to and including its first compressing one."""
     k = 1
@@ -448,20 +441,27 @@ def equal_memory_points(run, args):
         [False] * len(growing) + [True], first
 
 
-def equal_memory_curve(points, steps_ms, first, total):
-    """The step time over generated lengths up to `total` that an equal-memory row integrates, as
-    (lengths, step ms), linear in between. Under a budget (`first` given) the last point is the
-    steady one: its step holds from the first compression on, as the cache's live length cycles
-    between budget and budget + divide_length."""
-    if first is None:
-        return list(points), list(steps_ms)
-    *growing, steady = steps_ms
-    return list(points[:-1]) + [first, total], growing + [steady, steady]
+def equal_memory_curve(timed_at, steps_ms, first, total):
+    """The step time over generated lengths 0..total that an equal-memory row is rated by, as
+    (lengths, step ms), linear in between. `timed_at` are the middles of the points' timed
+    steps; the curve is flat before the first. Without a budget the last segment is interpolated
+    to `total` (the last point's steps run past it). Under a budget (`first` given) the last
+    point is the steady one: its step holds from the first compression on, as the cache's live
+    length cycles between budget and budget + divide_length."""
+    xs, ys = list(timed_at), list(steps_ms)
+    if first is not None:
+        *ys, steady = ys
+        xs, ys = xs[:-1] + [first, total], ys + [steady, steady]
+    elif xs[-1] != total:
+        (x0, y0), (x1, y1) = (xs[-2], ys[-2]), (xs[-1], ys[-1])
+        xs[-1], ys[-1] = total, y0 + (y1 - y0) * (total - x0) / (x1 - x0)
+    return [0] + xs, ys[:1] + ys
 
 
-def equal_memory_mean_step(points, steps_ms, first, total):
-    """Mean step over generated lengths 0..total of equal_memory_curve."""
-    return mean_step_over_generation(*equal_memory_curve(points, steps_ms, first, total), total)
+def equal_memory_mean_step(timed_at, steps_ms, first, total):
+    """Mean step over generated lengths 0..total of equal_memory_curve (trapezoids)."""
+    xs, ys = equal_memory_curve(timed_at, steps_ms, first, total)
+    return sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1)) / total
 
 
 def equal_memory_configs(args):
@@ -504,6 +504,9 @@ def bench_equal_memory(model, args, device, bw, out):
                           args.max_new + turn_tokens(args, steady_steps), device,
                           chunk=fill_chunk(args))
                 points, steady, first = equal_memory_points(run, args)
+                # Each point stands for the middle of the steps it times.
+                timed_at = [g + timed_tokens(args, steady_steps if at else args.steps) / 2
+                            for g, at in zip(points, steady)]
                 measured = {on: [] for on in variants}  # per setting, per point, per round
                 for g, at_steady in tqdm(list(zip(points, steady)), desc=f"{name} at B={B}",
                                          unit="point"):
@@ -526,7 +529,7 @@ def bench_equal_memory(model, args, device, bw, out):
             def median(key):
                 return [statistics.median(m[key] for m in turns) for turns in per_point]
             steps = median("step_ms")
-            mean = equal_memory_mean_step(points, steps, first, args.max_new)
+            mean = equal_memory_mean_step(timed_at, steps, first, args.max_new)
             # Under a budget the steady point's plain steps and compression share tell where the
             # mean goes.
             parts = ({} if policy.budget is None else
@@ -535,7 +538,8 @@ def bench_equal_memory(model, args, device, bw, out):
                           first_compression=first))
             setting = {} if on is None else dict(switch_on=on)
             out.append(dict(policy=name, batch=B, mean_step_ms=mean, tokens_per_s=B / mean * 1e3,
-                            points=points, step_ms=steps, **setting, **parts))
+                            points=points, timed_at=timed_at, step_ms=steps, **setting,
+                            **parts))
             detail = (f" (steady {steps[-1]:.2f} ms: plain steps {parts['plain_step_ms']:.2f} ms, "
                       f"compression {100 * parts['compress_share']:.1f}%; first compression at "
                       f"{first} generated)" if parts else "")
@@ -602,7 +606,7 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     batches = sorted({r["batch"] for r in result["engine"]})
     memory = result.get("equal_memory") or []
-    curves = [r for r in memory if "points" in r]  # rows of earlier runs have no points
+    curves = [r for r in memory if "timed_at" in r]  # rows of earlier runs have no points
     panels = len(batches) + (1 if memory else 0) + (1 if curves else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
@@ -654,9 +658,10 @@ def plot_equal_memory_curves(ax, rows, ab, max_new):
     """Each equal-memory row's step time over the generation (its measured points marked) and
     the mean it is rated by (dashed)."""
     for i, r in enumerate(rows):
-        xs, ys = equal_memory_curve(r["points"], r["step_ms"], r.get("first_compression"), max_new)
+        xs, ys = equal_memory_curve(r["timed_at"], r["step_ms"], r.get("first_compression"),
+                                    max_new)
         ax.plot(xs, ys, "-", color=f"C{i}", label=equal_memory_label(r, ab, sep=", "))
-        ax.plot(r["points"], r["step_ms"], "o", color=f"C{i}", ms=4)
+        ax.plot(r["timed_at"], r["step_ms"], "o", color=f"C{i}", ms=4)
         ax.axhline(r["mean_step_ms"], color=f"C{i}", ls="--", lw=0.8)
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("decode step (ms); dashed: mean")

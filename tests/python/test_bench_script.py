@@ -106,6 +106,7 @@ def test_bench_generate_equal_memory_at_given_batches(tmp_path):
     # Both from generated length 0: FullKV at 0 and --points, G-KV at 0, just before its first
     # compression and in its steady state.
     assert rows[0]["points"] == [0, 64, 256] and len(rows[0]["step_ms"]) == 3
+    assert rows[0]["timed_at"] == [3, 67, 259]  # the middle of 2 untimed and 4 timed steps
     assert rows[1]["points"][0] == 0 < rows[1]["points"][1] < rows[1]["first_compression"]
     assert out.with_suffix(".png").stat().st_size > 0  # the equal-memory panel alone
     one = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--quick",
@@ -201,10 +202,14 @@ def test_bench_generate_times_g_kv_before_its_first_compression(monkeypatch):
     assert run.generated == first and run.cache.decode_compresses(1)
     full = bench.Run(model, policies.FullKV(), 2, 48, 400, cpu, chunk=8)
     assert bench.equal_memory_points(full, args) == ([0, 64, 256], [True] * 3, None)
-    # FullKV: linear between the points. Under a budget: the growing points, then the steady
+    # FullKV: linear between the points (flat before the first), the last segment interpolated
+    # to the end (at 400: 2 + 3 * 300 / 350). Under a budget: the growing points, then the steady
     # (last) step from the first compression (120) to the end.
     assert bench.equal_memory_mean_step([0, 100, 400], [1.0, 2.0, 5.0], None, 400) == \
         pytest.approx((100 * 1.5 + 300 * 3.5) / 400)
+    end = 2 + 3 * 300 / 350
+    assert bench.equal_memory_mean_step([50, 100, 450], [1.0, 2.0, 5.0], None, 400) == \
+        pytest.approx((50 * 1 + 50 * 1.5 + 300 * (2 + end) / 2) / 400)
     assert bench.equal_memory_mean_step([0, 100, 400], [1.0, 2.0, 5.0], 120, 1000) == \
         pytest.approx((100 * 1.5 + 20 * 3.5 + 880 * 5) / 1000)
 

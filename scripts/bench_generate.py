@@ -504,17 +504,16 @@ def bench_equal_memory(model, args, device, bw, out):
                           args.max_new + turn_tokens(args, steady_steps), device,
                           chunk=fill_chunk(args))
                 points, steady, first = equal_memory_points(run, args)
+                steps_at = [steady_steps if at else args.steps for at in steady]
                 # Each point stands for the middle of the steps it times.
-                timed_at = [g + timed_tokens(args, steady_steps if at else args.steps) / 2
-                            for g, at in zip(points, steady)]
+                timed_at = [g + timed_tokens(args, n) / 2 for g, n in zip(points, steps_at)]
                 measured = {on: [] for on in variants}  # per setting, per point, per round
-                for g, at_steady in tqdm(list(zip(points, steady)), desc=f"{name} at B={B}",
-                                         unit="point"):
+                for g, at_steady, n in tqdm(list(zip(points, steady, steps_at)),
+                                            desc=f"{name} at B={B}", unit="point"):
                     run.fill_to(g, chunk=fill_chunk(args))
                     for on in variants:
                         measured[on].append([])
-                    steps = steady_steps if at_steady else args.steps
-                    for _, on, timed in timed_turns(run, args, steps, bw, slot_bytes,
+                    for _, on, timed in timed_turns(run, args, n, bw, slot_bytes,
                                                     steady=at_steady):
                         measured[on][-1].append(timed)
                 break

@@ -107,6 +107,22 @@ def test_cuda_gradients_and_autocast_go_to_aten():
         assert torch.equal(_C.tuned_linear(x32, w32, b32), F.linear(x32, w32, b32))
 
 
+def tuned_with_room(x, w, b, room):
+    """tuned_linear(x, w, b) with the process capped at its reserved memory plus `room` bytes;
+    returns its result and the allocations the cap refused."""
+    F.linear(x, w, b)  # cuBLAS's workspace for this stream, allocated once, before the cap
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(x.device).total_memory
+    ooms = torch.cuda.memory_stats().get("num_ooms", 0)
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + room) / total)
+    try:
+        out = _C.tuned_linear(x, w, b)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return out, torch.cuda.memory_stats().get("num_ooms", 0) - ooms
+
+
 @requires_cuda
 def test_cuda_timing_without_room_for_the_weight_copies():
     """The timing takes turns over copies of a weight that fits in L2. With no room left for a
@@ -115,21 +131,11 @@ def test_cuda_timing_without_room_for_the_weight_copies():
     x, w, b = inputs(rows, n, k, torch.bfloat16, "cuda", seed=11)
     if 2 * torch.cuda.get_device_properties(x.device).L2_cache_size <= w.nbytes:
         pytest.skip("this L2 is too small for the weight to be copied")
-    F.linear(x, w, b)  # cuBLAS's workspace for this stream, allocated once, before the cap
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(x.device).total_memory
     # Room for the timing's own scratch, as the caching allocator rounds it: the results and
     # their fp32 comparisons (1-10 MiB each, which it serves from 20 MiB segments) and a
     # candidate's workspace of up to 32 MiB. Not for the 90 MiB copy, even once those are freed.
-    cap = torch.cuda.memory_reserved() + (64 << 20)
-    ooms = torch.cuda.memory_stats().get("num_ooms", 0)
-    torch.cuda.set_per_process_memory_fraction(cap / total)
-    try:
-        out = _C.tuned_linear(x, w, b)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    assert torch.cuda.memory_stats().get("num_ooms", 0) > ooms  # the copy was refused
+    out, ooms = tuned_with_room(x, w, b, 64 << 20)
+    assert ooms > 0  # the copy was refused
     assert_close_to_aten(out, x, w, b)
     assert math.isfinite(choice(rows, n, k, True, torch.bfloat16)["aten_us"])  # it was timed
 
@@ -140,17 +146,8 @@ def test_cuda_device_too_full_to_time_keeps_aten():
     call still returns ATen's result."""
     rows, n, k = 64, 4352, 4608  # results of 544 KiB: ATen's output fits the small pool's room
     x, w, b = inputs(rows, n, k, torch.float16, "cuda", seed=12)
-    F.linear(x, w, b)  # cuBLAS's workspace for this stream, allocated once, before the cap
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(x.device).total_memory
-    ooms = torch.cuda.memory_stats().get("num_ooms", 0)
-    torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved() / total)
-    try:
-        out = _C.tuned_linear(x, w, b)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-    assert torch.cuda.memory_stats().get("num_ooms", 0) > ooms  # the timing's scratch was refused
+    out, ooms = tuned_with_room(x, w, b, 0)
+    assert ooms > 0  # the timing's scratch was refused
     assert torch.equal(out, F.linear(x, w, b))
     kept = choice(rows, n, k, True, torch.float16)
     assert kept["chosen"] == -1 and kept["candidates"] == 0 and math.isnan(kept["aten_us"])

@@ -411,7 +411,8 @@ def largest_batch(model, name, policy, args, device):
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         return ok
 
-    return largest_fitting(fits, free // (slots * kv_bytes_per_slot(model.config, model.config.dtype)) + 1)
+    kv_only = slots * kv_bytes_per_slot(model.config, model.config.dtype)
+    return largest_fitting(fits, free // kv_only + 1)
 
 
 def steps_to_first_compression(cache):
@@ -544,8 +545,8 @@ def bench_equal_memory(model, args, device, bw, out):
                       f"{first} generated)" if parts else "")
             label = "" if on is None else f", {args.ab} {'on' if on else 'off'}"
             print(f"equal memory: {name} at B={B}{label}: {mean:.2f} ms per step over the "
-                  f"generation{detail}, {out[-1]['tokens_per_s']:.0f} tokens/s (search and fill included, this row "
-                  f"took {time.perf_counter() - started:.0f} s)", flush=True)
+                  f"generation{detail}, {out[-1]['tokens_per_s']:.0f} tokens/s (search and fill "
+                  f"included, this row took {time.perf_counter() - started:.0f} s)", flush=True)
     return out
 
 
@@ -605,7 +606,7 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     batches = sorted({r["batch"] for r in result["engine"]})
     memory = result.get("equal_memory") or []
-    curves = [r for r in memory if "timed_at" in r]  # rows of earlier runs have no points
+    curves = [r for r in memory if "timed_at" in r]  # earlier runs' rows lack them
     panels = len(batches) + (1 if memory else 0) + (1 if curves else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     names = list(dict.fromkeys(r["policy"] for r in result["engine"]))
